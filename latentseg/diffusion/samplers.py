@@ -82,9 +82,7 @@ class DDIMSampler:
         eta: 0 is deterministic DDIM; 1 has the variance of DDPM's posterior.
     """
 
-    def __init__(
-        self, schedule: DiffusionSchedule, prediction_type: PredictionType, eta: float = 0.0
-    ):
+    def __init__(self, schedule: DiffusionSchedule, prediction_type: PredictionType, eta: float = 0.0):
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.eta = eta
@@ -98,9 +96,7 @@ class DDIMSampler:
         else:
             timesteps = sorted({int(s) for s in steps}, reverse=True)
             if not timesteps or timesteps[0] >= self.schedule.num_timesteps or timesteps[-1] < 0:
-                raise ValueError(
-                    f"timesteps must lie in [0, {self.schedule.num_timesteps}), got {steps}"
-                )
+                raise ValueError(f"timesteps must lie in [0, {self.schedule.num_timesteps}), got {steps}")
         self.timesteps = timesteps
         self._prev = dict(zip(timesteps, timesteps[1:] + [-1], strict=True))
 
@@ -162,17 +158,25 @@ def sample_loop(
     sampler: Sampler,
     generator: torch.Generator | None = None,
     post_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    final_x0: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run `sampler` from x_T over its timesteps; returns the clean sample.
 
     Args:
         model_fn: (x_t, t as a (B,) long tensor) -> network output. Conditioning is bound inside.
         post_step: applied to the sample after every step (e.g. re-standardizing a latent).
+        final_x0: (model_output, x_t, t) -> x0 for the last step, in place of the sampler's own
+            estimate (e.g. 003 Eq. 12 as printed). The sampler's last step lands on its x0 estimate.
     """
     x = x_T
+    last = sampler.timesteps[-1]
     for t in sampler.timesteps:
-        out = model_fn(x, _as_batch(t, x))
-        x = sampler.step(out, t, x, generator).prev_sample
+        t_batch = _as_batch(t, x)
+        out = model_fn(x, t_batch)
+        if t == last and final_x0 is not None:
+            x = final_x0(out, x, t_batch)
+        else:
+            x = sampler.step(out, t, x, generator).prev_sample
         if post_step is not None:
             x = post_step(x)
     return x

@@ -20,9 +20,7 @@ ScheduleName = Literal["linear", "cosine"]
 PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v")
 
 
-def linear_betas(
-    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> np.ndarray:
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """Ho et al. (2020) linear schedule, scaled so T=1000 gives beta in [1e-4, 0.02]."""
     scale = 1000.0 / num_timesteps
     return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
@@ -97,9 +95,7 @@ class DiffusionSchedule:
             return x0
         if prediction_type == "v":
             return self.v_target(x0, t, noise)
-        raise ValueError(
-            f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}"
-        )
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
 
     def split(
         self,
@@ -121,9 +117,7 @@ class DiffusionSchedule:
             x0 = sa * x_t - s1a * model_output
             eps = s1a * x_t + sa * model_output
         else:
-            raise ValueError(
-                f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}"
-            )
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
         return x0, eps
 
     def posterior_mean_variance(

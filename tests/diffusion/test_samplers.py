@@ -43,9 +43,7 @@ def test_ddim_loop_matches_diffusers(num_steps, eta):
     noises = [torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64) for _ in ours.timesteps]
     for t, noise in zip(ours.timesteps, noises, strict=True):
         tb = torch.full((2,), t)
-        x_ref = ref.step(
-            toy_eps_model(x_ref, tb), t, x_ref, eta=eta, variance_noise=noise
-        ).prev_sample
+        x_ref = ref.step(toy_eps_model(x_ref, tb), t, x_ref, eta=eta, variance_noise=noise).prev_sample
 
         out = toy_eps_model(x_ours, tb)
         if eta > 0 and t != ours.timesteps[-1]:

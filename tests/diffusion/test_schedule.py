@@ -6,9 +6,7 @@ from diffusers import DDPMScheduler
 from latentseg.diffusion import DiffusionSchedule
 
 
-@pytest.mark.parametrize(
-    "name,diffusers_name", [("linear", "linear"), ("cosine", "squaredcos_cap_v2")]
-)
+@pytest.mark.parametrize("name,diffusers_name", [("linear", "linear"), ("cosine", "squaredcos_cap_v2")])
 def test_betas_match_diffusers(name, diffusers_name):
     ours = DiffusionSchedule(name, 1000)
     ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=diffusers_name)
@@ -27,9 +25,7 @@ def test_q_sample_matches_closed_form_and_diffusers():
     theirs = ref.add_noise(x0, noise, t)
     torch.testing.assert_close(ours.float(), theirs, atol=1e-5, rtol=1e-5)
     ab = sched.alphas_cumprod[500]
-    torch.testing.assert_close(
-        ours[2], np.sqrt(ab) * x0[2].double() + np.sqrt(1 - ab) * noise[2].double()
-    )
+    torch.testing.assert_close(ours[2], np.sqrt(ab) * x0[2].double() + np.sqrt(1 - ab) * noise[2].double())
 
 
 @pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
@@ -61,10 +57,7 @@ def test_posterior_matches_closed_form_and_eq8():
     mean, var = sched.posterior_mean_variance(x0, x_t, t)
     for i, ti in enumerate(t.tolist()):
         b, ab, ab_prev = sched.betas[ti], sched.alphas_cumprod[ti], sched.alphas_cumprod[ti - 1]
-        expect_mean = (
-            np.sqrt(ab_prev) * b / (1 - ab) * x0[i]
-            + np.sqrt(1 - b) * (1 - ab_prev) / (1 - ab) * x_t[i]
-        )
+        expect_mean = np.sqrt(ab_prev) * b / (1 - ab) * x0[i] + np.sqrt(1 - b) * (1 - ab_prev) / (1 - ab) * x_t[i]
         torch.testing.assert_close(mean[i], expect_mean)
         assert var[i].item() == pytest.approx((1 - ab_prev) / (1 - ab) * b)
         eq8 = (x_t[i] - b / np.sqrt(1 - ab) * eps[i]) / np.sqrt(1 - b)
@@ -84,6 +77,4 @@ def test_unknown_names_are_rejected():
     with pytest.raises(ValueError, match="unknown beta schedule"):
         DiffusionSchedule("quadratic")
     with pytest.raises(ValueError, match="unknown prediction_type"):
-        DiffusionSchedule().target(
-            "score", torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(1)
-        )
+        DiffusionSchedule().target("score", torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(1))

@@ -1,0 +1,5 @@
+import sys
+
+from latentseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""Command line: latentseg train | predict | evaluate | demo | phantoms | check-dataset."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from latentseg.errors import LatentSegError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from latentseg.checkpoint import CONFIG_FILE
+    from latentseg.config import Config, apply_overrides, load_config
+    from latentseg.train import train
+
+    if args.resume:  # the saved run's settings; only train.* may change (e.g. more steps)
+        config = Config.load(Path(args.out) / CONFIG_FILE)
+        fixed = [item for item in args.overrides if not item.startswith("train.")]
+        if fixed:
+            raise LatentSegError(f"only train.* settings can change when resuming, got {', '.join(fixed)}")
+        apply_overrides(config, args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
+    model_dir = train(args.data, args.out, config, resume=args.resume)
+    print(f"model written to {model_dir}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from latentseg.infer import predict
+
+    written = predict(args.model, args.input, args.output, args.steps, args.samples, args.seed, args.device)
+    print(f"wrote {len(written)} files to {args.output}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from latentseg.metrics import evaluate, format_table
+
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    summary = evaluate(args.pred, args.ref, labels, args.nsd_tolerance, args.out)
+    print(format_table(summary))
+    print(f"summary written to {args.out or Path(args.pred) / 'summary.json'}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from latentseg.demo import run_demo
+
+    run_demo(Path(args.out), args.dims, args.overrides)
+
+
+def cmd_phantoms(args: argparse.Namespace) -> None:
+    from latentseg.data.phantoms import write_phantom_dataset
+
+    out = write_phantom_dataset(args.out, args.cases, args.dims, args.size, args.seed, args.ambiguous)
+    print(f"wrote {args.cases} {args.dims}D phantoms to {out}")
+
+
+def cmd_check_dataset(args: argparse.Namespace) -> None:
+    from latentseg.data.datasets import discover_dataset, load_dataset
+
+    spec = discover_dataset(args.path)
+    samples, problems = load_dataset(spec)
+    for line in problems:
+        print(line)
+    if problems:
+        raise LatentSegError(f"{args.path}: {len(problems)} problem(s) found")
+    print(f"{args.path}: {len(samples)} cases, {spec.layout} layout, no problems found")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentseg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a dataset folder")
+    p.add_argument("--data", required=True, help="dataset folder (nnU-Net, MSD, or images/ + masks/)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--config", help="YAML file of settings")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=500 model.latent_channels=8")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment images with a trained model")
+    p.add_argument("--model", required=True, help="model directory written by train")
+    p.add_argument("--input", required=True, help="an image file or a folder of them")
+    p.add_argument("--output", required=True, help="folder for the outputs (not the input folder)")
+    p.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model's, 2)")
+    p.add_argument("--samples", type=_positive_int, help="samples per case (default: the model's, 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score predictions against references (summary.json)")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--out", help="summary file (default: PRED/summary.json)")
+    p.add_argument("--labels", help="comma-separated foreground labels (default: all present)")
+    p.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm (pixels for PNG)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="phantoms -> train -> predict -> evaluate, no data needed")
+    p.add_argument("--out", default="latentseg-demo")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="training settings, e.g. train.steps=200")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("phantoms", help="write a synthetic phantom dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("--cases", type=_positive_int, default=20)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ambiguous", action="store_true", help="two similar lesions; the text names the target")
+    p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("check-dataset", help="report every problem of a dataset folder")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_check_dataset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        args.func(args)
+    except LatentSegError as err:
+        print(f"latentseg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("latentseg: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Configuration: defaults live in code, a YAML file or `key=value` arguments override them.
+
+Each override must match its default's type. The resolved config is logged and saved as
+`config.json` beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from latentseg.errors import LatentSegError
+
+
+@dataclass
+class ModelConfig:
+    """The LDSeg networks and the diffusion they are trained with (003 section IV-B)."""
+
+    spatial_dims: int = 2  # set from the data by `train`
+    in_channels: int = 1  # set from the data by `train`
+    num_classes: int = 2  # set from the data by `train` (background included)
+    latent_channels: int = 4  # k, channels of z_label
+    image_latent_channels: int = 16  # channels of z_image
+    strides: list = field(default_factory=lambda: [2, 2, 2, 2])  # 4 downsamplings; int or per-axis list
+    image_encoder_channels: list = field(default_factory=lambda: [16, 32, 64, 128, 128])
+    label_encoder_channels: list = field(default_factory=lambda: [8, 16, 32, 64, 64])
+    decoder_channels: list = field(default_factory=lambda: [16, 32, 64, 128, 128])
+    attention_stages: int = 2  # image encoder stages ending in self-attention
+    num_heads: int = 4
+    denoiser_channels: list = field(default_factory=lambda: [64, 128])
+    prediction_type: str = "x0"  # eps | x0 | v
+    schedule: str = "linear"  # linear | cosine
+    num_timesteps: int = 1000
+    x0_estimate: str = "exact"  # exact: invert Eq. 11 | paper: z_t - eps_hat (003 Eq. 12 as printed)
+    restandardize: bool = False  # re-standardize the latent after every sampling step
+
+
+@dataclass
+class DataConfig:
+    patch_size: list = field(default_factory=list)  # empty: 256^2 in 2D, 96^3 in 3D, shrunk to the images
+    val_fraction: float = 0.1
+    foreground_fraction: float = 0.3333  # share of patches centred on a foreground voxel (nnU-Net)
+    flips: bool = True
+    intensity_augmentation: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4
+    gamma_dice: float = 2.0  # 003 Eq. 16
+    lambda_noise: float = 1.0  # 003 Eq. 18
+    val_every: int = 500  # steps between validations (0: never)
+    val_cases: int = 8
+    checkpoint_every: int = 500
+    log_every: int = 25
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 2  # DDIM steps K (003 section V-B: 2 suffice)
+    num_samples: int = 4
+    eta: float = 0.0
+    overlap: float = 0.5  # sliding-window overlap
+    sw_batch_size: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
+        config = cls()
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise LatentSegError(f"{source}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _set(config, f"{section}.{key}", value, source, parse=False)
+        return config
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Config:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise LatentSegError(f"{path}: cannot read the config: {err}") from err
+        return cls.from_dict(raw, str(path))
+
+
+def _sections(config: Config) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+def _resolve(config: Config, key: str, source: str) -> tuple[Any, str]:
+    """'model.latent_channels' or an unambiguous bare 'latent_channels' -> (section object, field)."""
+    sections = _sections(config)
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in sections or name not in {f.name for f in fields(sections[section])}:
+            raise LatentSegError(f"{source}: unknown setting {key!r}; known: {', '.join(known_keys(config))}")
+        return sections[section], name
+    owners = [s for s in sections.values() if key in {f.name for f in fields(s)}]
+    if len(owners) != 1:
+        what = "ambiguous" if owners else "unknown"
+        raise LatentSegError(f"{source}: {what} setting {key!r}; known: {', '.join(known_keys(config))}")
+    return owners[0], key
+
+
+def known_keys(config: Config) -> list[str]:
+    return [f"{name}.{f.name}" for name, section in _sections(config).items() for f in fields(section)]
+
+
+def _coerce(value: Any, default: Any, key: str, source: str, parse: bool) -> Any:
+    if parse and isinstance(value, str):
+        if isinstance(default, str):
+            return value
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise LatentSegError(f"{source}: cannot parse {key}={value!r}") from err
+    expected = type(default)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        value = list(value) if isinstance(value, (list, tuple)) else [value] if isinstance(value, int) else value
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise LatentSegError(
+            f"{source}: {key} must be a {expected.__name__} like its default {default!r}, got {value!r}"
+        )
+    return value
+
+
+def _set(config: Config, key: str, value: Any, source: str, parse: bool) -> None:
+    section, name = _resolve(config, key, source)
+    setattr(section, name, _coerce(value, getattr(section, name), key, source, parse))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then a YAML file, then `key=value` overrides (dotted or bare keys)."""
+    config = Config()
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise LatentSegError(f"{path}: cannot read the config file: {err}") from err
+        if not isinstance(raw, dict):
+            raise LatentSegError(f"{path}: a config file must be a mapping of sections")
+        config = Config.from_dict(raw, str(path))
+    apply_overrides(config, overrides or [])
+    return config
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> None:
+    """Apply `key=value` strings in place; each value must match its default's type."""
+    for item in overrides:
+        if "=" not in item:
+            raise LatentSegError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        _set(config, key.strip(), value.strip(), "override", parse=True)

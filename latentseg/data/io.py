@@ -1,0 +1,193 @@
+"""Reading and writing images and label maps: NIfTI through nibabel, 2D images through Pillow.
+
+Readers return a channel-first array and an `ImageMeta` with the spacing, affine and header, so a
+prediction can be written back on exactly the input's grid. Every failure is a `LatentSegError`
+naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from latentseg.errors import LatentSegError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+IMAGE2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+FileFormat = Literal["nifti", "image2d"]
+
+
+@dataclass
+class ImageMeta:
+    path: Path
+    format: FileFormat
+    spatial_shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    affine: np.ndarray | None = None  # NIfTI only
+    header: Any = None  # NIfTI only: the nibabel header, copied onto outputs
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spatial_shape)
+
+
+def file_format(path: Path) -> FileFormat:
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(IMAGE2D_SUFFIXES):
+        return "image2d"
+    raise LatentSegError(
+        f"{path}: unsupported file type; use NIfTI ({', '.join(NIFTI_SUFFIXES)}) "
+        f"or a 2D image ({', '.join(IMAGE2D_SUFFIXES)})"
+    )
+
+
+def split_suffix(path: Path) -> tuple[str, str]:
+    """('case', '.nii.gz') for case.nii.gz; ('case', '.png') for case.png."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES + IMAGE2D_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], name[-len(suffix) :]
+    return path.stem, path.suffix
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES + IMAGE2D_SUFFIXES)
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, ImageMeta]:
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for truncated or corrupt files
+        raise LatentSegError(f"{path}: cannot read this NIfTI file ({type(err).__name__}: {err})") from err
+    spatial = data.shape[:3] if data.ndim >= 3 else data.shape
+    spacing = tuple(float(z) for z in img.header.get_zooms()[: len(spatial)])
+    return data, ImageMeta(path, "nifti", tuple(spatial), spacing, img.affine.copy(), img.header.copy())
+
+
+def _load_2d(path: Path) -> tuple[np.ndarray, ImageMeta]:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "P", "LA", "CMYK", "YCbCr"):
+                img = img.convert("RGB")
+            data = np.asarray(img)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise LatentSegError(f"{path}: cannot read this image ({err})") from err
+    return data, ImageMeta(path, "image2d", tuple(data.shape[:2]), (1.0, 1.0))
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
+    """An image as float32 (C, *spatial) plus its metadata.
+
+    NIfTI: 3D volumes, or 4D with channels last. 2D images: grey or RGB (alpha dropped).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LatentSegError(f"{path}: file not found")
+    if file_format(path) == "nifti":
+        data, meta = _load_nifti(path)
+        if data.ndim == 4:
+            data = np.moveaxis(data, -1, 0)
+        elif data.ndim in (2, 3):
+            data = data[None]
+        else:
+            raise LatentSegError(f"{path}: expected a 2D, 3D or 4D NIfTI image, got shape {data.shape}")
+    else:
+        data, meta = _load_2d(path)
+        data = data[None] if data.ndim == 2 else np.moveaxis(data, -1, 0)
+    return np.ascontiguousarray(data, dtype=np.float32), meta
+
+
+def read_label(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
+    """A label map as int64 (*spatial). Rejects non-integer values and colour masks."""
+    path = Path(path)
+    if not path.is_file():
+        raise LatentSegError(f"{path}: file not found")
+    if file_format(path) == "nifti":
+        data, meta = _load_nifti(path)
+        if data.ndim == 4 and data.shape[-1] == 1:
+            data = data[..., 0]
+        if data.ndim != len(meta.spatial_shape):
+            raise LatentSegError(f"{path}: a label map must have one channel, got shape {data.shape}")
+    else:
+        data, meta = _load_2d(path)
+        if data.ndim == 3:
+            if not (np.all(data[..., 0] == data[..., 1]) and np.all(data[..., 0] == data[..., 2])):
+                raise LatentSegError(f"{path}: a label map must be greyscale, this one has colours")
+            data = data[..., 0]
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.all(np.isfinite(data)):
+            raise LatentSegError(f"{path}: the label map contains NaN or Inf")
+        frac = data[data != np.round(data)]
+        if frac.size:
+            raise LatentSegError(
+                f"{path}: labels must be integers, found non-integer values such as {float(frac.flat[0]):g}"
+            )
+    data = data.astype(np.int64)
+    if data.min(initial=0) < 0:
+        raise LatentSegError(f"{path}: labels must be >= 0, found {int(data.min())}")
+    return data, meta
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=split_suffix(path)[1], dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_nifti(path: Path, data: np.ndarray, meta: ImageMeta, dtype: type) -> None:
+    header = meta.header.copy()
+    header.set_data_dtype(dtype)
+    img = nib.Nifti1Image(data.astype(dtype), meta.affine, header=header)
+    img.header.set_slope_inter(1.0, 0.0)
+    _atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
+
+
+def _write_png(path: Path, data: np.ndarray) -> None:
+    _atomic_write(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
+
+
+def write_label(path: str | Path, label: np.ndarray, meta: ImageMeta) -> None:
+    """Label map on the input's grid: NIfTI keeps the input's affine and header; PNG stays PNG."""
+    path = Path(path)
+    if tuple(label.shape) != meta.spatial_shape:
+        raise ValueError(f"label shape {label.shape} does not match the input grid {meta.spatial_shape}")
+    if meta.format == "nifti":
+        _write_nifti(path, label, meta, np.uint8 if label.max(initial=0) < 256 else np.uint16)
+    else:
+        _write_png(path, label.astype(np.uint8))
+
+
+def write_map(path: str | Path, values: np.ndarray, meta: ImageMeta) -> None:
+    """A float map (*S) or (C, *S) in [0, 1]: float32 NIfTI (channels last), or an 8-bit PNG."""
+    path = Path(path)
+    if meta.format == "nifti":
+        data = np.moveaxis(values, 0, -1) if values.ndim == meta.spatial_dims + 1 else values
+        _write_nifti(path, data, meta, np.float32)
+    else:
+        if values.ndim != 2:
+            raise ValueError("a PNG map must be 2D")
+        _write_png(path, np.clip(np.round(values * 255), 0, 255).astype(np.uint8))
+
+
+def output_name(meta: ImageMeta, case_id: str, suffix: str = "") -> str:
+    """File name of an output for this case, in the input's format."""
+    ending = ".nii.gz" if meta.format == "nifti" else ".png"
+    return f"{case_id}{suffix}{ending}"

@@ -1,0 +1,86 @@
+"""The conditional denoiser of 003 section IV-B: a small UNet on the latent grid with a sinusoidal
+timestep embedding, residual blocks and self-attention at its lowest resolution.
+
+Conditioning arrives as one dict. The core reads `cond["z_image"]` and concatenates it with the
+noisy label latent (003 section III: "concatenated ... used as input to the denoiser").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentseg.models.blocks import (
+    Downsample,
+    ResBlock,
+    SelfAttention,
+    Stride,
+    Upsample,
+    conv_nd,
+    norm,
+    timestep_embedding,
+)
+
+
+class Denoiser(nn.Module):
+    """f_denoiser(z_t, z_image, t) -> eps, x0 or v (whatever the model was trained to predict).
+
+    Args:
+        latent_channels: channels of the noisy label latent (k), also the output channels.
+        cond_channels: channels of cond["z_image"].
+        channels: width per level; one downsampling between consecutive levels.
+        strides: the downsampling factor between levels (int or per axis).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        latent_channels: int,
+        cond_channels: int,
+        channels: Sequence[int] = (64, 128),
+        strides: Sequence[Stride] | None = None,
+        num_heads: int = 4,
+    ):
+        super().__init__()
+        strides = list(strides) if strides is not None else [2] * (len(channels) - 1)
+        if len(strides) != len(channels) - 1:
+            raise ValueError(f"{len(channels)} levels need {len(channels) - 1} strides, got {strides}")
+        self.emb_channels = channels[0]
+        emb_dim = 4 * channels[0]
+        self.time_mlp = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.inp = conv_nd(spatial_dims, latent_channels + cond_channels, channels[0], 3, padding=1)
+        self.down = nn.ModuleList(ResBlock(spatial_dims, c, c, emb_dim) for c in channels)
+        self.downsample = nn.ModuleList(
+            Downsample(spatial_dims, channels[i], channels[i + 1], s) for i, s in enumerate(strides)
+        )
+        top = channels[-1]
+        self.mid1 = ResBlock(spatial_dims, top, top, emb_dim)
+        self.mid_attn = SelfAttention(top, num_heads)
+        self.mid2 = ResBlock(spatial_dims, top, top, emb_dim)
+        self.upsample = nn.ModuleList(
+            Upsample(spatial_dims, channels[i + 1], channels[i], s) for i, s in enumerate(strides)
+        )
+        self.up = nn.ModuleList(ResBlock(spatial_dims, 2 * c, c, emb_dim) for c in channels)
+        self.out_norm = norm(channels[0])
+        self.out = conv_nd(spatial_dims, channels[0], latent_channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.emb_channels))
+        h = self.inp(torch.cat([x_t, cond["z_image"]], dim=1))
+        skips = []
+        for level, block in enumerate(self.down):
+            h = block(h, emb)
+            skips.append(h)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for level in reversed(range(len(self.up))):
+            if level < len(self.upsample):
+                h = self.upsample[level](h, size=skips[level].shape[2:])
+            h = self.up[level](torch.cat([h, skips[level]], dim=1), emb)
+        return self.out(F.silu(self.out_norm(h)))

@@ -1,0 +1,127 @@
+"""Image encoder, label encoder and label decoder of LDSeg (003 section IV-B).
+
+All three are ResNet-style stacks without skip connections. The encoders downsample once per
+entry of `strides`; the decoder mirrors them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentseg.models.blocks import Downsample, ResBlock, SelfAttention, Stride, Upsample, conv_nd, norm
+
+
+def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit standard deviation per sample (003 section III: the standardized latent)."""
+    dims = tuple(range(1, z.ndim))
+    mean = z.mean(dim=dims, keepdim=True)
+    var = z.var(dim=dims, keepdim=True, unbiased=False)
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+def _check_widths(channels: Sequence[int], strides: Sequence[Stride]) -> None:
+    if len(channels) != len(strides) + 1:
+        raise ValueError(
+            f"need one channel width per resolution: {len(strides)} downsamplings take "
+            f"{len(strides) + 1} widths, got {list(channels)}"
+        )
+
+
+class Encoder(nn.Module):
+    """Stem, then one (downsample, residual block[, self-attention]) stage per stride.
+
+    Args:
+        channels: feature widths, one for the input resolution and one per stage.
+        strides: the downsampling factor of each stage (an int or one per axis).
+        attention_stages: how many of the last stages end in multi-head self-attention.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int],
+        strides: Sequence[Stride],
+        attention_stages: int = 0,
+        num_heads: int = 4,
+    ):
+        super().__init__()
+        _check_widths(channels, strides)
+        self.stem = conv_nd(spatial_dims, in_channels, channels[0], 3, padding=1)
+        stages = []
+        for i, stride in enumerate(strides):
+            layers: list[nn.Module] = [
+                Downsample(spatial_dims, channels[i], channels[i + 1], stride),
+                ResBlock(spatial_dims, channels[i + 1], channels[i + 1]),
+            ]
+            if i >= len(strides) - attention_stages:
+                layers.append(SelfAttention(channels[i + 1], num_heads))
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+        self.out_norm = norm(channels[-1])
+        self.out = conv_nd(spatial_dims, channels[-1], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for stage in self.stages:
+            h = stage(h)
+        return self.out(F.silu(self.out_norm(h)))
+
+
+class ImageEncoder(Encoder):
+    """X -> z_image (003 Eq. 9); self-attention in the last two stages by default."""
+
+    def __init__(self, spatial_dims, in_channels, out_channels, channels, strides, attention_stages=2, num_heads=4):
+        super().__init__(spatial_dims, in_channels, out_channels, channels, strides, attention_stages, num_heads)
+
+
+class LabelEncoder(Encoder):
+    """One-hot y -> standardized z_label (003 Eq. 10), mean 0 and std 1 per sample."""
+
+    def __init__(self, spatial_dims, num_classes, latent_channels, channels, strides):
+        super().__init__(spatial_dims, num_classes, latent_channels, channels, strides, attention_stages=0)
+
+    def forward(self, y_onehot: torch.Tensor) -> torch.Tensor:
+        return standardize(super().forward(y_onehot))
+
+
+class LabelDecoder(nn.Module):
+    """z -> class logits at full resolution (003 Eq. 13): a ResUNet decoder without skips.
+
+    Returns logits; the softmax of 003 section IV-B is applied by the loss and by sampling.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        latent_channels: int,
+        num_classes: int,
+        channels: Sequence[int],
+        strides: Sequence[Stride],
+    ):
+        super().__init__()
+        _check_widths(channels, strides)
+        self.inp = conv_nd(spatial_dims, latent_channels, channels[-1], 3, padding=1)
+        stages = []
+        for i in reversed(range(len(strides))):
+            stages.append(
+                nn.Sequential(
+                    ResBlock(spatial_dims, channels[i + 1], channels[i + 1]),
+                    Upsample(spatial_dims, channels[i + 1], channels[i], strides[i]),
+                )
+            )
+        self.stages = nn.ModuleList(stages)
+        self.final = ResBlock(spatial_dims, channels[0], channels[0])
+        self.out_norm = norm(channels[0])
+        self.out = conv_nd(spatial_dims, channels[0], num_classes, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.inp(z)
+        for stage in self.stages:
+            h = stage(h)
+        return self.out(F.silu(self.out_norm(self.final(h))))
