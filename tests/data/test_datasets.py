@@ -1,0 +1,90 @@
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentseg.data.datasets import discover_dataset, discover_inputs, load_case, load_dataset
+from latentseg.data.phantoms import write_phantom_dataset
+from latentseg.errors import LatentSegError
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def test_nnunet_problems_are_all_reported(tmp_path):
+    root = write_phantom_dataset(tmp_path / "ds", 4, 3, 32, seed=0)
+    (root / "imagesTr" / "phantom_001_0000.nii.gz").unlink()  # missing image
+    lab = nib.load(str(root / "labelsTr" / "phantom_002.nii.gz"))
+    data = np.asanyarray(lab.dataobj).copy()
+    data[0, 0, 0] = 7  # undeclared label value
+    nib.save(nib.Nifti1Image(data, lab.affine), str(root / "labelsTr" / "phantom_002.nii.gz"))
+    img = nib.load(str(root / "imagesTr" / "phantom_003_0000.nii.gz"))
+    bad = img.get_fdata().astype(np.float32)
+    bad[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(bad, img.affine), str(root / "imagesTr" / "phantom_003_0000.nii.gz"))
+    spec = discover_dataset(root)
+    samples, problems = load_dataset(spec)
+    assert len(samples) == 1
+    assert len(problems) == 3
+    assert any("phantom_001_0000.nii.gz: missing image" in p for p in problems)
+    assert any("phantom_002.nii.gz: label values [7] are outside 0..2" in p for p in problems)
+    assert any("phantom_003_0000.nii.gz: the image contains NaN or Inf" in p for p in problems)
+
+
+def test_nnunet_shape_and_affine_mismatch(tmp_path):
+    root = write_phantom_dataset(tmp_path / "ds", 2, 3, 32, seed=0)
+    nib.save(
+        nib.Nifti1Image(np.zeros((32, 32, 30), np.uint8), np.eye(4)), str(root / "labelsTr" / "phantom_000.nii.gz")
+    )
+    nib.save(
+        nib.Nifti1Image(np.zeros((32, 32, 32), np.uint8), np.diag([2, 1, 1, 1])),
+        str(root / "labelsTr" / "phantom_001.nii.gz"),
+    )
+    _, problems = load_dataset(discover_dataset(root))
+    assert any("label shape (32, 32, 30) differs from image shape (32, 32, 32)" in p for p in problems)
+    assert any("label affine differs" in p for p in problems)
+
+
+def test_folder2d_pairs_and_text(tmp_path):
+    root = write_phantom_dataset(tmp_path / "ds", 3, 2, 32, seed=0)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "images" / "orphan.png")
+    spec = discover_dataset(root)
+    assert [c.case_id for c in spec.cases] == ["phantom_000", "phantom_001", "phantom_002"]
+    assert all(c.text for c in spec.cases)
+    assert any("orphan.png: image without a mask" in p for p in spec.problems)
+
+
+def test_msd_layout_reads_acdc():
+    if not (SHARED / "acdc" / "dataset.json").is_file():
+        pytest.skip("shared ACDC data not present")
+    spec = discover_dataset(SHARED / "acdc")
+    assert spec.layout == "msd" and len(spec.cases) == 60
+    assert spec.labels[3] == "left ventricle cavity"
+    sample = load_case(spec.cases[0], num_classes=4, num_channels=1)
+    assert sample["image"].shape[1:] == sample["label"].shape[1:]
+    assert set(np.unique(sample["label"])) == {0, 1, 2, 3}
+
+
+def test_inputs_group_nnunet_channels(tmp_path):
+    for case in ("a", "b"):
+        for ch in range(2):
+            nib.save(
+                nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / f"{case}_{ch:04d}.nii.gz")
+            )
+    cases = discover_inputs(tmp_path)
+    assert [(c.case_id, len(c.image_paths)) for c in cases] == [("a", 2), ("b", 2)]
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(LatentSegError, match="not a dataset folder"):
+        discover_dataset(tmp_path)
+    with pytest.raises(LatentSegError, match="dataset folder not found"):
+        discover_dataset(tmp_path / "nope")
+    (tmp_path / "dataset.json").write_text("{broken")
+    with pytest.raises(LatentSegError, match="cannot read dataset.json"):
+        discover_dataset(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {}}))
+    with pytest.raises(LatentSegError, match="missing channel_names, file_ending"):
+        discover_dataset(tmp_path)

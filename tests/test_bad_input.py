@@ -1,0 +1,134 @@
+"""Issue 2 section 7: each bad input gets one clear line naming the file, a non-zero exit, no outputs."""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentseg.cli import main
+from latentseg.data.phantoms import write_phantom_dataset
+
+
+def run_fails(capsys, argv, *expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("latentseg: error: ")
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+def predict_args(model, inputs, out, *extra):
+    return ["predict", "--model", str(model), "--input", str(inputs), "--output", str(out), *extra]
+
+
+def test_shape_mismatch_in_training_data(tmp_path, capsys):
+    root = write_phantom_dataset(tmp_path / "ds", 3, 2, 32)
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(root / "masks" / "phantom_001.png")
+    run_fails(
+        capsys,
+        ["train", "--data", str(root), "--out", str(tmp_path / "m")],
+        "phantom_001.png",
+        "label shape (30, 32) differs from image shape (32, 32)",
+    )
+    assert not (tmp_path / "m").exists()
+
+
+def test_label_values_outside_declared_classes(tmp_path, capsys):
+    root = write_phantom_dataset(tmp_path / "ds", 2, 3, 32)
+    path = root / "labelsTr" / "phantom_000.nii.gz"
+    lab = nib.load(str(path))
+    data = np.asanyarray(lab.dataobj).copy()
+    data[:2] = 5
+    nib.save(nib.Nifti1Image(data, lab.affine), str(path))
+    run_fails(
+        capsys,
+        ["train", "--data", str(root), "--out", str(tmp_path / "m")],
+        "phantom_000.nii.gz",
+        "label values [5] are outside 0..2",
+    )
+    assert not (tmp_path / "m").exists()
+
+
+def test_float_labels(tmp_path, capsys):
+    root = write_phantom_dataset(tmp_path / "ds", 2, 3, 32)
+    path = root / "labelsTr" / "phantom_001.nii.gz"
+    lab = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.asanyarray(lab.dataobj) * 0.5, lab.affine), str(path))
+    run_fails(
+        capsys,
+        ["train", "--data", str(root), "--out", str(tmp_path / "m")],
+        "phantom_001.nii.gz",
+        "labels must be integers",
+    )
+
+
+def test_nan_in_image_for_train_and_predict(tmp_path, capsys, model3d):
+    root = write_phantom_dataset(tmp_path / "ds", 2, 3, 32)
+    path = root / "imagesTr" / "phantom_000_0000.nii.gz"
+    img = nib.load(str(path))
+    data = img.get_fdata().astype(np.float32)
+    data[3, 3, 3] = np.inf
+    nib.save(nib.Nifti1Image(data, img.affine), str(path))
+    run_fails(
+        capsys, ["train", "--data", str(root), "--out", str(tmp_path / "m")], "phantom_000_0000.nii.gz", "NaN or Inf"
+    )
+    run_fails(capsys, predict_args(model3d, root / "imagesTr", tmp_path / "out"), "phantom_000_0000.nii.gz", "NaN")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_dimension_mismatch_both_ways(tmp_path, capsys, model2d, model3d, data2d, data3d):
+    run_fails(
+        capsys,
+        predict_args(model2d, data3d["test"] / "imagesTr", tmp_path / "a"),
+        "phantom_000_0000.nii.gz",
+        "a 3D input given to a 2D model",
+    )
+    run_fails(
+        capsys,
+        predict_args(model3d, data2d["test"] / "images", tmp_path / "b"),
+        "phantom_000.png",
+        "a 2D input given to a 3D model",
+    )
+
+
+def test_corrupt_input_file_leaves_no_partial_outputs(tmp_path, capsys, model2d, data2d):
+    inputs = tmp_path / "inputs"
+    shutil.copytree(data2d["test"] / "images", inputs)
+    (inputs / "phantom_002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    run_fails(capsys, predict_args(model2d, inputs, out), "phantom_002.png", "cannot read")
+    assert not out.exists() or not any(out.iterdir())  # the two good cases were not written either
+
+
+def test_missing_or_incomplete_model_dir(tmp_path, capsys, model2d, data2d):
+    inputs = data2d["test"] / "images"
+    run_fails(capsys, predict_args(tmp_path / "nomodel", inputs, tmp_path / "o"), "model directory not found")
+    partial = tmp_path / "partial"
+    shutil.copytree(model2d, partial)
+    (partial / "model.safetensors").unlink()
+    run_fails(capsys, predict_args(partial, inputs, tmp_path / "o"), "incomplete model directory", "model.safetensors")
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    run_fails(capsys, predict_args(partial, inputs, tmp_path / "o"), "cannot read the model files")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_non_positive_steps(tmp_path, capsys, model2d, data2d, steps):
+    with pytest.raises(SystemExit) as exc:
+        main(predict_args(model2d, data2d["test"] / "images", tmp_path / "o", "--steps", steps))
+    assert exc.value.code == 2
+    assert f"--steps: must be >= 1, got {steps}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_dir_is_input_dir(tmp_path, capsys, model2d, data2d):
+    inputs = tmp_path / "inputs"
+    shutil.copytree(data2d["test"] / "images", inputs)
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    run_fails(capsys, predict_args(model2d, inputs, inputs), "the output directory is the input directory")
+    run_fails(capsys, predict_args(model2d, inputs / "phantom_000.png", inputs), "refusing to overwrite inputs")
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before

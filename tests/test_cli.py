@@ -1,0 +1,121 @@
+"""The whole path through the command line, on tiny phantoms: train -> predict -> evaluate."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image
+
+from latentseg.checkpoint import load_model, save_checkpoint
+from latentseg.cli import main
+from latentseg.data.datasets import discover_inputs, load_image
+from latentseg.data.transforms import normalize_image
+from latentseg.infer import predict_array
+
+
+def test_2d_train_predict_evaluate(model2d, data2d, tmp_path):
+    assert {p.name for p in model2d.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "fingerprint.json",
+        "train_state.pt",
+        "training_log.json",
+    }
+    log = json.loads((model2d / "training_log.json").read_text())
+    assert log["step"][-1] == 30 and len(log["val_dice"]) == 2
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(model2d),
+                "--input",
+                str(data2d["test"] / "images"),
+                "--output",
+                str(out),
+                "--steps",
+                "2",
+                "--samples",
+                "3",
+            ]
+        )
+        == 0
+    )
+    for case in ("phantom_000", "phantom_001", "phantom_002"):
+        label = np.asarray(Image.open(out / f"{case}.png"))
+        assert label.shape == (64, 64) and label.max() <= 2
+        assert (out / f"{case}_prob.png").is_file() and (out / f"{case}_std.png").is_file()
+        assert (out / f"{case}_overlay.png").stat().st_size > 1000
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    assert main(["evaluate", "--pred", str(out), "--ref", str(data2d["test"])]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 3 and summary["foreground_mean"]["Dice"] is not None
+
+
+def test_3d_train_predict_evaluate_keeps_geometry(model3d, data3d, tmp_path):
+    out = tmp_path / "pred"
+    inputs = data3d["test"] / "imagesTr"
+    assert (
+        main(["predict", "--model", str(model3d), "--input", str(inputs), "--output", str(out), "--samples", "2"]) == 0
+    )
+    src = nib.load(str(inputs / "phantom_000_0000.nii.gz"))
+    lab = nib.load(str(out / "phantom_000.nii.gz"))
+    np.testing.assert_array_equal(lab.affine, src.affine)
+    assert lab.shape == src.shape
+    assert nib.load(str(out / "phantom_000_prob.nii.gz")).shape == (*src.shape, 3)
+    std = nib.load(str(out / "phantom_000_std.nii.gz")).get_fdata()
+    assert std.shape == src.shape and std.min() >= 0 and std.max() <= 0.5
+    assert main(["evaluate", "--pred", str(out), "--ref", str(data3d["test"])]) == 0
+    assert json.loads((out / "summary.json").read_text())["settings"]["labels"]
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(model2d, data2d, tmp_path):
+    model, config, fp = load_model(model2d)
+    image, _ = load_image(discover_inputs(data2d["test"] / "images")[0])
+    image = normalize_image(image)
+    before = predict_array(model, image, config.data.patch_size, num_samples=3, seed=5)
+    save_checkpoint(tmp_path / "copy", model, config, fp)
+    again, _, _ = load_model(tmp_path / "copy")
+    after = predict_array(again, image, config.data.patch_size, num_samples=3, seed=5)
+    np.testing.assert_array_equal(before.probabilities, after.probabilities)
+    np.testing.assert_array_equal(before.uncertainty, after.uncertainty)
+    other = predict_array(again, image, config.data.patch_size, num_samples=3, seed=6)
+    assert not np.array_equal(other.probabilities, after.probabilities)
+
+
+def test_resume_continues_from_the_saved_step(model2d, data2d, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(model2d, run)
+    state_before = torch.load(run / "train_state.pt", weights_only=False)
+    assert state_before["step"] == 30
+    assert main(["train", "--data", str(data2d["train"]), "--out", str(run), "--resume", "train.steps=35"]) == 0
+    log = json.loads((run / "training_log.json").read_text())
+    assert log["step"][-1] == 35 and log["step"][:6] == [5, 10, 15, 20, 25, 30]
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 35
+
+
+def test_console_script_prints_one_line_and_exits_nonzero(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "latentseg",
+            "predict",
+            "--model",
+            str(tmp_path / "none"),
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"latentseg: error: {tmp_path / 'none'}: model directory not found"]
+    assert not (tmp_path / "out").exists()
