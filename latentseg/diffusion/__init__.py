@@ -7,6 +7,7 @@ from latentseg.diffusion.samplers import (
     ddim_jump,
     evenly_spaced_timesteps,
     make_sampler,
+    randn,
     sample_loop,
 )
 from latentseg.diffusion.schedule import PREDICTION_TYPES, DiffusionSchedule, PredictionType
@@ -22,6 +23,7 @@ __all__ = [
     "ddim_jump",
     "evenly_spaced_timesteps",
     "make_sampler",
+    "randn",
     "sample_loop",
     "uniform_timesteps",
 ]

@@ -38,8 +38,16 @@ def evenly_spaced_timesteps(num_steps: int, num_timesteps: int) -> list[int]:
     return sorted({int(s) for s in steps}, reverse=True)
 
 
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise on `like`'s device and dtype. A seeded generator (a CPU one) makes the
+    draw reproducible on any device."""
+    if generator is None:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    return torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)
+
+
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return randn(tuple(x.shape), generator, x)
 
 
 def _as_batch(t: int, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from latentseg.diffusion import (
     PREDICTION_TYPES,
     DiffusionSchedule,
     make_sampler,
+    randn,
     sample_loop,
     uniform_timesteps,
 )
@@ -108,7 +109,7 @@ class LatentSegmenter(nn.Module):
         cond = self.conditioning(image)  # line 3
         z0 = self.encode_label(label)  # line 4
         t = uniform_timesteps(z0.shape[0], self.schedule.num_timesteps, z0.device, generator)  # line 5
-        noise = torch.randn(z0.shape, generator=generator).to(z0)  # line 6
+        noise = randn(z0.shape, generator, z0)  # line 6
         z_t = self.schedule.q_sample(z0, t, noise)  # line 7, Eq. 11
         out = self.denoiser(z_t, t, cond)
         logits = self.label_decoder(self.estimate_x0(out, z_t, t))  # lines 8-9, Eq. 12-13
@@ -140,7 +141,7 @@ class LatentSegmenter(nn.Module):
         batch = image.shape[0]
         cond = {k: v.repeat(num_samples, *([1] * (v.ndim - 1))) for k, v in cond.items()}  # (N*B, ...)
         latent_shape = (num_samples * batch, self.config.latent_channels, *cond["z_image"].shape[2:])
-        z_T = torch.randn(latent_shape, generator=generator).to(image)  # line 1
+        z_T = randn(latent_shape, generator, image)  # line 1
         sampler = make_sampler(self.schedule, self.config.prediction_type, steps, eta)
         z0 = sample_loop(
             lambda z, t: self.denoiser(z, t, cond),
