@@ -102,6 +102,17 @@ def sweep_steps(model_dir: Path, test: list[dict], restandardize: bool = False, 
     return results
 
 
+@torch.no_grad()
+def label_autoencoder_ceiling(model_dir: Path, test: list[dict]) -> dict[str, float]:
+    """Dice of decode(encode(ground truth)), no diffusion: the ceiling of the whole method."""
+    model, config, _ = load_model(model_dir)
+    preds = []
+    for s in test:
+        label = torch.from_numpy(s["label"])[None]
+        preds.append(model.label_decoder(model.encode_label(label))[0].argmax(0).numpy())
+    return dice_scores(preds, test, config.model.num_classes)
+
+
 def unet_bar(train_dir: Path, test: list[dict], seconds: float) -> dict:
     config = load_config(None, DEMOS[2][3])
     spec, samples = load_training_data(train_dir)
@@ -204,6 +215,7 @@ def main() -> None:
             "final_val_dice": log["val_dice"][-1] if log["val_dice"] else None,
         }
         results["dice_vs_steps"][name] = sweep_steps(model_dir, test)
+        results.setdefault("label_autoencoder_ceiling", {})[name] = label_autoencoder_ceiling(model_dir, test)
     if "x0" in results["training"]:
         results["restandardize_x0"] = sweep_steps(WORK / "x0", test, restandardize=True, steps=[2, 10, 50])
         results["unet"] = unet_bar(train_dir, test, results["training"]["x0"]["seconds"])

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from latentseg.data.io import IMAGE2D_SUFFIXES, ImageMeta, is_image_file, read_image, read_label, split_suffix
+from latentseg.data.io import ImageMeta, is_image_file, read_image, read_label, split_suffix
 from latentseg.errors import LatentSegError
 
 TEXT_TABLES = ("text.csv", "text_annotations.csv")
@@ -230,7 +230,3 @@ def load_dataset(spec: DatasetSpec) -> tuple[list[dict[str, Any]], list[str]]:
     if len(channels) > 1:
         problems.append(f"{spec.root}: cases have different channel counts {sorted(channels)}")
     return samples, problems
-
-
-def is_2d_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE2D_SUFFIXES)
