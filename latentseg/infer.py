@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from tqdm import tqdm
 
 from latentseg.checkpoint import load_model
 from latentseg.data.datasets import Case, discover_inputs, load_image
@@ -21,6 +20,7 @@ from latentseg.errors import LatentSegError
 from latentseg.fusion import uncertainty_map
 from latentseg.models import LatentSegmenter
 from latentseg.overlay import save_overlay
+from latentseg.progress import progress_bar
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -108,7 +108,7 @@ def predict(
     staging = Path(tempfile.mkdtemp(prefix=".latentseg-partial-", dir=output_dir))
     written = []
     try:
-        for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
+        for case in progress_bar(cases, desc="predict", unit="case", disable=not progress):
             image, meta = load_image(case)
             pred = predict_array(
                 model,

@@ -23,7 +23,6 @@ from monai.metrics import DiceMetric
 from monai.utils import set_determinism
 from safetensors.torch import load_file
 from torch.utils.data import RandomSampler
-from tqdm import tqdm
 
 from latentseg.checkpoint import MODEL_FILE, load_train_state, save_checkpoint
 from latentseg.config import Config
@@ -32,6 +31,7 @@ from latentseg.data.transforms import normalize_image, resolve_patch_size, train
 from latentseg.errors import LatentSegError
 from latentseg.infer import predict_array, resolve_device
 from latentseg.models import LatentSegmenter
+from latentseg.progress import progress_bar
 
 log = logging.getLogger("latentseg.train")
 
@@ -183,7 +183,7 @@ def train(
         save_checkpoint(out_dir, model, config, fp, state)
 
     t0 = time.time()
-    bar = tqdm(total=config.train.steps, initial=start, desc="train", unit="step", disable=not progress)
+    bar = progress_bar(total=config.train.steps, initial=start, desc="train", unit="step", disable=not progress)
     stream = batches(train_set, config, config.train.steps - start, config.train.seed + start)
     for step in range(start + 1, config.train.steps + 1):
         stats = train_step(model, optimizer, scheduler, next(stream), config, device)
