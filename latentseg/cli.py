@@ -71,10 +71,10 @@ def cmd_check_dataset(args: argparse.Namespace) -> None:
 
     spec = discover_dataset(args.path)
     samples, problems = load_dataset(spec)
-    for line in problems:
-        print(line)
+    for line in spec.warnings:
+        print(f"warning: {line}")
     if problems:
-        raise LatentSegError(f"{args.path}: {len(problems)} problem(s) found")
+        raise LatentSegError("\n".join(problems + [f"{args.path}: {len(problems)} problem(s) found"]))
     print(f"{args.path}: {len(samples)} cases, {spec.layout} layout, no problems found")
 
 
@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on a dataset folder")
-    p.add_argument("--data", required=True, help="dataset folder (nnU-Net, MSD, or images/ + masks/)")
+    p.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="dataset folder (nnU-Net, MSD, or images/ + masks/); repeat to train on several, sampled equally",
+    )
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--config", help="YAML file of settings")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LatentSegError as err:
-        print(f"latentseg: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # one line per problem
+            print(f"latentseg: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("latentseg: interrupted", file=sys.stderr)

@@ -25,13 +25,15 @@ class ModelConfig:
     num_classes: int = 2  # set from the data by `train` (background included)
     latent_channels: int = 4  # k, channels of z_label
     image_latent_channels: int = 16  # channels of z_image
-    strides: list = field(default_factory=lambda: [2, 2, 2, 2])  # 4 downsamplings; int or per-axis list
+    num_downsamplings: int = 4  # 003 section IV-B; fewer along coarse or short axes (planned from the data)
+    strides: list = field(default_factory=list)  # per stage, an int or one per axis; empty: planned by `train`
     image_encoder_channels: list = field(default_factory=lambda: [16, 32, 64, 128, 128])
     label_encoder_channels: list = field(default_factory=lambda: [8, 16, 32, 64, 64])
     decoder_channels: list = field(default_factory=lambda: [16, 32, 64, 128, 128])
     attention_stages: int = 2  # image encoder stages ending in self-attention
     num_heads: int = 4
     denoiser_channels: list = field(default_factory=lambda: [64, 128])
+    denoiser_strides: list = field(default_factory=list)  # empty: planned from the latent grid by `train`
     prediction_type: str = "x0"  # eps | x0 | v
     schedule: str = "linear"  # linear | cosine
     num_timesteps: int = 1000
@@ -42,9 +44,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     patch_size: list = field(default_factory=list)  # empty: 256^2 in 2D, 96^3 in 3D, shrunk to the images
+    split: str = "random"  # random | dataset | fold:I/K | path/to/split.csv (see latentseg.data.splits)
     val_fraction: float = 0.1
+    spacing: list = field(default_factory=list)  # target spacing for 3D; empty: the training median
+    resample: bool = True  # 3D: reorient to RAS and resample to `spacing`
+    crop_foreground: bool = True  # crop to the image's non-zero region (nnU-Net)
+    mask_values: list = field(default_factory=list)  # stored value per class for 2D masks, e.g. [0, 255]
     foreground_fraction: float = 0.3333  # share of patches centred on a foreground voxel (nnU-Net)
     flips: bool = True
+    rotation_degrees: float = 15.0  # random in-plane rotations up to this angle (0: off)
     intensity_augmentation: bool = True
 
 

@@ -1,26 +1,33 @@
-"""Prediction: N diffusion samples per window of a sliding window, fused into a mean probability,
-an argmax label and a per-voxel standard deviation, written in the input's own format."""
+"""Prediction: N diffusion samples per window of a sliding window (overlap 0.5, Gaussian blending),
+fused into a mean probability, an argmax label and a per-voxel standard deviation, mapped back to
+the input's grid and written in the input's own format."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from latentseg.checkpoint import load_model
+from latentseg.config import Config
 from latentseg.data.datasets import Case, discover_inputs, load_image
-from latentseg.data.io import output_name, write_label, write_map
-from latentseg.data.transforms import normalize_image
+from latentseg.data.io import ImageMeta, output_name, write_label, write_map
+from latentseg.data.preprocess import Preprocessing, prepare_image, restore
 from latentseg.errors import LatentSegError
 from latentseg.fusion import uncertainty_map
 from latentseg.models import LatentSegmenter
 from latentseg.overlay import save_overlay
 from latentseg.progress import progress_bar
+
+log = logging.getLogger("latentseg.predict")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -32,6 +39,45 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@torch.no_grad()
+def sample_volume(
+    model: LatentSegmenter,
+    image: torch.Tensor,
+    roi_size: list[int],
+    num_samples: int = 4,
+    steps: int | None = 2,
+    eta: float = 0.0,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean class probabilities (C, *S) and uncertainty (1, *S) of one preprocessed (C_in, *S) image.
+
+    All samples of a window are drawn in one batch; windows are stitched on the CPU, so memory
+    beyond the output maps is bounded by the window, not the volume.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+
+    def predictor(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = model.sample(window, num_samples, steps, eta, generator)  # (N, b, C, *roi)
+        return probs.mean(0), uncertainty_map(probs)
+
+    x = image.as_tensor() if isinstance(image, MetaTensor) else image
+    mean, std = sliding_window_inference(
+        x[None],
+        roi_size,
+        sw_batch_size,
+        predictor,
+        overlap=overlap,
+        mode="gaussian",
+        sw_device=device,
+        device="cpu",
+        progress=False,
+    )
+    return mean[0], std[0]
+
+
 @dataclass
 class Prediction:
     probabilities: np.ndarray  # (C, *S) mean over samples
@@ -39,7 +85,6 @@ class Prediction:
     label: np.ndarray  # (*S) argmax of the mean probability
 
 
-@torch.no_grad()
 def predict_array(
     model: LatentSegmenter,
     image: np.ndarray,
@@ -51,20 +96,33 @@ def predict_array(
     sw_batch_size: int = 1,
     seed: int = 0,
 ) -> Prediction:
-    """Segment one normalized (C, *S) image; all samples of a window are drawn in one batch."""
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-
-    def predictor(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = model.sample(window, num_samples, steps, eta, generator)  # (N, b, C, *roi)
-        return probs.mean(0), uncertainty_map(probs)
-
-    x = torch.from_numpy(image)[None].to(device)
-    mean, std = sliding_window_inference(
-        x, roi_size, sw_batch_size, predictor, overlap=overlap, mode="gaussian", progress=False
+    """Segment one already preprocessed (C, *S) array, on its own grid."""
+    mean, std = sample_volume(
+        model, torch.from_numpy(image), roi_size, num_samples, steps, eta, overlap, sw_batch_size, seed
     )
-    probabilities = mean[0].cpu().numpy()
-    return Prediction(probabilities, std[0, 0].cpu().numpy(), probabilities.argmax(0).astype(np.uint8))
+    probabilities = mean.numpy()
+    return Prediction(probabilities, std[0].numpy(), probabilities.argmax(0).astype(np.uint8))
+
+
+def predict_image(
+    model: LatentSegmenter,
+    config: Config,
+    prep: Preprocessing,
+    image: np.ndarray,
+    meta: ImageMeta,
+    num_samples: int,
+    steps: int | None,
+    seed: int = 0,
+) -> Prediction:
+    """Preprocess a raw image, sample, and map the result back onto the image's own grid."""
+    x, transform = prepare_image(image, meta, prep)
+    s = config.sample
+    mean, std = sample_volume(
+        model, x, config.data.patch_size, num_samples, steps, s.eta, s.overlap, s.sw_batch_size, seed
+    )
+    back = restore({"prob": mean, "std": std}, x, transform)
+    probabilities = back["prob"]
+    return Prediction(probabilities, back["std"][0], probabilities.argmax(0).astype(np.uint8))
 
 
 def _check_output_dir(output: Path, input_path: Path, cases: list[Case]) -> None:
@@ -72,6 +130,43 @@ def _check_output_dir(output: Path, input_path: Path, cases: list[Case]) -> None
     input_dir = input_path.resolve() if input_path.is_dir() else input_path.resolve().parent
     if output.resolve() == input_dir or output.resolve() in {p.parent for p in inputs}:
         raise LatentSegError(f"{output}: the output directory is the input directory; refusing to overwrite inputs")
+
+
+def _check_input(case: Case, image: np.ndarray, meta: ImageMeta, config: Config) -> None:
+    if meta.spatial_dims != config.model.spatial_dims:
+        raise LatentSegError(
+            f"{case.image_paths[0]}: a {meta.spatial_dims}D input given to a {config.model.spatial_dims}D model"
+        )
+    if image.shape[0] != config.model.in_channels:
+        raise LatentSegError(
+            f"{case.image_paths[0]}: the model takes {config.model.in_channels} channel(s), "
+            f"this input has {image.shape[0]}"
+        )
+
+
+def preprocessing_of(fingerprint: dict[str, Any], config: Config) -> Preprocessing:
+    if "preprocessing" in fingerprint:
+        return Preprocessing.from_dict(fingerprint["preprocessing"])
+    return Preprocessing(config.model.spatial_dims, crop_foreground=False)  # models from before 0.2
+
+
+def _write_case(
+    folder: Path,
+    case: Case,
+    image: np.ndarray,
+    meta: ImageMeta,
+    pred: Prediction,
+    mask_values: list[int],
+    overlay: bool,
+) -> None:
+    label = np.asarray(mask_values)[pred.label] if mask_values else pred.label
+    write_label(folder / output_name(meta, case.case_id), label, meta)
+    prob = pred.probabilities if meta.format == "nifti" else 1.0 - pred.probabilities[0]
+    write_map(folder / output_name(meta, case.case_id, "_prob"), prob, meta)
+    std = pred.uncertainty if meta.format == "nifti" else np.clip(2 * pred.uncertainty, 0, 1)
+    write_map(folder / output_name(meta, case.case_id, "_std"), std, meta)
+    if overlay:
+        save_overlay(folder / f"{case.case_id}_overlay.png", image, pred.label, pred.uncertainty)
 
 
 def predict(
@@ -88,60 +183,47 @@ def predict(
     """Segment every case under `input_path` and write, per case, `CASE` (labels), `CASE_prob`
     (mean probabilities), `CASE_std` (uncertainty) and `CASE_overlay.png`.
 
-    Every input is read and checked before anything is written; outputs are staged in a
-    temporary folder and moved into `output_dir` only when every case succeeded.
+    A case that fails (unreadable, NaN, wrong dimensionality, ...) is skipped and the others go
+    on; the failures are raised together at the end. A case's files are staged in a temporary
+    folder and moved into `output_dir` only once all of them are written.
     """
     if steps is not None and steps < 1:
         raise LatentSegError(f"--steps must be >= 1, got {steps}")
     if num_samples is not None and num_samples < 1:
         raise LatentSegError(f"--samples must be >= 1, got {num_samples}")
-    model, config, _ = load_model(model_dir, resolve_device(device))
+    model, config, fingerprint = load_model(model_dir, resolve_device(device))
+    prep = preprocessing_of(fingerprint, config)
+    mask_values = fingerprint.get("mask_values") or []
     steps = steps or config.sample.steps
     num_samples = num_samples or config.sample.num_samples
     input_path, output_dir = Path(input_path), Path(output_dir)
     cases = discover_inputs(input_path)
     _check_output_dir(output_dir, input_path, cases)
-    for case in cases:  # validate everything first: nothing is written for a bad input set
-        _check_input(case, config.model.spatial_dims, config.model.in_channels)
 
+    written: list[Path] = []
+    failures: list[str] = []
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".latentseg-partial-", dir=output_dir))
-    written = []
     try:
         for case in progress_bar(cases, desc="predict", unit="case", disable=not progress):
-            image, meta = load_image(case)
-            pred = predict_array(
-                model,
-                normalize_image(image),
-                config.data.patch_size,
-                num_samples,
-                steps,
-                config.sample.eta,
-                config.sample.overlap,
-                config.sample.sw_batch_size,
-                seed,
-            )
-            write_label(staging / output_name(meta, case.case_id), pred.label, meta)
-            prob = pred.probabilities if meta.format == "nifti" else 1.0 - pred.probabilities[0]
-            write_map(staging / output_name(meta, case.case_id, "_prob"), prob, meta)
-            std = pred.uncertainty if meta.format == "nifti" else np.clip(2 * pred.uncertainty, 0, 1)
-            write_map(staging / output_name(meta, case.case_id, "_std"), std, meta)
-            if overlays:
-                save_overlay(staging / f"{case.case_id}_overlay.png", image, pred.label, pred.uncertainty)
-        for path in sorted(staging.iterdir()):
-            target = output_dir / path.name
-            path.replace(target)
-            written.append(target)
+            try:
+                image, meta = load_image(case)
+                _check_input(case, image, meta, config)
+                pred = predict_image(model, config, prep, image, meta, num_samples, steps, seed)
+                _write_case(staging, case, image, meta, pred, mask_values, overlays)
+            except LatentSegError as err:
+                failures.append(str(err))
+                log.debug("failed: %s", err)
+                for leftover in staging.iterdir():
+                    leftover.unlink()
+                continue
+            for path in sorted(staging.iterdir()):
+                written.append(path.replace(output_dir / path.name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+    if failures:  # one line per failed case
+        raise LatentSegError("\n".join(failures))
     return written
-
-
-def _check_input(case: Case, spatial_dims: int, in_channels: int) -> None:
-    image, meta = load_image(case)
-    if meta.spatial_dims != spatial_dims:
-        raise LatentSegError(f"{case.image_paths[0]}: a {meta.spatial_dims}D input given to a {spatial_dims}D model")
-    if image.shape[0] != in_channels:
-        raise LatentSegError(
-            f"{case.image_paths[0]}: the model takes {in_channels} channel(s), this input has {image.shape[0]}"
-        )

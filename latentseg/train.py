@@ -1,8 +1,9 @@
 """Training: 003 Algorithm 1 as a short loop over `train_step` and `validate`.
 
-Reads a dataset folder, checks every case, fills the model's input/output sizes from the data,
-then trains with AdamW and a warmup + cosine learning-rate schedule, validating with DDIM-K
-sampling and writing a checkpoint directory that `predict` and `--resume` read.
+Reads one or more dataset folders (`latentseg.data.prepare` checks, plans, splits and
+preprocesses them), then trains with AdamW and a warmup + cosine learning-rate schedule,
+validating with DDIM-K sampling and writing a checkpoint directory that `predict` and `--resume`
+read.
 """
 
 from __future__ import annotations
@@ -10,70 +11,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 from monai.metrics import DiceMetric
 from monai.utils import set_determinism
 from safetensors.torch import load_file
-from torch.utils.data import RandomSampler
+from torch.utils.data import WeightedRandomSampler
 
 from latentseg.checkpoint import MODEL_FILE, load_train_state, save_checkpoint
 from latentseg.config import Config
-from latentseg.data.datasets import DatasetSpec, discover_dataset, load_dataset, num_classes_of
-from latentseg.data.transforms import normalize_image, resolve_patch_size, train_transforms
+from latentseg.data.prepare import prepare_training_data
+from latentseg.data.transforms import train_transforms
 from latentseg.errors import LatentSegError
 from latentseg.infer import predict_array, resolve_device
 from latentseg.models import LatentSegmenter
 from latentseg.progress import progress_bar
 
 log = logging.getLogger("latentseg.train")
-
-
-def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """A seeded train/validation split of case ids; at least one training case is kept."""
-    ids = sorted(case_ids)
-    random.Random(seed).shuffle(ids)
-    n_val = min(int(round(val_fraction * len(ids))), len(ids) - 1)
-    return sorted(ids[n_val:]), sorted(ids[:n_val])
-
-
-def load_training_data(data_dir: Path) -> tuple[DatasetSpec, list[dict[str, Any]]]:
-    """Every case loaded and checked; all problems reported together."""
-    spec = discover_dataset(data_dir)
-    samples, problems = load_dataset(spec)
-    if problems:
-        more = f" (and {len(problems) - 1} more problems; run `latentseg check-dataset {data_dir}`)"
-        raise LatentSegError(problems[0] + (more if len(problems) > 1 else ""))
-    return spec, samples
-
-
-def fingerprint(spec: DatasetSpec, samples: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
-    spacings = np.array([s["meta"].spacing for s in samples])
-    labels = spec.labels or {i: str(i) for i in range(num_classes)}
-    return {
-        "dataset": str(spec.root),
-        "layout": spec.layout,
-        "labels": {str(k): v for k, v in sorted(labels.items())},
-        "num_channels": int(samples[0]["image"].shape[0]),
-        "spatial_dims": samples[0]["meta"].spatial_dims,
-        "median_spacing": [float(v) for v in np.median(spacings, axis=0)],
-        "num_cases": len(samples),
-    }
-
-
-def configure_from_data(config: Config, spec: DatasetSpec, samples: list[dict[str, Any]]) -> None:
-    """Fill in what the data decides: dimensionality, channels, classes."""
-    config.model.spatial_dims = samples[0]["meta"].spatial_dims
-    config.model.in_channels = int(samples[0]["image"].shape[0])
-    found = max(int(s["label"].max()) for s in samples) + 1
-    config.model.num_classes = max(num_classes_of(spec) or found, 2)
 
 
 def lr_lambda(config: Config):
@@ -89,14 +49,16 @@ def lr_lambda(config: Config):
 
 
 def batches(samples: list[dict[str, Any]], config: Config, total: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """`total` batches of random augmented patches."""
+    """`total` batches of random augmented patches; every dataset is drawn equally often."""
     data = [{"image": s["image"], "label": s["label"]} for s in samples]
+    per_dataset = Counter(s.get("dataset", "") for s in samples)
+    weights = [1.0 / per_dataset[s.get("dataset", "")] for s in samples]
     transform = train_transforms(config.data.patch_size, config.data)
     transform.set_random_state(seed=seed)
-    sampler = RandomSampler(
-        data,
-        replacement=True,
+    sampler = WeightedRandomSampler(
+        weights,
         num_samples=total * config.train.batch_size,
+        replacement=True,
         generator=torch.Generator().manual_seed(seed),
     )
     loader = DataLoader(Dataset(data, transform), batch_size=config.train.batch_size, sampler=sampler, num_workers=0)
@@ -129,26 +91,23 @@ def validate(model: LatentSegmenter, samples: list[dict[str, Any]], config: Conf
 
 
 def train(
-    data_dir: str | Path, out_dir: str | Path, config: Config, resume: bool = False, progress: bool = True
+    data_dirs: str | Path | list[str | Path],
+    out_dir: str | Path,
+    config: Config,
+    resume: bool = False,
+    progress: bool = True,
 ) -> Path:
-    """Train an LDSeg model on a dataset folder; returns the model directory."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    """Train an LDSeg model on one or more dataset folders; returns the model directory."""
+    data_dirs = [Path(d) for d in (data_dirs if isinstance(data_dirs, list) else [data_dirs])]
+    out_dir = Path(out_dir)
     if config.train.steps < 1:
         raise LatentSegError(f"train.steps must be >= 1, got {config.train.steps}")
-    spec, samples = load_training_data(data_dir)
-    configure_from_data(config, spec, samples)
-    for s in samples:
-        s["image"] = normalize_image(s["image"])
-    train_ids, val_ids = split_cases([s["case_id"] for s in samples], config.data.val_fraction, config.train.seed)
-    train_set = [s for s in samples if s["case_id"] in train_ids]
-    val_set = [s for s in samples if s["case_id"] in val_ids][: config.train.val_cases]
+    data = prepare_training_data(data_dirs, config)
+    train_set, val_set = data.train, data.val[: config.train.val_cases]
 
     set_determinism(config.train.seed)
     device = resolve_device(config.train.device)
     model = LatentSegmenter(config.model).to(device)
-    config.data.patch_size = resolve_patch_size(
-        config.data.patch_size, [s["image"].shape[1:] for s in samples], model.total_stride
-    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     history: dict[str, list] = {"step": [], "loss": [], "seg": [], "diff": [], "val_step": [], "val_dice": []}
@@ -160,13 +119,12 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         start, history = state["step"], state["history"]
         torch.set_rng_state(state["torch_rng"])
-    fp = fingerprint(spec, samples, config.model.num_classes)
-    fp.update(train_cases=train_ids, val_cases=val_ids)
+    fp = data.fingerprint
     log.info("config: %s", json.dumps(config.to_dict()))
     log.info(
         "%d training / %d validation cases, patch %s, %s, %.2fM parameters",
         len(train_set),
-        len(val_ids),
+        len(data.val),
         config.data.patch_size,
         device,
         sum(p.numel() for p in model.parameters()) / 1e6,

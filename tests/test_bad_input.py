@@ -11,11 +11,13 @@ from latentseg.cli import main
 from latentseg.data.phantoms import write_phantom_dataset
 
 
-def run_fails(capsys, argv, *expected):
+def run_fails(capsys, argv, *expected, cases=1):
+    """`cases` is how many inputs fail: one error line each."""
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("latentseg: error: ")
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip() and not x.startswith(("train:", "predict:"))]
+    assert len(lines) == cases, lines  # progress bars aside, one line per failure
+    assert all(line.startswith("latentseg: error: ") for line in lines)
+    err = lines[0]
     for text in expected:
         assert text in err, err
     return err
@@ -77,7 +79,9 @@ def test_nan_in_image_for_train_and_predict(tmp_path, capsys, model3d):
         capsys, ["train", "--data", str(root), "--out", str(tmp_path / "m")], "phantom_000_0000.nii.gz", "NaN or Inf"
     )
     run_fails(capsys, predict_args(model3d, root / "imagesTr", tmp_path / "out"), "phantom_000_0000.nii.gz", "NaN")
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # the good case is still segmented; the bad one has no output at all
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if "phantom_000" in p.name) == []
+    assert (tmp_path / "out" / "phantom_001.nii.gz").is_file()
 
 
 def test_dimension_mismatch_both_ways(tmp_path, capsys, model2d, model3d, data2d, data3d):
@@ -86,22 +90,25 @@ def test_dimension_mismatch_both_ways(tmp_path, capsys, model2d, model3d, data2d
         predict_args(model2d, data3d["test"] / "imagesTr", tmp_path / "a"),
         "phantom_000_0000.nii.gz",
         "a 3D input given to a 2D model",
+        cases=2,
     )
     run_fails(
         capsys,
         predict_args(model3d, data2d["test"] / "images", tmp_path / "b"),
         "phantom_000.png",
         "a 2D input given to a 3D model",
+        cases=3,
     )
 
 
-def test_corrupt_input_file_leaves_no_partial_outputs(tmp_path, capsys, model2d, data2d):
+def test_corrupt_input_file_is_listed_and_the_others_are_segmented(tmp_path, capsys, model2d, data2d):
     inputs = tmp_path / "inputs"
     shutil.copytree(data2d["test"] / "images", inputs)
     (inputs / "phantom_002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "out"
     run_fails(capsys, predict_args(model2d, inputs, out), "phantom_002.png", "cannot read")
-    assert not out.exists() or not any(out.iterdir())  # the two good cases were not written either
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"phantom_00{i}{s}.png" for i in (0, 1) for s in ("", "_prob", "_std", "_overlay"))
 
 
 def test_missing_or_incomplete_model_dir(tmp_path, capsys, model2d, data2d):

@@ -13,8 +13,7 @@ from PIL import Image
 from latentseg.checkpoint import load_model, save_checkpoint
 from latentseg.cli import main
 from latentseg.data.datasets import discover_inputs, load_image
-from latentseg.data.transforms import normalize_image
-from latentseg.infer import predict_array
+from latentseg.infer import predict_image, preprocessing_of
 
 
 def test_2d_train_predict_evaluate(model2d, data2d, tmp_path):
@@ -76,15 +75,15 @@ def test_3d_train_predict_evaluate_keeps_geometry(model3d, data3d, tmp_path):
 
 def test_checkpoint_round_trip_gives_identical_predictions(model2d, data2d, tmp_path):
     model, config, fp = load_model(model2d)
-    image, _ = load_image(discover_inputs(data2d["test"] / "images")[0])
-    image = normalize_image(image)
-    before = predict_array(model, image, config.data.patch_size, num_samples=3, seed=5)
+    prep = preprocessing_of(fp, config)
+    image, meta = load_image(discover_inputs(data2d["test"] / "images")[0])
+    before = predict_image(model, config, prep, image, meta, num_samples=3, steps=2, seed=5)
     save_checkpoint(tmp_path / "copy", model, config, fp)
-    again, _, _ = load_model(tmp_path / "copy")
-    after = predict_array(again, image, config.data.patch_size, num_samples=3, seed=5)
+    again, config2, fp2 = load_model(tmp_path / "copy")
+    after = predict_image(again, config2, preprocessing_of(fp2, config2), image, meta, 3, 2, seed=5)
     np.testing.assert_array_equal(before.probabilities, after.probabilities)
     np.testing.assert_array_equal(before.uncertainty, after.uncertainty)
-    other = predict_array(again, image, config.data.patch_size, num_samples=3, seed=6)
+    other = predict_image(again, config2, prep, image, meta, 3, 2, seed=6)
     assert not np.array_equal(other.probabilities, after.probabilities)
 
 

@@ -40,6 +40,13 @@ class DatasetSpec:
     labels: dict[int, str] = field(default_factory=dict)  # id -> name; empty: inferred from the data
     num_channels: int | None = None
     problems: list[str] = field(default_factory=list)  # found while listing (missing files, ...)
+    warnings: list[str] = field(default_factory=list)  # allowed, but worth a look (empty masks, stray files)
+    channel_names: dict[int, str] = field(default_factory=dict)
+    mask_values: list[int] = field(default_factory=list)  # stored value of each class, e.g. [0, 255]
+
+    @property
+    def name(self) -> str:
+        return self.root.name
 
 
 def read_text_table(path: Path) -> dict[str, str]:
@@ -101,7 +108,8 @@ def _nnunet(root: Path, meta: dict[str, Any]) -> DatasetSpec:
     expected = meta.get("numTraining")
     if isinstance(expected, int) and expected != len(cases):
         problems.append(f"{root / 'dataset.json'}: numTraining is {expected} but labelsTr holds {len(cases)} cases")
-    return DatasetSpec(root, "nnunet", cases, labels, len(channels), problems)
+    names = {int(k): str(v) for k, v in meta["channel_names"].items()}
+    return DatasetSpec(root, "nnunet", cases, labels, len(channels), problems, channel_names=names)
 
 
 def _msd(root: Path, meta: dict[str, Any]) -> DatasetSpec:
@@ -114,16 +122,28 @@ def _msd(root: Path, meta: dict[str, Any]) -> DatasetSpec:
     raw_labels = meta.get("labels", {})
     labels = {int(k): str(v) for k, v in raw_labels.items()} if raw_labels else {}
     modality = meta.get("modality") or meta.get("channel_names") or {}
-    return DatasetSpec(root, "msd", cases, labels, len(modality) or None, problems)
+    names = {int(k): str(v) for k, v in modality.items()}
+    return DatasetSpec(root, "msd", cases, labels, len(modality) or None, problems, channel_names=names)
+
+
+def _image_files(folder: Path, warnings: list[str]) -> dict[str, Path]:
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if is_image_file(p):
+            files[split_suffix(p)[0]] = p
+        elif p.is_file() and not p.name.startswith("."):
+            warnings.append(f"{p}: not an image file, skipped")
+    return files
 
 
 def _folder2d(root: Path) -> DatasetSpec:
-    images = {split_suffix(p)[0]: p for p in sorted((root / "images").iterdir()) if is_image_file(p)}
-    masks = {split_suffix(p)[0]: p for p in sorted((root / "masks").iterdir()) if is_image_file(p)}
+    warnings: list[str] = []
+    images = _image_files(root / "images", warnings)
+    masks = _image_files(root / "masks", warnings)
     problems = [f"{masks[s]}: mask without an image in images/" for s in masks if s not in images]
     problems += [f"{images[s]}: image without a mask in masks/" for s in images if s not in masks]
     cases = [Case(s, [images[s]], masks[s]) for s in masks if s in images]
-    return DatasetSpec(root, "folder2d", cases, {}, None, problems)
+    return DatasetSpec(root, "folder2d", cases, {}, None, problems, warnings)
 
 
 def discover_dataset(root: str | Path) -> DatasetSpec:
@@ -183,11 +203,21 @@ def load_image(case: Case) -> tuple[np.ndarray, ImageMeta]:
     return image, metas[0]
 
 
+def _check_channels(case: Case, image: np.ndarray, meta: ImageMeta, num_channels: int | None) -> None:
+    if num_channels is None or image.shape[0] == num_channels:
+        return
+    if image.shape[0] > num_channels and meta.spatial_dims == 3:
+        raise LatentSegError(
+            f"{case.image_paths[0]}: a 4D image ({image.shape[0]} channels) where 3D is expected "
+            f"(the dataset declares {num_channels} channel(s))"
+        )
+    raise LatentSegError(f"{case.image_paths[0]}: expected {num_channels} channel(s), found {image.shape[0]}")
+
+
 def load_case(case: Case, num_classes: int | None = None, num_channels: int | None = None) -> dict[str, Any]:
     """A training sample {"image", "label", "text", "case_id", "meta"}, with every check applied."""
     image, meta = load_image(case)
-    if num_channels is not None and image.shape[0] != num_channels:
-        raise LatentSegError(f"{case.image_paths[0]}: expected {num_channels} channel(s), found {image.shape[0]}")
+    _check_channels(case, image, meta, num_channels)
     if case.label_path is None:
         raise LatentSegError(f"case {case.case_id}: no label file")
     label, lmeta = read_label(case.label_path)
@@ -210,8 +240,36 @@ def num_classes_of(spec: DatasetSpec) -> int | None:
     return max(spec.labels) + 1 if spec.labels else None
 
 
+def infer_mask_values(values: set[int]) -> list[int]:
+    """Stored mask values -> classes for undeclared 2D masks: 0/255 masks are binary, values that
+    are already 0..K-1 map to themselves, anything else maps in sorted order."""
+    if values <= {0, 255} and 255 in values:
+        return [0, 255]
+    ordered = sorted(values | {0})
+    return [] if ordered == list(range(len(ordered))) else ordered
+
+
+def _apply_mask_values(samples: list[dict[str, Any]], spec: DatasetSpec, problems: list[str]) -> None:
+    values = set().union(*(np.unique(s["label"]).tolist() for s in samples)) if samples else set()
+    if not spec.mask_values:
+        spec.mask_values = infer_mask_values(values)
+    if not spec.mask_values:
+        return
+    lut = np.full(max(max(values, default=0), max(spec.mask_values)) + 1, -1, dtype=np.int64)
+    lut[spec.mask_values] = np.arange(len(spec.mask_values))
+    for s in list(samples):
+        mapped = lut[s["label"]]
+        if mapped.min() < 0:
+            bad = sorted(set(np.unique(s["label"]).tolist()) - set(spec.mask_values))
+            problems.append(f"{s['case_id']}: mask values {bad} are not among {spec.mask_values}")
+            samples.remove(s)
+        else:
+            s["label"] = mapped
+
+
 def load_dataset(spec: DatasetSpec) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every case loaded and checked; all problems are collected, one line each, not just the first."""
+    """Every case loaded and checked; all problems are collected, one line each, not just the first.
+    Empty masks are allowed and noted in `spec.warnings`."""
     problems = list(spec.problems)
     samples = []
     declared = num_classes_of(spec)
@@ -223,6 +281,9 @@ def load_dataset(spec: DatasetSpec) -> tuple[list[dict[str, Any]], list[str]]:
             samples.append(load_case(case, declared, spec.num_channels))
         except LatentSegError as err:
             problems.append(str(err))
+    if declared is None:
+        _apply_mask_values(samples, spec, problems)
+    spec.warnings += [f"{s['case_id']}: the mask is empty (no foreground)" for s in samples if not s["label"].any()]
     dims = {s["meta"].spatial_dims for s in samples}
     if len(dims) > 1:
         problems.append(f"{spec.root}: cases mix 2D and 3D images")

@@ -1,16 +1,17 @@
-"""Preprocessing and augmentation as MONAI dictionary transforms acting on "image" and "label"."""
+"""Training augmentation as MONAI dictionary transforms acting on "image" and "label"
+(000 section III-B: flips, rotations, intensity scaling and shifts)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-import numpy as np
 from monai.transforms import (
     Compose,
     EnsureTyped,
-    NormalizeIntensity,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
     SpatialPadd,
@@ -18,39 +19,23 @@ from monai.transforms import (
 
 from latentseg.config import DataConfig
 
-DEFAULT_PATCH = {2: 256, 3: 96}
-
-
-def normalize_image(image: np.ndarray) -> np.ndarray:
-    """Z-score each channel of one image (MR and other modalities; 002 section 3.1)."""
-    return np.asarray(NormalizeIntensity(channel_wise=True)(image), dtype=np.float32)
-
-
-def resolve_patch_size(requested: Sequence[int], shapes: Sequence[Sequence[int]], multiple: Sequence[int]) -> list[int]:
-    """The training patch: the configured size (or 256^2 / 96^3), shrunk to the largest image,
-    rounded up to a multiple of the network's total stride."""
-    dims = len(multiple)
-    if requested:
-        if len(requested) != dims:
-            raise ValueError(f"patch_size {list(requested)} must have {dims} entries for {dims}D data")
-        patch = list(requested)
-    else:
-        patch = [DEFAULT_PATCH[dims]] * dims
-    largest = [max(s[i] for s in shapes) for i in range(dims)]
-    patch = [min(p, n) for p, n in zip(patch, largest, strict=True)]
-    return [int(-(-p // m) * m) for p, m in zip(patch, multiple, strict=True)]
-
 
 def train_transforms(patch_size: Sequence[int], config: DataConfig) -> Compose:
-    """Pad, crop (a share of patches centred on foreground, as nnU-Net), flip, jitter intensity."""
+    """Pad, crop (a share of patches centred on foreground, as nnU-Net), flip, rotate in-plane,
+    jitter intensity."""
     keys = ["image", "label"]
     fg = config.foreground_fraction
-    steps = [
+    steps: list = [
         SpatialPadd(keys, spatial_size=patch_size),
         RandCropByPosNegLabeld(keys, "label", patch_size, pos=fg, neg=1 - fg, num_samples=1),
     ]
     if config.flips:
         steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(len(patch_size))]
+    if config.rotation_degrees > 0:
+        angle = math.radians(config.rotation_degrees)
+        # in the plane of the first two axes: range_x in 2D, a rotation about the last axis in 3D
+        in_plane = {"range_x": angle} if len(patch_size) == 2 else {"range_z": angle}
+        steps.append(RandRotated(keys, prob=0.2, mode=("bilinear", "nearest"), padding_mode="zeros", **in_plane))
     if config.intensity_augmentation:
         steps += [RandScaleIntensityd("image", factors=0.1, prob=0.3), RandShiftIntensityd("image", 0.1, prob=0.3)]
     steps.append(EnsureTyped(keys, track_meta=False))

@@ -19,7 +19,6 @@ from latentseg.diffusion import (
     sample_loop,
     uniform_timesteps,
 )
-from latentseg.models.blocks import as_tuple
 from latentseg.models.denoiser import Denoiser
 from latentseg.models.encoders import ImageEncoder, LabelDecoder, LabelEncoder, standardize
 
@@ -53,34 +52,30 @@ class LatentSegmenter(nn.Module):
         check_model_config(config)
         self.config = config
         c = config
+        strides = c.strides or [2] * c.num_downsamplings  # `train` plans per-axis strides from the data
         self.schedule = DiffusionSchedule(c.schedule, c.num_timesteps)
         self.image_encoder = ImageEncoder(
             c.spatial_dims,
             c.in_channels,
             c.image_latent_channels,
             c.image_encoder_channels,
-            c.strides,
+            strides,
             c.attention_stages,
             c.num_heads,
         )
         self.label_encoder = LabelEncoder(
-            c.spatial_dims, c.num_classes, c.latent_channels, c.label_encoder_channels, c.strides
+            c.spatial_dims, c.num_classes, c.latent_channels, c.label_encoder_channels, strides
         )
         self.denoiser = Denoiser(
-            c.spatial_dims, c.latent_channels, c.image_latent_channels, c.denoiser_channels, num_heads=c.num_heads
+            c.spatial_dims,
+            c.latent_channels,
+            c.image_latent_channels,
+            c.denoiser_channels,
+            c.denoiser_strides or None,
+            num_heads=c.num_heads,
         )
-        self.label_decoder = LabelDecoder(
-            c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, c.strides
-        )
+        self.label_decoder = LabelDecoder(c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides)
         self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=1.0)
-
-    @property
-    def total_stride(self) -> tuple[int, ...]:
-        """How much the latent grid is coarser than the image, per axis; patches must be multiples."""
-        total = [1] * self.config.spatial_dims
-        for stride in self.config.strides:
-            total = [a * b for a, b in zip(total, as_tuple(stride, self.config.spatial_dims), strict=True)]
-        return tuple(total)
 
     def conditioning(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything the denoiser is conditioned on, in one dict (003 Eq. 9: z_image)."""

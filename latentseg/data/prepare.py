@@ -1,0 +1,147 @@
+"""From dataset folders to preprocessed training data: load and check every case, decide what the
+data decides (dimensionality, channels, classes, spacing, normalisation, patch and strides),
+split by patient and preprocess. The decisions are recorded in a fingerprint saved with the model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentseg.config import Config
+from latentseg.data.datasets import DatasetSpec, discover_dataset, load_dataset, num_classes_of
+from latentseg.data.planning import (
+    median_shape,
+    plan_denoiser_strides,
+    plan_patch,
+    plan_strides,
+    round_up,
+    total_stride,
+)
+from latentseg.data.preprocess import Preprocessing, ct_statistics, is_ct, preprocess_sample
+from latentseg.data.splits import make_split
+from latentseg.errors import LatentSegError
+
+log = logging.getLogger("latentseg.data")
+
+
+@dataclass
+class TrainingData:
+    train: list[dict[str, Any]]  # {"image", "label", "case_id", "dataset", "text"} in the network's space
+    val: list[dict[str, Any]]
+    fingerprint: dict[str, Any]
+
+
+def load_datasets(data_dirs: list[Path], mask_values: list[int]) -> tuple[list[DatasetSpec], list[dict[str, Any]]]:
+    """Every case of every dataset loaded and checked; all problems reported together."""
+    specs, samples, problems = [], [], []
+    for root in data_dirs:
+        spec = discover_dataset(root)
+        spec.mask_values = list(mask_values)
+        found, trouble = load_dataset(spec)
+        for s in found:
+            s["dataset"] = spec.name
+        specs.append(spec)
+        samples += found
+        problems += trouble
+        for warning in spec.warnings:
+            log.warning("warning: %s", warning)
+    if problems:
+        hint = " ".join(f"`latentseg check-dataset {d}`" for d in data_dirs)
+        more = f" (and {len(problems) - 1} more problems; run {hint})" if len(problems) > 1 else ""
+        raise LatentSegError(problems[0] + more)
+    if not samples:
+        raise LatentSegError(f"{', '.join(map(str, data_dirs))}: no usable cases")
+    return specs, samples
+
+
+def _check_compatible(specs: list[DatasetSpec], samples: list[dict[str, Any]]) -> None:
+    if len({s["meta"].spatial_dims for s in samples}) > 1:
+        raise LatentSegError("the datasets mix 2D and 3D images")
+    if len({s["image"].shape[0] for s in samples}) > 1:
+        raise LatentSegError("the datasets have different channel counts")
+    declared = {tuple(sorted(s.labels.items())) for s in specs if s.labels}
+    if len(declared) > 1:
+        names = ", ".join(f"{s.name}: {s.labels}" for s in specs)
+        raise LatentSegError(f"the datasets declare different labels ({names}); train them separately")
+
+
+def plan_preprocessing(config: Config, specs: list[DatasetSpec], samples: list[dict[str, Any]]) -> Preprocessing:
+    dims = samples[0]["meta"].spatial_dims
+    spacing = None
+    if dims == 3 and config.data.resample:
+        spacing = config.data.spacing or [float(v) for v in np.median([s["meta"].spacing for s in samples], axis=0)]
+    names = specs[0].channel_names
+    ct = {
+        str(c): ct_statistics([s["image"] for s in samples], [s["label"] for s in samples], c)
+        for c, name in names.items()
+        if is_ct(name)
+    }
+    return Preprocessing(
+        dims, spacing, "RAS" if dims == 3 and config.data.resample else None, config.data.crop_foreground, ct
+    )
+
+
+def plan_network(config: Config, shapes: list[tuple[int, ...]], spacing: list[float]) -> None:
+    """Patch size and per-axis strides (unless configured), the channel lists cut to match."""
+    m, dims = config.model, config.model.spatial_dims
+    patch = plan_patch(config.data.patch_size, shapes, dims)
+    if not m.strides:
+        m.strides = plan_strides(patch, spacing, m.num_downsamplings)
+        n = len(m.strides)
+        for name in ("image_encoder_channels", "label_encoder_channels", "decoder_channels"):
+            setattr(m, name, getattr(m, name)[: n + 1])
+        m.attention_stages = min(m.attention_stages, n)
+    config.data.patch_size = round_up(patch, total_stride(m.strides, dims))
+    if not m.denoiser_strides:
+        latent = [p // t for p, t in zip(config.data.patch_size, total_stride(m.strides, dims), strict=True)]
+        m.denoiser_strides = plan_denoiser_strides(latent, len(m.denoiser_channels))
+
+
+def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData:
+    """Load, check, configure, split by patient and preprocess; fills the data-decided settings."""
+    specs, samples = load_datasets(data_dirs, config.data.mask_values)
+    _check_compatible(specs, samples)
+    labels = specs[0].labels
+    found = max(int(s["label"].max()) for s in samples) + 1
+    config.model.spatial_dims = samples[0]["meta"].spatial_dims
+    config.model.in_channels = int(samples[0]["image"].shape[0])
+    config.model.num_classes = max(num_classes_of(specs[0]) or found, 2)
+
+    train_ids, val_ids = [], []
+    for spec in specs:
+        ids = [s["case_id"] for s in samples if s["dataset"] == spec.name]
+        tr, va = make_split(ids, config.data.split, config.data.val_fraction, config.train.seed, spec.root)
+        train_ids += [(spec.name, c) for c in tr]
+        val_ids += [(spec.name, c) for c in va]
+    keep = set(train_ids) | set(val_ids)
+    samples = [s for s in samples if (s["dataset"], s["case_id"]) in keep]
+
+    prep = plan_preprocessing(config, specs, samples)
+    spacings = [list(s["meta"].spacing) for s in samples]
+    for s in samples:
+        s.update(preprocess_sample(s, prep))
+        del s["meta"]
+    shapes = [s["image"].shape[1:] for s in samples]
+    plan_network(config, shapes, prep.spacing or [float(v) for v in np.median(spacings, axis=0)])
+
+    names = labels or {i: str(i) for i in range(config.model.num_classes)}
+    fingerprint = {
+        "datasets": [{"root": str(s.root), "layout": s.layout, "cases": len(s.cases)} for s in specs],
+        "labels": {str(k): v for k, v in sorted(names.items())},
+        "mask_values": specs[0].mask_values,
+        "num_channels": config.model.in_channels,
+        "channel_names": {str(k): v for k, v in specs[0].channel_names.items()},
+        "spatial_dims": config.model.spatial_dims,
+        "median_spacing": [float(v) for v in np.median(spacings, axis=0)],
+        "median_shape": median_shape(shapes),
+        "preprocessing": prep.to_dict(),
+        "train_cases": [f"{d}/{c}" for d, c in train_ids],
+        "val_cases": [f"{d}/{c}" for d, c in val_ids],
+    }
+    train = [s for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
+    val = [s for s in samples if (s["dataset"], s["case_id"]) in set(val_ids)]
+    return TrainingData(train, val, fingerprint)

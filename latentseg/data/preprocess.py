@@ -1,0 +1,136 @@
+"""Deterministic preprocessing as invertible MONAI dictionary transforms (002 section 3.1).
+
+Orientation to RAS and resampling to a target spacing (3D NIfTI only), a crop to the image's
+non-zero region (as nnU-Net), then intensity normalisation: CT channels are clipped to the
+training foreground's 0.5-99.5 percentiles and z-scored with its mean and std (as nnU-Net);
+every other channel (MR, RGB, ...) is z-scored per image. Predictions go back to the input grid
+through `monai.transforms.Invertd`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    Invertd,
+    MapTransform,
+    NormalizeIntensity,
+    Orientationd,
+    Spacingd,
+)
+
+from latentseg.data.io import ImageMeta
+
+CT_NAMES = ("ct", "computed tomography")
+
+
+def is_ct(channel_name: str) -> bool:
+    return channel_name.strip().lower() in CT_NAMES or channel_name.strip().lower().startswith("ct ")
+
+
+class NormalizeChannelsd(MapTransform):
+    """Per channel: CT -> clip to [lo, hi], then (x - mean) / std with dataset statistics;
+    anything else -> z-score over the image (MONAI's NormalizeIntensity).
+
+    MONAI normalizes all channels one way; mixed CT + MR inputs need both, hence this transform.
+    """
+
+    def __init__(self, keys, ct_channels: Mapping[int, Mapping[str, float]]):
+        super().__init__(keys)
+        self.ct_channels = {int(k): v for k, v in ct_channels.items()}
+        self.zscore = NormalizeIntensity()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            channels = []
+            for c in range(image.shape[0]):
+                stats = self.ct_channels.get(c)
+                if stats is None:
+                    channels.append(self.zscore(image[c]))
+                else:
+                    channels.append((image[c].clamp(stats["lo"], stats["hi"]) - stats["mean"]) / stats["std"])
+            d[key] = torch.stack(channels).to(torch.float32)
+        return d
+
+
+@dataclass
+class Preprocessing:
+    """What is done to every image before the network sees it; saved in `fingerprint.json`."""
+
+    spatial_dims: int
+    spacing: list[float] | None = None  # target spacing; None keeps the input's grid
+    orientation: str | None = "RAS"  # applies to 3D inputs only
+    crop_foreground: bool = True
+    ct_channels: dict[str, dict[str, float]] = field(default_factory=dict)  # channel -> lo, hi, mean, std
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Preprocessing:
+        return cls(**raw)
+
+    def transform(self, keys: tuple[str, ...] = ("image",)) -> Compose:
+        """The chain for `keys`; "image" comes first, a "label" is resampled nearest-neighbour."""
+        keys = list(keys)
+        steps: list = []
+        if self.orientation and self.spatial_dims == 3:
+            steps.append(Orientationd(keys, axcodes=self.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+        if self.spacing:
+            modes = ["nearest" if k == "label" else "bilinear" for k in keys]
+            steps.append(Spacingd(keys, pixdim=self.spacing, mode=modes))
+        if self.crop_foreground:
+            steps.append(CropForegroundd(keys, source_key="image", allow_smaller=True))
+        steps.append(NormalizeChannelsd("image", {int(k): v for k, v in self.ct_channels.items()}))
+        return Compose(steps)
+
+
+def to_meta_tensor(array: np.ndarray, meta: ImageMeta) -> MetaTensor:
+    """A channel-first array carrying the file's affine (identity for 2D images)."""
+    affine = meta.affine if meta.affine is not None else np.eye(meta.spatial_dims + 1)
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=torch.as_tensor(affine))
+
+
+def ct_statistics(images: list[np.ndarray], labels: list[np.ndarray], channel: int) -> dict[str, float]:
+    """nnU-Net's CT normalisation statistics: foreground voxels of all training cases."""
+    values = np.concatenate([img[channel][lab[0] > 0] for img, lab in zip(images, labels, strict=True)])
+    if values.size == 0:
+        values = np.concatenate([img[channel].ravel() for img in images])
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    clipped = np.clip(values, lo, hi)
+    return {"lo": float(lo), "hi": float(hi), "mean": float(clipped.mean()), "std": float(clipped.std() + 1e-8)}
+
+
+def preprocess_sample(sample: dict[str, Any], prep: Preprocessing) -> dict[str, np.ndarray]:
+    """A training sample's image and label, mapped into the network's space."""
+    meta = sample["meta"]
+    data = {"image": to_meta_tensor(sample["image"], meta), "label": to_meta_tensor(sample["label"], meta)}
+    out = prep.transform(("image", "label"))(data)
+    return {
+        "image": out["image"].numpy().astype(np.float32),
+        "label": np.rint(out["label"].numpy()).astype(np.int64),
+    }
+
+
+def prepare_image(image: np.ndarray, meta: ImageMeta, prep: Preprocessing) -> tuple[MetaTensor, Compose]:
+    """The network's input for one image, and the transform that produced it (for `restore`)."""
+    transform = prep.transform(("image",))
+    return transform({"image": to_meta_tensor(image, meta)})["image"], transform
+
+
+def restore(outputs: dict[str, torch.Tensor], reference: MetaTensor, transform: Compose) -> dict[str, np.ndarray]:
+    """Map (C, *S) outputs computed on `reference`'s grid back onto the original image grid."""
+    data: dict[str, Any] = {"image": reference}
+    for key, value in outputs.items():
+        data[key] = MetaTensor(value, meta=reference.meta, applied_operations=list(reference.applied_operations))
+    inverted = Invertd(list(outputs), transform=transform, orig_keys="image")(data)
+    return {key: inverted[key].detach().cpu().numpy() for key in outputs}
