@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentseg.config import Config
-from latentseg.errors import LatentSegError
+from latentseg.errors import LatentSegError, one_line
 from latentseg.models import LatentSegmenter
 
 CONFIG_FILE = "config.json"
@@ -67,7 +67,7 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> tup
         fingerprint = json.loads((model_dir / FINGERPRINT_FILE).read_text())
         state = load_file(str(model_dir / MODEL_FILE))
     except Exception as err:
-        raise LatentSegError(f"{model_dir}: cannot read the model files ({err})") from err
+        raise LatentSegError(f"{model_dir}: cannot read the model files ({one_line(err)})") from err
     try:
         model = LatentSegmenter(config.model)
         model.load_state_dict(state)

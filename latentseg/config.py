@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from latentseg.errors import LatentSegError
+from latentseg.errors import LatentSegError, one_line
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Config:
         try:
             raw = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise LatentSegError(f"{path}: cannot read the config: {err}") from err
+            raise LatentSegError(f"{path}: cannot read the config: {one_line(err)}") from err
         return cls.from_dict(raw, str(path))
 
 
@@ -178,7 +178,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
-            raise LatentSegError(f"{path}: cannot read the config file: {err}") from err
+            raise LatentSegError(f"{path}: cannot read the config file: {one_line(err)}") from err
         if not isinstance(raw, dict):
             raise LatentSegError(f"{path}: a config file must be a mapping of sections")
         config = Config.from_dict(raw, str(path))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from latentseg.data.io import ImageMeta, is_image_file, read_image, read_label, split_suffix
-from latentseg.errors import LatentSegError
+from latentseg.errors import LatentSegError, one_line
 
 TEXT_TABLES = ("text.csv", "text_annotations.csv")
 
@@ -55,7 +55,7 @@ def read_text_table(path: Path) -> dict[str, str]:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, csv.Error, UnicodeDecodeError) as err:
-        raise LatentSegError(f"{path}: cannot read the text table ({err})") from err
+        raise LatentSegError(f"{path}: cannot read the text table ({one_line(err)})") from err
     if not rows or "text" not in rows[0] or not ({"filename", "case"} & set(rows[0])):
         raise LatentSegError(f"{path}: a text table needs a header with 'filename' (or 'case') and 'text'")
     table: dict[str, str] = {}
@@ -79,7 +79,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise LatentSegError(f"{path}: cannot read dataset.json ({err})") from err
+        raise LatentSegError(f"{path}: cannot read dataset.json ({one_line(err)})") from err
     if not isinstance(data, dict):
         raise LatentSegError(f"{path}: dataset.json must hold a JSON object")
     return data

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from latentseg.errors import LatentSegError
+from latentseg.errors import LatentSegError, one_line
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -68,7 +68,7 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, ImageMeta]:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for truncated or corrupt files
-        raise LatentSegError(f"{path}: cannot read this NIfTI file ({type(err).__name__}: {err})") from err
+        raise LatentSegError(f"{path}: cannot read this NIfTI file ({type(err).__name__}: {one_line(err)})") from err
     spatial = data.shape[:3] if data.ndim >= 3 else data.shape
     spacing = tuple(float(z) for z in img.header.get_zooms()[: len(spatial)])
     return data, ImageMeta(path, "nifti", tuple(spatial), spacing, img.affine.copy(), img.header.copy())
@@ -82,7 +82,7 @@ def _load_2d(path: Path) -> tuple[np.ndarray, ImageMeta]:
                 img = img.convert("RGB")
             data = np.asarray(img)
     except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise LatentSegError(f"{path}: cannot read this image ({err})") from err
+        raise LatentSegError(f"{path}: cannot read this image ({one_line(err)})") from err
     return data, ImageMeta(path, "image2d", tuple(data.shape[:2]), (1.0, 1.0))
 
 

@@ -30,14 +30,15 @@ def plan_patch(requested: Sequence[int], shapes: Sequence[Sequence[int]], dims: 
 
 def plan_strides(patch: Sequence[int], spacing: Sequence[float], num_downsamplings: int) -> list[list[int]]:
     """One per-axis stride list per stage. An axis is halved while it keeps >= MIN_FEATURE voxels
-    and its spacing is at most twice the finest current spacing."""
+    and its spacing is at most twice the finest spacing among the axes that can still be halved."""
     sizes, spacing = [float(p) for p in patch], [float(s) for s in spacing]
     strides = []
     for _ in range(num_downsamplings):
-        finest = min(spacing)
-        stage = [2 if sizes[i] / 2 >= MIN_FEATURE and spacing[i] <= 2 * finest else 1 for i in range(len(sizes))]
-        if stage == [1] * len(sizes):
+        can_halve = [size / 2 >= MIN_FEATURE for size in sizes]
+        if not any(can_halve):
             break
+        finest = min(sp for sp, ok in zip(spacing, can_halve, strict=True) if ok)
+        stage = [2 if ok and sp <= 2 * finest else 1 for sp, ok in zip(spacing, can_halve, strict=True)]
         strides.append(stage)
         sizes = [s / f for s, f in zip(sizes, stage, strict=True)]
         spacing = [s * f for s, f in zip(spacing, stage, strict=True)]

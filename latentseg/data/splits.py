@@ -19,7 +19,7 @@ import random
 import re
 from pathlib import Path
 
-from latentseg.errors import LatentSegError
+from latentseg.errors import LatentSegError, one_line
 
 TIMEPOINT = re.compile(r"^(.+?)[_-](?:frame|phase|time|tp|t|ed|es|visit|scan)\d*$", re.IGNORECASE)
 
@@ -64,7 +64,7 @@ def _read_csv_split(path: Path) -> dict[str, str]:
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
     except OSError as err:
-        raise LatentSegError(f"{path}: cannot read the split file ({err})") from err
+        raise LatentSegError(f"{path}: cannot read the split file ({one_line(err)})") from err
     if not rows or not {"case", "split"} <= set(rows[0]):
         raise LatentSegError(f"{path}: a split file needs the columns case,split")
     bad = sorted({r["split"] for r in rows} - {"train", "val", "test"})
