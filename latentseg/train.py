@@ -36,16 +36,14 @@ from latentseg.progress import progress_bar
 log = logging.getLogger("latentseg.train")
 
 
-def lr_lambda(config: Config):
-    warmup, total, floor = config.train.warmup_steps, config.train.steps, config.train.min_lr_ratio
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
+def learning_rate(config: Config, step: int, progress: float) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` as `progress`
+    (the larger of the step and time fractions of the run) goes from 0 to 1."""
+    t = config.train
+    if step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    floor = t.min_lr_ratio
+    return t.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def batches(samples: list[dict[str, Any]], config: Config, total: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -65,7 +63,7 @@ def batches(samples: list[dict[str, Any]], config: Config, total: int, seed: int
     yield from loader
 
 
-def train_step(model, optimizer, scheduler, batch, config: Config, device) -> dict[str, float]:
+def train_step(model, optimizer, batch, config: Config, device) -> dict[str, float]:
     model.train()
     image, label = batch["image"].to(device), batch["label"].to(device)
     losses = model.training_losses(image, label, config.train.gamma_dice, config.train.lambda_noise)
@@ -73,7 +71,6 @@ def train_step(model, optimizer, scheduler, batch, config: Config, device) -> di
     losses.total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    scheduler.step()
     return {"loss": losses.total.item(), "seg": losses.segmentation.item(), "diff": losses.diffusion.item()}
 
 
@@ -109,15 +106,14 @@ def train(
     device = resolve_device(config.train.device)
     model = LatentSegmenter(config.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    history: dict[str, list] = {"step": [], "loss": [], "seg": [], "diff": [], "val_step": [], "val_dice": []}
-    start = 0
+    history: dict[str, Any] = {"step": [], "loss": [], "seg": [], "diff": [], "val_step": [], "val_dice": []}
+    start, elapsed_before = 0, 0.0
     if resume:
         state = load_train_state(out_dir)
         model.load_state_dict(load_file(str(out_dir / MODEL_FILE)))
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         start, history = state["step"], state["history"]
+        elapsed_before = history.get("train_seconds", 0.0)
         torch.set_rng_state(state["torch_rng"])
     fp = data.fingerprint
     log.info("config: %s", json.dumps(config.to_dict()))
@@ -129,37 +125,47 @@ def train(
         device,
         sum(p.numel() for p in model.parameters()) / 1e6,
     )
+    t0 = time.time()
+    budget = config.train.max_minutes * 60
+
+    def elapsed() -> float:
+        return elapsed_before + time.time() - t0
 
     def checkpoint(step: int) -> None:
+        history["train_seconds"] = elapsed()
         state = {
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "step": step,
             "history": history,
             "torch_rng": torch.get_rng_state(),
         }
         save_checkpoint(out_dir, model, config, fp, state)
 
-    t0 = time.time()
-    bar = progress_bar(total=config.train.steps, initial=start, desc="train", unit="step", disable=not progress)
-    stream = batches(train_set, config, config.train.steps - start, config.train.seed + start)
-    for step in range(start + 1, config.train.steps + 1):
-        stats = train_step(model, optimizer, scheduler, next(stream), config, device)
+    total = config.train.steps
+    bar = progress_bar(total=total, initial=start, desc="train", unit="step", disable=not progress)
+    stream = batches(train_set, config, total - start, config.train.seed + start)
+    step = start
+    while step < total and not (budget and elapsed() >= budget):
+        step += 1
+        progress_now = max(step / total, elapsed() / budget if budget else 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step, progress_now)
+        stats = train_step(model, optimizer, next(stream), config, device)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", seg=f"{stats['seg']:.3f}", diff=f"{stats['diff']:.3f}")
-        if step % config.train.log_every == 0 or step == config.train.steps:
+        last = step == total or bool(budget and elapsed() >= budget)
+        if step % config.train.log_every == 0 or last:
             history["step"].append(step)
             for key in ("loss", "seg", "diff"):
                 history[key].append(round(stats[key], 5))
-        if val_set and config.train.val_every and (step % config.train.val_every == 0 or step == config.train.steps):
+        if val_set and config.train.val_every and (step % config.train.val_every == 0 or last):
             dice = validate(model, val_set, config)
             history["val_step"].append(step)
             history["val_dice"].append(round(dice, 4))
             bar.write(f"step {step}: validation Dice {dice:.4f} (DDIM-{config.sample.steps}, {len(val_set)} cases)")
-        if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+        if step % config.train.checkpoint_every == 0 and not last:
             checkpoint(step)
     bar.close()
-    history["train_seconds"] = history.get("train_seconds", 0.0) + time.time() - t0
-    checkpoint(config.train.steps)
+    checkpoint(step)
     (out_dir / "training_log.json").write_text(json.dumps(history, indent=1))
     return out_dir

@@ -118,3 +118,17 @@ def test_console_script_prints_one_line_and_exits_nonzero(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"latentseg: error: {tmp_path / 'none'}: model directory not found"]
     assert not (tmp_path / "out").exists()
+
+
+def test_time_budget_stops_training_early(data2d, tmp_path):
+    from tests.conftest import TINY_2D
+
+    out = tmp_path / "m"
+    settings = [s for s in TINY_2D if not s.startswith("train.steps")] + [
+        "train.steps=100000",
+        "train.max_minutes=0.01",
+    ]
+    assert main(["train", "--data", str(data2d["train"]), "--out", str(out), *settings]) == 0
+    log = json.loads((out / "training_log.json").read_text())
+    assert 0 < log["step"][-1] < 100000
+    assert 0.6 <= log["train_seconds"] < 30
