@@ -30,6 +30,7 @@ class ModelConfig:
     image_encoder_channels: list = field(default_factory=lambda: [16, 32, 64, 128, 128])
     label_encoder_channels: list = field(default_factory=lambda: [8, 16, 32, 64, 64])
     decoder_channels: list = field(default_factory=lambda: [16, 32, 64, 128, 128])
+    decoder_skips: bool = False  # feed the image encoder's features to the label decoder (thin structures)
     attention_stages: int = 2  # image encoder stages ending in self-attention
     num_heads: int = 4
     denoiser_channels: list = field(default_factory=lambda: [64, 128])

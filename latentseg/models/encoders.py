@@ -67,10 +67,16 @@ class Encoder(nn.Module):
         self.out = conv_nd(spatial_dims, channels[-1], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[0]
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The latent and the features at every finer resolution, finest first."""
         h = self.stem(x)
+        features = []
         for stage in self.stages:
+            features.append(h)
             h = stage(h)
-        return self.out(F.silu(self.out_norm(h)))
+        return self.out(F.silu(self.out_norm(h))), features
 
 
 class ImageEncoder(Encoder):
@@ -93,6 +99,9 @@ class LabelEncoder(Encoder):
 class LabelDecoder(nn.Module):
     """z -> class logits at full resolution (003 Eq. 13): a ResUNet decoder without skips.
 
+    With `skip_channels` it also takes the image encoder's features at each finer resolution
+    (skips from the image side only; the label latent still carries the shape). This is the
+    remedy NOTES.md proposes for thin structures that a 1/16 latent cannot hold.
     Returns logits; the softmax of 003 section IV-B is applied by the loss and by sampling.
     """
 
@@ -103,25 +112,34 @@ class LabelDecoder(nn.Module):
         num_classes: int,
         channels: Sequence[int],
         strides: Sequence[Stride],
+        skip_channels: Sequence[int] | None = None,
     ):
         super().__init__()
         _check_widths(channels, strides)
         self.inp = conv_nd(spatial_dims, latent_channels, channels[-1], 3, padding=1)
-        stages = []
-        for i in reversed(range(len(strides))):
-            stages.append(
-                nn.Sequential(
-                    ResBlock(spatial_dims, channels[i + 1], channels[i + 1]),
-                    Upsample(spatial_dims, channels[i + 1], channels[i], strides[i]),
-                )
+        levels = list(reversed(range(len(strides))))  # coarse to fine
+        self.stages = nn.ModuleList(
+            nn.Sequential(
+                ResBlock(spatial_dims, channels[i + 1], channels[i + 1]),
+                Upsample(spatial_dims, channels[i + 1], channels[i], strides[i]),
             )
-        self.stages = nn.ModuleList(stages)
+            for i in levels
+        )
+        self.fuse = None
+        if skip_channels is not None:
+            self.fuse = nn.ModuleList(
+                ResBlock(spatial_dims, channels[i] + skip_channels[i], channels[i]) for i in levels
+            )
         self.final = ResBlock(spatial_dims, channels[0], channels[0])
         self.out_norm = norm(channels[0])
         self.out = conv_nd(spatial_dims, channels[0], num_classes, 1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, skips: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        if (self.fuse is None) != (skips is None):
+            raise ValueError("image features are needed exactly when the decoder was built with skip_channels")
         h = self.inp(z)
-        for stage in self.stages:
+        for j, stage in enumerate(self.stages):
             h = stage(h)
+            if self.fuse is not None:
+                h = self.fuse[j](torch.cat([h, skips[len(self.stages) - 1 - j]], dim=1))
         return self.out(F.silu(self.out_norm(self.final(h))))

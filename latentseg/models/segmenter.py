@@ -29,6 +29,15 @@ class Losses(NamedTuple):
     diffusion: torch.Tensor  # ||target - f_denoiser||^2, 003 Eq. 17
 
 
+def repeat_samples(cond: dict, num_samples: int) -> dict:
+    """Every conditioning tensor (or list of tensors) repeated for N samples: (B, ...) -> (N*B, ...)."""
+
+    def rep(v: torch.Tensor) -> torch.Tensor:
+        return v.repeat(num_samples, *([1] * (v.ndim - 1)))
+
+    return {k: [rep(x) for x in v] if isinstance(v, list) else rep(v) for k, v in cond.items()}
+
+
 def check_model_config(config: ModelConfig) -> None:
     if config.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {config.prediction_type!r}")
@@ -74,12 +83,23 @@ class LatentSegmenter(nn.Module):
             c.denoiser_strides or None,
             num_heads=c.num_heads,
         )
-        self.label_decoder = LabelDecoder(c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides)
+        skips = c.image_encoder_channels[:-1] if c.decoder_skips else None
+        self.label_decoder = LabelDecoder(
+            c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides, skips
+        )
         self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=1.0)
 
-    def conditioning(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Everything the denoiser is conditioned on, in one dict (003 Eq. 9: z_image)."""
-        return {"z_image": self.image_encoder(image)}
+    def conditioning(self, image: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Everything the networks are conditioned on, in one dict: z_image (003 Eq. 9) for the
+        denoiser and, with `decoder_skips`, the image features for the decoder."""
+        if not self.config.decoder_skips:
+            return {"z_image": self.image_encoder(image)}
+        z_image, features = self.image_encoder.forward_features(image)
+        return {"z_image": z_image, "image_features": features}
+
+    def decode(self, z: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Class logits of a clean latent (003 Eq. 13)."""
+        return self.label_decoder(z, cond.get("image_features"))
 
     def encode_label(self, label: torch.Tensor) -> torch.Tensor:
         """(B, 1, *S) integer labels -> standardized z_label (003 Eq. 10)."""
@@ -107,7 +127,7 @@ class LatentSegmenter(nn.Module):
         noise = randn(z0.shape, generator, z0)  # line 6
         z_t = self.schedule.q_sample(z0, t, noise)  # line 7, Eq. 11
         out = self.denoiser(z_t, t, cond)
-        logits = self.label_decoder(self.estimate_x0(out, z_t, t))  # lines 8-9, Eq. 12-13
+        logits = self.decode(self.estimate_x0(out, z_t, t), cond)  # lines 8-9, Eq. 12-13
         self.seg_loss.lambda_dice = gamma
         seg = self.seg_loss(logits, label)  # Eq. 14-16
         diff = F.mse_loss(out, self.schedule.target(self.config.prediction_type, z0, t, noise))  # Eq. 17
@@ -134,7 +154,7 @@ class LatentSegmenter(nn.Module):
             raise ValueError(f"steps must be >= 1, got {steps}")
         cond = self.conditioning(image)
         batch = image.shape[0]
-        cond = {k: v.repeat(num_samples, *([1] * (v.ndim - 1))) for k, v in cond.items()}  # (N*B, ...)
+        cond = repeat_samples(cond, num_samples)  # (N*B, ...)
         latent_shape = (num_samples * batch, self.config.latent_channels, *cond["z_image"].shape[2:])
         z_T = randn(latent_shape, generator, image)  # line 1
         sampler = make_sampler(self.schedule, self.config.prediction_type, steps, eta)
@@ -146,5 +166,5 @@ class LatentSegmenter(nn.Module):
             post_step=standardize if self.config.restandardize else None,
             final_x0=self.estimate_x0 if self.config.x0_estimate == "paper" else None,
         )
-        probs = torch.softmax(self.label_decoder(z0), dim=1)  # line 7
+        probs = torch.softmax(self.decode(z0, cond), dim=1)  # line 7
         return probs.reshape(num_samples, batch, *probs.shape[1:])

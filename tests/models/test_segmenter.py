@@ -108,3 +108,26 @@ def test_invalid_model_settings_are_rejected():
         tiny_model(prediction_type="score")
     with pytest.raises(ValueError, match="steps"):
         tiny_model().sample(torch.randn(1, 1, 32, 32), steps=0)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_decoder_with_image_skips(dims):
+    model = tiny_model(
+        dims,
+        decoder_skips=True,
+        strides=[2, 2, 2],
+        image_encoder_channels=[4, 8, 8, 16],
+        decoder_channels=[4, 8, 8, 16],
+        label_encoder_channels=[4, 4, 8, 8],
+        attention_stages=1,
+    )
+    image = torch.randn(2, 1, *(16,) * dims)
+    label = torch.randint(0, 3, (2, 1, *(16,) * dims))
+    losses = model.training_losses(image, label)
+    losses.total.backward()
+    assert model.label_decoder.fuse[0].conv1.weight.grad.abs().sum() > 0
+    assert model.image_encoder.stem.weight.grad.abs().sum() > 0
+    probs = model.eval().sample(image, num_samples=3, steps=2)
+    assert probs.shape == (3, 2, 3, *(16,) * dims)
+    with pytest.raises(ValueError, match="image features"):
+        model.label_decoder(torch.randn(1, 4, *(2,) * dims))
