@@ -42,8 +42,22 @@ def make_model(out: Path, patch: list[int]) -> None:
 
 
 def peak_rss_mb(model: Path, volume: Path, out: Path, samples: int) -> float:
-    cmd = [sys.executable, "-c", PEAK, "predict", "--model", str(model), "--input", str(volume),
-           "--output", str(out), "--samples", str(samples), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-c",
+        PEAK,
+        "predict",
+        "--model",
+        str(model),
+        "--input",
+        str(volume),
+        "--output",
+        str(out),
+        "--samples",
+        str(samples),
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     kb = next(int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("PEAK_KB"))
     return kb / 1024

@@ -16,9 +16,12 @@ from latentseg.config import Config
 from latentseg.train import batches
 
 
-def make_unet(spatial_dims: int, in_channels: int, num_classes: int, channels=(16, 32, 64, 128, 256)) -> UNet:
-    """5 levels, 2 residual units per level (the NOTES.md bar)."""
-    return UNet(spatial_dims, in_channels, num_classes, channels, strides=(2,) * (len(channels) - 1), num_res_units=2)
+def make_unet(
+    spatial_dims: int, in_channels: int, num_classes: int, channels=(16, 32, 64, 128, 256), strides=None
+) -> UNet:
+    """5 levels, 2 residual units per level (the NOTES.md bar); per-axis strides for anisotropic patches."""
+    strides = strides or [2] * (len(channels) - 1)
+    return UNet(spatial_dims, in_channels, num_classes, channels[: len(strides) + 1], strides, num_res_units=2)
 
 
 def train_unet(
@@ -27,7 +30,7 @@ def train_unet(
     """AdamW 1e-3 with Dice + CE on the same augmented patches as latentseg, for `seconds` of wall time."""
     torch.manual_seed(seed)
     m = config.model
-    net = make_unet(m.spatial_dims, m.in_channels, m.num_classes)
+    net = make_unet(m.spatial_dims, m.in_channels, m.num_classes, strides=m.strides or None)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     start, steps = time.time(), 0
@@ -49,3 +52,15 @@ def predict_unet(net: UNet, image: np.ndarray, roi_size: list[int], overlap: flo
     x = torch.from_numpy(image)[None]
     logits = sliding_window_inference(x, roi_size, 1, net, overlap=overlap, mode="gaussian")
     return logits[0].argmax(0).numpy().astype(np.uint8)
+
+
+@torch.no_grad()
+def predict_unet_image(net: UNet, image: np.ndarray, meta, prep, roi_size: list[int], overlap: float = 0.5):
+    """Labels on the image's own grid, through the same preprocessing and inversion as latentseg."""
+    from latentseg.data.preprocess import prepare_image, restore
+
+    x, transform = prepare_image(image, meta, prep)
+    probs = torch.softmax(
+        sliding_window_inference(x.as_tensor()[None], roi_size, 1, net, overlap=overlap, mode="gaussian")[0], 0
+    )
+    return restore({"prob": probs}, x, transform)["prob"].argmax(0).astype(np.uint8)

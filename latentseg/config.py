@@ -27,9 +27,11 @@ class ModelConfig:
     image_latent_channels: int = 16  # channels of z_image
     num_downsamplings: int = 4  # 003 section IV-B; fewer along coarse or short axes (planned from the data)
     strides: list = field(default_factory=list)  # per stage, an int or one per axis; empty: planned by `train`
-    image_encoder_channels: list = field(default_factory=lambda: [16, 32, 64, 128, 128])
-    label_encoder_channels: list = field(default_factory=lambda: [8, 16, 32, 64, 64])
-    decoder_channels: list = field(default_factory=lambda: [16, 32, 64, 128, 128])
+    # widths per resolution, full resolution first (encoders start with a strided convolution,
+    # so their first entry is unused; the decoder's is used only with decoder_skips)
+    image_encoder_channels: list = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    label_encoder_channels: list = field(default_factory=lambda: [4, 8, 16, 32, 64])
+    decoder_channels: list = field(default_factory=lambda: [8, 16, 32, 64, 128])
     decoder_skips: bool = False  # feed the image encoder's features to the label decoder (thin structures)
     attention_stages: int = 2  # image encoder stages ending in self-attention
     num_heads: int = 4

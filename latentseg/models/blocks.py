@@ -19,6 +19,13 @@ def conv_nd(spatial_dims: int, *args, **kwargs) -> nn.Module:
     return (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(*args, **kwargs)
 
 
+def transposed_conv_nd(spatial_dims: int, in_channels: int, out_channels: int, stride: Stride) -> nn.Module:
+    """A transposed convolution whose kernel equals its stride: each voxel becomes a block, no overlap."""
+    stride = as_tuple(stride, spatial_dims)
+    cls = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
+    return cls(in_channels, out_channels, kernel_size=stride, stride=stride)
+
+
 def norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 8 groups that divide `channels`."""
     groups = math.gcd(channels, 8)

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentseg.models.blocks import Downsample, ResBlock, SelfAttention, Stride, Upsample, conv_nd, norm
+from latentseg.models.blocks import (
+    Downsample,
+    ResBlock,
+    SelfAttention,
+    Stride,
+    conv_nd,
+    norm,
+    transposed_conv_nd,
+)
 
 
 def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -32,10 +40,14 @@ def _check_widths(channels: Sequence[int], strides: Sequence[Stride]) -> None:
 
 
 class Encoder(nn.Module):
-    """Stem, then one (downsample, residual block[, self-attention]) stage per stride.
+    """One (strided convolution, residual block[, self-attention]) stage per stride.
+
+    The first stage downsamples the input directly, as MONAI's UNet does: no convolution runs at
+    full resolution, where 3D volumes make it the most expensive layer of the network.
 
     Args:
-        channels: feature widths, one for the input resolution and one per stage.
+        channels: feature widths, one per resolution; channels[0] (full resolution) is the
+            decoder's, the encoder's first stage reads the input channels.
         strides: the downsampling factor of each stage (an int or one per axis).
         attention_stages: how many of the last stages end in multi-head self-attention.
     """
@@ -52,11 +64,11 @@ class Encoder(nn.Module):
     ):
         super().__init__()
         _check_widths(channels, strides)
-        self.stem = conv_nd(spatial_dims, in_channels, channels[0], 3, padding=1)
+        widths = [in_channels, *channels[1:]]
         stages = []
         for i, stride in enumerate(strides):
             layers: list[nn.Module] = [
-                Downsample(spatial_dims, channels[i], channels[i + 1], stride),
+                Downsample(spatial_dims, widths[i], widths[i + 1], stride),
                 ResBlock(spatial_dims, channels[i + 1], channels[i + 1]),
             ]
             if i >= len(strides) - attention_stages:
@@ -70,8 +82,9 @@ class Encoder(nn.Module):
         return self.forward_features(x)[0]
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The latent and the features at every finer resolution, finest first."""
-        h = self.stem(x)
+        """The latent and the features at every finer resolution, finest first (the input itself
+        at full resolution)."""
+        h = x
         features = []
         for stage in self.stages:
             features.append(h)
@@ -99,9 +112,14 @@ class LabelEncoder(Encoder):
 class LabelDecoder(nn.Module):
     """z -> class logits at full resolution (003 Eq. 13): a ResUNet decoder without skips.
 
-    With `skip_channels` it also takes the image encoder's features at each finer resolution
-    (skips from the image side only; the label latent still carries the shape). This is the
-    remedy NOTES.md proposes for thin structures that a 1/16 latent cannot hold.
+    Each level is a residual block and a transposed convolution whose kernel equals its stride;
+    the last one maps straight to class logits, as MONAI's UNet does. Convolutions at full
+    resolution would dominate the cost in 3D, and the decoder runs once per sample.
+
+    With `skip_channels` it also takes the image encoder's features at every finer resolution,
+    the input image at full resolution included (skips from the image side only; the label
+    latent still carries the shape), the remedy NOTES.md proposes for structures a 1/16 latent
+    cannot hold; channels[0] is then the width at full resolution.
     Returns logits; the softmax of 003 section IV-B is applied by the loss and by sampling.
     """
 
@@ -117,22 +135,26 @@ class LabelDecoder(nn.Module):
         super().__init__()
         _check_widths(channels, strides)
         self.inp = conv_nd(spatial_dims, latent_channels, channels[-1], 3, padding=1)
-        levels = list(reversed(range(len(strides))))  # coarse to fine
+        coarse_to_fine = list(reversed(range(1, len(strides))))
         self.stages = nn.ModuleList(
             nn.Sequential(
                 ResBlock(spatial_dims, channels[i + 1], channels[i + 1]),
-                Upsample(spatial_dims, channels[i + 1], channels[i], strides[i]),
+                transposed_conv_nd(spatial_dims, channels[i + 1], channels[i], strides[i]),
             )
-            for i in levels
+            for i in coarse_to_fine
         )
+        self.last = ResBlock(spatial_dims, channels[1], channels[1])
+        self.last_norm = norm(channels[1])
         self.fuse = None
-        if skip_channels is not None:
+        if skip_channels is None:
+            self.to_logits = transposed_conv_nd(spatial_dims, channels[1], num_classes, strides[0])
+        else:
             self.fuse = nn.ModuleList(
-                ResBlock(spatial_dims, channels[i] + skip_channels[i], channels[i]) for i in levels
+                conv_nd(spatial_dims, channels[i] + skip_channels[i], channels[i], 3, padding=1) for i in coarse_to_fine
             )
-        self.final = ResBlock(spatial_dims, channels[0], channels[0])
-        self.out_norm = norm(channels[0])
-        self.out = conv_nd(spatial_dims, channels[0], num_classes, 1)
+            self.to_full = transposed_conv_nd(spatial_dims, channels[1], channels[0], strides[0])
+            self.fuse_full = conv_nd(spatial_dims, channels[0] + skip_channels[0], channels[0], 3, padding=1)
+            self.to_logits = conv_nd(spatial_dims, channels[0], num_classes, 1)
 
     def forward(self, z: torch.Tensor, skips: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         if (self.fuse is None) != (skips is None):
@@ -140,6 +162,11 @@ class LabelDecoder(nn.Module):
         h = self.inp(z)
         for j, stage in enumerate(self.stages):
             h = stage(h)
-            if self.fuse is not None:
-                h = self.fuse[j](torch.cat([h, skips[len(self.stages) - 1 - j]], dim=1))
-        return self.out(F.silu(self.out_norm(self.final(h))))
+            if self.fuse is not None:  # skips are finest first; the stages run coarse to fine
+                h = h + self.fuse[j](torch.cat([h, skips[len(self.stages) - j]], dim=1))
+        h = F.silu(self.last_norm(self.last(h)))
+        if self.fuse is None:
+            return self.to_logits(h)
+        h = self.to_full(h)
+        h = h + self.fuse_full(torch.cat([h, skips[0]], dim=1))
+        return self.to_logits(F.silu(h))

@@ -83,7 +83,7 @@ class LatentSegmenter(nn.Module):
             c.denoiser_strides or None,
             num_heads=c.num_heads,
         )
-        skips = c.image_encoder_channels[:-1] if c.decoder_skips else None
+        skips = [c.in_channels, *c.image_encoder_channels[1:-1]] if c.decoder_skips else None
         self.label_decoder = LabelDecoder(
             c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides, skips
         )

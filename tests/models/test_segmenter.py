@@ -125,8 +125,8 @@ def test_decoder_with_image_skips(dims):
     label = torch.randint(0, 3, (2, 1, *(16,) * dims))
     losses = model.training_losses(image, label)
     losses.total.backward()
-    assert model.label_decoder.fuse[0].conv1.weight.grad.abs().sum() > 0
-    assert model.image_encoder.stem.weight.grad.abs().sum() > 0
+    assert model.label_decoder.fuse_full.weight.grad.abs().sum() > 0
+    assert model.image_encoder.stages[0][0].conv.weight.grad.abs().sum() > 0
     probs = model.eval().sample(image, num_samples=3, steps=2)
     assert probs.shape == (3, 2, 3, *(16,) * dims)
     with pytest.raises(ValueError, match="image features"):
