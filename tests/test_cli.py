@@ -132,3 +132,24 @@ def test_time_budget_stops_training_early(data2d, tmp_path):
     log = json.loads((out / "training_log.json").read_text())
     assert 0 < log["step"][-1] < 100000
     assert 0.6 <= log["train_seconds"] < 30
+
+
+def test_batches_draw_every_dataset_equally_often():
+    from collections import Counter
+
+    from latentseg.config import load_config
+    from latentseg.train import batches
+
+    config = load_config(None, ["data.patch_size=[8,8]", "train.batch_size=4", "data.rotation_degrees=0"])
+    samples = [
+        {
+            "image": np.full((1, 8, 8), float(d == "big"), np.float32),
+            "label": np.ones((1, 8, 8), np.int64),
+            "dataset": d,
+        }
+        for d in ["small"] * 2 + ["big"] * 8
+    ]
+    drawn = Counter()
+    for batch in batches(samples, config, total=250, seed=0):
+        drawn.update("big" if v > 0.5 else "small" for v in batch["image"].mean(dim=(1, 2, 3)).tolist())
+    assert abs(drawn["big"] / sum(drawn.values()) - 0.5) < 0.05

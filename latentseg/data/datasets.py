@@ -167,14 +167,14 @@ def discover_dataset(root: str | Path) -> DatasetSpec:
 
 
 def discover_inputs(path: str | Path) -> list[Case]:
-    """Cases to predict: one file, or a folder of files. nnU-Net channel files `CASE_XXXX`
-    are grouped into one multi-channel case."""
+    """Cases to predict: one file, a folder of files, or a dataset root (its `imagesTs/` or
+    `images/`). nnU-Net channel files `CASE_XXXX` are grouped into one multi-channel case."""
     path = Path(path)
     if path.is_file():
         return [Case(split_suffix(path)[0], [path])]
     if not path.is_dir():
         raise LatentSegError(f"{path}: input not found")
-    folder = path / "images" if (path / "images").is_dir() else path
+    folder = next((path / sub for sub in ("imagesTs", "images") if (path / sub).is_dir()), path)
     files = sorted(p for p in folder.iterdir() if is_image_file(p))
     if not files:
         raise LatentSegError(f"{folder}: no NIfTI or image files to predict")
