@@ -23,16 +23,18 @@ from statistics import median
 import numpy as np
 import torch
 
-from benchmarks.unet_baseline import make_unet, predict_unet, train_unet
+from benchmarks.unet_baseline import make_unet, predict_unet, predict_unet_image, train_unet
 from latentseg.checkpoint import load_model
 from latentseg.config import ModelConfig, load_config
+from latentseg.data.datasets import discover_dataset, load_case
 from latentseg.data.phantoms import write_phantom_dataset
-from latentseg.data.transforms import normalize_image, resolve_patch_size
+from latentseg.data.prepare import prepare_training_data
+from latentseg.data.preprocess import Preprocessing
 from latentseg.demo import DEMOS
-from latentseg.infer import predict_array
+from latentseg.infer import predict_array, predict_image, preprocessing_of
 from latentseg.metrics import label_metrics
 from latentseg.models import LatentSegmenter
-from latentseg.train import configure_from_data, load_training_data, train
+from latentseg.train import train
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "work" / "core"
@@ -57,10 +59,8 @@ def phantom_split() -> tuple[Path, Path]:
 
 
 def load_test_set(test_dir: Path) -> list[dict]:
-    _, samples = load_training_data(test_dir)
-    for s in samples:
-        s["image"] = normalize_image(s["image"])
-    return samples
+    """Raw test images and labels; each method applies its own saved preprocessing."""
+    return [load_case(case) for case in discover_dataset(test_dir).cases]
 
 
 def dice_scores(preds: list[np.ndarray], samples: list[dict], classes: int) -> dict[str, float]:
@@ -85,13 +85,14 @@ def trained_variant(name: str, train_dir: Path) -> Path:
 
 
 def sweep_steps(model_dir: Path, test: list[dict], restandardize: bool = False, steps=STEPS) -> dict[str, dict]:
-    model, config, _ = load_model(model_dir)
+    model, config, fingerprint = load_model(model_dir)
     model.config.restandardize = restandardize
+    prep = preprocessing_of(fingerprint, config)
     results = {}
     for k in steps:
         t0 = time.time()
         preds = [
-            predict_array(model, s["image"], config.data.patch_size, config.sample.num_samples, k, seed=0).label
+            predict_image(model, config, prep, s["image"], s["meta"], config.sample.num_samples, k, seed=0).label
             for s in test
         ]
         key = "ddpm1000" if k is None else f"ddim{k}"
@@ -115,13 +116,10 @@ def label_autoencoder_ceiling(model_dir: Path, test: list[dict]) -> dict[str, fl
 
 def unet_bar(train_dir: Path, test: list[dict], seconds: float) -> dict:
     config = load_config(None, DEMOS[2][3])
-    spec, samples = load_training_data(train_dir)
-    configure_from_data(config, spec, samples)
-    for s in samples:
-        s["image"] = normalize_image(s["image"])
-    config.data.patch_size = resolve_patch_size([], [s["image"].shape[1:] for s in samples], [16, 16])
-    net, info = train_unet(samples, config, seconds)
-    preds = [predict_unet(net, s["image"], config.data.patch_size) for s in test]
+    data = prepare_training_data([train_dir], config)
+    net, info = train_unet(data.train, config, seconds)
+    prep = Preprocessing.from_dict(data.fingerprint["preprocessing"])
+    preds = [predict_unet_image(net, s["image"], s["meta"], prep, config.data.patch_size) for s in test]
     return dice_scores(preds, test, config.model.num_classes) | info
 
 
