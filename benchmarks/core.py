@@ -136,8 +136,8 @@ def time_inference(dims: int, size: int, reps: int) -> dict:
     roi = [size] * dims
     runs = {
         "unet": lambda: predict_unet(unet, image, roi),
-        "latentseg_ddim2_1sample": lambda: predict_array(model, image, roi, 1, 2),
-        "latentseg_ddim2_4samples": lambda: predict_array(model, image, roi, 4, 2),
+        "latentseg_ddim2_1sample": lambda: predict_array(model, image, roi, num_samples=1, steps=2),
+        "latentseg_ddim2_4samples": lambda: predict_array(model, image, roi, num_samples=4, steps=2),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():  # warm-up

@@ -85,21 +85,9 @@ class Prediction:
     label: np.ndarray  # (*S) argmax of the mean probability
 
 
-def predict_array(
-    model: LatentSegmenter,
-    image: np.ndarray,
-    roi_size: list[int],
-    num_samples: int = 4,
-    steps: int | None = 2,
-    eta: float = 0.0,
-    overlap: float = 0.5,
-    sw_batch_size: int = 1,
-    seed: int = 0,
-) -> Prediction:
-    """Segment one already preprocessed (C, *S) array, on its own grid."""
-    mean, std = sample_volume(
-        model, torch.from_numpy(image), roi_size, num_samples, steps, eta, overlap, sw_batch_size, seed
-    )
+def predict_array(model: LatentSegmenter, image: np.ndarray, roi_size: list[int], **sampling: Any) -> Prediction:
+    """Segment one already preprocessed (C, *S) array on its own grid; `sampling` as in `sample_volume`."""
+    mean, std = sample_volume(model, torch.from_numpy(image), roi_size, **sampling)
     probabilities = mean.numpy()
     return Prediction(probabilities, std[0].numpy(), probabilities.argmax(0).astype(np.uint8))
 

@@ -81,7 +81,9 @@ def validate(model: LatentSegmenter, samples: list[dict[str, Any]], config: Conf
     metric = DiceMetric(include_background=False, ignore_empty=False)
     c = config.model.num_classes
     for s in samples:
-        pred = predict_array(model, s["image"], config.data.patch_size, 1, config.sample.steps, overlap=0.25)
+        pred = predict_array(
+            model, s["image"], config.data.patch_size, num_samples=1, steps=config.sample.steps, overlap=0.25
+        )
         onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a).long(), c).movedim(-1, 0)[None]  # noqa: E731
         metric(onehot(pred.label), onehot(s["label"][0]))
     return float(metric.aggregate().item())

@@ -1,0 +1,87 @@
+"""Markdown tables from benchmarks/results/*.json, for the README. Run: python -m benchmarks.report"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STEP_KEYS = [
+    ("ddim1", "1"),
+    ("ddim2", "2"),
+    ("ddim5", "5"),
+    ("ddim10", "10"),
+    ("ddim50", "50"),
+    ("ddpm1000", "DDPM 1000"),
+]
+
+
+def _f(v, digits=3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def core_tables(r: dict) -> str:
+    rows = [
+        "| variant | " + " | ".join(label for _, label in STEP_KEYS) + " | label AE ceiling | train s |",
+        "|---" * (len(STEP_KEYS) + 3) + "|",
+    ]
+    for name, sweep in r["dice_vs_steps"].items():
+        cells = [_f(sweep[k]["foreground"]) if k in sweep else "" for k, _ in STEP_KEYS]
+        ceiling = r.get("label_autoencoder_ceiling", {}).get(name, {}).get("foreground")
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {_f(ceiling)} | {r['training'][name]['seconds']:.0f} |")
+    if "restandardize_x0" in r:
+        re = r["restandardize_x0"]
+        rows.append(
+            "| x0 + re-standardize | | "
+            + " | ".join(_f(re[k]["foreground"]) if k in re else "" for k, _ in STEP_KEYS[1:])
+            + " | | |"
+        )
+    table = "\n".join(rows)
+    if "unet" in r:
+        u = r["unet"]
+        table += (
+            f"\n\nMONAI UNet trained for the same {u['train_seconds']:.0f} s ({u['steps']} steps): "
+            f"mean foreground Dice {_f(u['foreground'])}."
+        )
+    t = r["timing"]
+    timing = [
+        "| input | UNet s | latentseg DDIM-2, 1 sample | ratio | 4 samples | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in t.values():
+        s = v["seconds"]
+        timing.append(
+            f"| {'x'.join(map(str, v['input']))} | {s['unet']:.4f} | {s['latentseg_ddim2_1sample']:.4f} | "
+            f"{v['ratio_1sample_vs_unet']:.2f} | {s['latentseg_ddim2_4samples']:.4f} | "
+            f"{v['ratio_4samples_vs_unet']:.2f} |"
+        )
+    return table + "\n\n" + "\n".join(timing)
+
+
+def realdata_table(r: dict) -> str:
+    rows = [
+        "| dataset | method | minutes | steps | mean fg Dice | per-class Dice | NSD | HD95 | s/case |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, methods in r.items():
+        if name == "machine":
+            continue
+        for method, v in methods.items():
+            fg, per = v["summary"]["foreground_mean"], v["summary"]["mean"]
+            classes = " / ".join(_f(c["Dice"]) for c in per.values())
+            rows.append(
+                f"| {name} | {method} | {v['budget_minutes']:g} | {v['steps']} | {_f(fg['Dice'])} | {classes} | "
+                f"{_f(fg['NSD'])} | {_f(fg['HD95'], 1)} | {v['inference_seconds_per_case']:.2f} |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    for name, render in (("core", core_tables), ("realdata", realdata_table)):
+        path = RESULTS / f"{name}.json"
+        if path.is_file():
+            print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")
+
+
+if __name__ == "__main__":
+    main()
