@@ -76,8 +76,27 @@ def realdata_table(r: dict) -> str:
     return "\n".join(rows)
 
 
+def staged_table(r: dict) -> str:
+    rows = [
+        "| dataset | method | sampling | mean fg Dice | NSD | network calls | latents evaluated | plateau epoch | "
+        "epochs trained | s/case |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, methods in r.items():
+        if name == "machine":
+            continue
+        for method, v in methods.items():
+            for label, e in v["evaluations"].items():
+                rows.append(
+                    f"| {name} | {method} | {label} | {_f(e['dice'])} | {_f(e['nsd'])} | {e['network_calls']} | "
+                    f"{e['latent_evaluations']} | {_f(v['plateau_epoch'], 1)} | {v['epochs']:.1f} | "
+                    f"{e['seconds_per_case']:.2f} |"
+                )
+    return "\n".join(rows)
+
+
 def main() -> None:
-    for name, render in (("core", core_tables), ("realdata", realdata_table)):
+    for name, render in (("core", core_tables), ("realdata", realdata_table), ("staged", staged_table)):
         path = RESULTS / f"{name}.json"
         if path.is_file():
             print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")

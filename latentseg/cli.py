@@ -40,7 +40,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from latentseg.infer import predict
 
-    written = predict(args.model, args.input, args.output, args.steps, args.samples, args.seed, args.device)
+    written = predict(
+        args.model,
+        args.input,
+        args.output,
+        args.steps,
+        args.samples,
+        args.seed,
+        args.device,
+        fusion=args.fusion,
+        sampler=args.sampler,
+    )
     print(f"wrote {len(written)} files to {args.output}")
 
 
@@ -104,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, help="samples per case (default: the model's, 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--fusion", choices=["mean", "vote", "staple"], help="how samples become one mask (default: the model's, mean)"
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["ddim", "staged"],
+        help="ddim (--steps K) or staged (UniSegDiff: 12 network calls; two-head models only)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="score predictions against references (summary.json)")

@@ -42,6 +42,10 @@ class ModelConfig:
     num_timesteps: int = 1000
     x0_estimate: str = "exact"  # exact: invert Eq. 11 | paper: z_t - eps_hat (003 Eq. 12 as printed)
     restandardize: bool = False  # re-standardize the latent after every sampling step
+    # UniSegDiff (004 section 2.1-2.2): 2 = one denoiser encoder with an eps head and an x0 head
+    denoiser_heads: int = 1
+    stage_high: int = 600  # t > stage_high: rapid segmentation stage (x0); staged sampling jumps 999 -> high-1
+    stage_low: int = 300  # t <= stage_low: denoising refinement stage (eps); staged sampling ends there
 
 
 @dataclass
@@ -70,6 +74,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     gamma_dice: float = 2.0  # 003 Eq. 16
     lambda_noise: float = 1.0  # 003 Eq. 18
+    timesteps: str = "uniform"  # uniform (003 Algorithm 1) | staged (004 section 2.2, with alpha:beta per stage)
+    last_stage_t: str = "zero"  # staged: t <= stage_low is set to 0 (004) | "sampled": kept as drawn
     val_every: int = 500  # steps between validations (0: never)
     val_cases: int = 8
     checkpoint_every: int = 500
@@ -82,6 +88,9 @@ class TrainConfig:
 class SampleConfig:
     steps: int = 2  # DDIM steps K (003 section V-B: 2 suffice)
     num_samples: int = 4
+    sampler: str = "ddim"  # ddim (DDPM when steps is None) | staged (004 section 2.2; needs denoiser_heads=2)
+    staged_middle_steps: int = 10  # staged: DDIM steps from stage_high-1 to stage_low-1 with each head
+    fusion: str = "mean"  # mean | vote | staple (004 section 2.4)
     eta: float = 0.0
     overlap: float = 0.5  # sliding-window overlap
     sw_batch_size: int = 1

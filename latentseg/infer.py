@@ -22,7 +22,7 @@ from latentseg.data.datasets import Case, discover_inputs, load_image
 from latentseg.data.io import ImageMeta, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
 from latentseg.errors import LatentSegError
-from latentseg.fusion import uncertainty_map
+from latentseg.fusion import FUSIONS, fuse, uncertainty_map
 from latentseg.models import LatentSegmenter
 from latentseg.overlay import save_overlay
 from latentseg.progress import progress_bar
@@ -50,21 +50,42 @@ def sample_volume(
     overlap: float = 0.5,
     sw_batch_size: int = 1,
     seed: int = 0,
+    sampler: str = "ddim",
+    middle_steps: int = 10,
+    fusion: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean class probabilities (C, *S) and uncertainty (1, *S) of one preprocessed (C_in, *S) image.
+    """Fused class probabilities (C, *S) and uncertainty (1, *S) of one preprocessed (C_in, *S) image.
 
-    All samples of a window are drawn in one batch; windows are stitched on the CPU, so memory
-    beyond the output maps is bounded by the window, not the volume.
+    All samples of a window are drawn in one batch; windows are stitched on the CPU. With `mean`
+    fusion memory beyond the output maps is bounded by the window, not the volume; `vote` and
+    `staple` fuse whole-image masks, so they keep every sample's probabilities (N x C maps).
     """
+    if fusion not in FUSIONS:
+        raise LatentSegError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if fusion != "mean" and num_samples < 2:
+        raise LatentSegError(f"--fusion {fusion} needs at least 2 samples, got --samples {num_samples}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
 
     def predictor(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = model.sample(window, num_samples, steps, eta, generator)  # (N, b, C, *roi)
-        return probs.mean(0), uncertainty_map(probs)
+        probs = model.sample(window, num_samples, steps, eta, generator, sampler, middle_steps)  # (N, b, C, *roi)
+        if fusion == "mean":
+            return probs.mean(0), uncertainty_map(probs)
+        return probs.transpose(0, 1).flatten(1, 2), uncertainty_map(probs)  # (b, N*C, *roi)
 
     x = image.as_tensor() if isinstance(image, MetaTensor) else image
-    mean, std = sliding_window_inference(
+    try:
+        mean, std = _sliding_window(x, roi_size, sw_batch_size, predictor, overlap, device)
+    except ValueError as err:  # e.g. staged sampling asked of a one-head model
+        raise LatentSegError(str(err)) from err
+    if fusion != "mean":
+        probs = mean.reshape(num_samples, model.config.num_classes, *mean.shape[2:])[:, None]
+        mean = fuse(probs, fusion).probs
+    return mean[0], std[0]
+
+
+def _sliding_window(x, roi_size, sw_batch_size, predictor, overlap, device):
+    return sliding_window_inference(
         x[None],
         roi_size,
         sw_batch_size,
@@ -75,14 +96,13 @@ def sample_volume(
         device="cpu",
         progress=False,
     )
-    return mean[0], std[0]
 
 
 @dataclass
 class Prediction:
-    probabilities: np.ndarray  # (C, *S) mean over samples
+    probabilities: np.ndarray  # (C, *S) fused over samples (mean, vote fractions or STAPLE posteriors)
     uncertainty: np.ndarray  # (*S) per-voxel standard deviation over samples
-    label: np.ndarray  # (*S) argmax of the mean probability
+    label: np.ndarray  # (*S) argmax of the fused probabilities
 
 
 def predict_array(model: LatentSegmenter, image: np.ndarray, roi_size: list[int], **sampling: Any) -> Prediction:
@@ -106,11 +126,37 @@ def predict_image(
     x, transform = prepare_image(image, meta, prep)
     s = config.sample
     mean, std = sample_volume(
-        model, x, config.data.patch_size, num_samples, steps, s.eta, s.overlap, s.sw_batch_size, seed
+        model,
+        x,
+        config.data.patch_size,
+        num_samples,
+        steps,
+        s.eta,
+        s.overlap,
+        s.sw_batch_size,
+        seed,
+        s.sampler,
+        s.staged_middle_steps,
+        s.fusion,
     )
     back = restore({"prob": mean, "std": std}, x, transform)
     probabilities = back["prob"]
     return Prediction(probabilities, back["std"][0], probabilities.argmax(0).astype(np.uint8))
+
+
+def _check_sampling(model: LatentSegmenter, config: Config, num_samples: int) -> None:
+    """Settings that would fail on every case are refused before the first one."""
+    s = config.sample
+    if s.fusion != "mean" and num_samples < 2:
+        raise LatentSegError(f"--fusion {s.fusion} needs at least 2 samples, got --samples {num_samples}")
+    if s.sampler not in ("ddim", "staged"):
+        raise LatentSegError(f"--sampler must be ddim or staged, got {s.sampler!r}")
+    if s.sampler == "staged" and model.config.denoiser_heads != 2:
+        raise LatentSegError("--sampler staged needs a model trained with model.denoiser_heads=2")
+    if s.sampler == "staged" and num_samples % 2:
+        raise LatentSegError(
+            f"--sampler staged draws equally from two heads: --samples must be even, got {num_samples}"
+        )
 
 
 def _check_output_dir(output: Path, input_path: Path, cases: list[Case]) -> None:
@@ -167,10 +213,13 @@ def predict(
     device: str = "auto",
     overlays: bool = True,
     progress: bool = True,
+    fusion: str | None = None,
+    sampler: str | None = None,
 ) -> list[Path]:
     """Segment every case under `input_path` and write, per case, `CASE` (labels), `CASE_prob`
     (mean probabilities), `CASE_std` (uncertainty) and `CASE_overlay.png`.
 
+    `fusion` (mean | vote | staple) and `sampler` (ddim | staged) default to the model's config.
     A case that fails (unreadable, NaN, wrong dimensionality, ...) is skipped and the others go
     on; the failures are raised together at the end. A case's files are staged in a temporary
     folder and moved into `output_dir` only once all of them are written.
@@ -179,11 +228,16 @@ def predict(
         raise LatentSegError(f"--steps must be >= 1, got {steps}")
     if num_samples is not None and num_samples < 1:
         raise LatentSegError(f"--samples must be >= 1, got {num_samples}")
+    if fusion is not None and fusion not in FUSIONS:
+        raise LatentSegError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     model, config, fingerprint = load_model(model_dir, resolve_device(device))
+    config.sample.fusion = fusion or config.sample.fusion
+    config.sample.sampler = sampler or config.sample.sampler
     prep = preprocessing_of(fingerprint, config)
     mask_values = fingerprint.get("mask_values") or []
     steps = steps or config.sample.steps
     num_samples = num_samples or config.sample.num_samples
+    _check_sampling(model, config, num_samples)
     input_path, output_dir = Path(input_path), Path(output_dir)
     cases = discover_inputs(input_path)
     _check_output_dir(output_dir, input_path, cases)

@@ -31,6 +31,7 @@ from latentseg.data.transforms import train_transforms
 from latentseg.errors import LatentSegError
 from latentseg.infer import predict_array, resolve_device
 from latentseg.models import LatentSegmenter
+from latentseg.models.segmenter import check_model_config
 from latentseg.progress import progress_bar
 
 log = logging.getLogger("latentseg.train")
@@ -66,7 +67,10 @@ def batches(samples: list[dict[str, Any]], config: Config, total: int, seed: int
 def train_step(model, optimizer, batch, config: Config, device) -> dict[str, float]:
     model.train()
     image, label = batch["image"].to(device), batch["label"].to(device)
-    losses = model.training_losses(image, label, config.train.gamma_dice, config.train.lambda_noise)
+    t = config.train
+    losses = model.training_losses(
+        image, label, t.gamma_dice, t.lambda_noise, timesteps=t.timesteps, last_stage_t=t.last_stage_t
+    )
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -76,17 +80,44 @@ def train_step(model, optimizer, batch, config: Config, device) -> dict[str, flo
 
 @torch.no_grad()
 def validate(model: LatentSegmenter, samples: list[dict[str, Any]], config: Config) -> float:
-    """Mean foreground Dice of one DDIM-K sample per validation case."""
+    """Mean foreground Dice of one sample per validation case (two for staged sampling, one per head)."""
     model.eval()
     metric = DiceMetric(include_background=False, ignore_empty=False)
     c = config.model.num_classes
     for s in samples:
         pred = predict_array(
-            model, s["image"], config.data.patch_size, num_samples=1, steps=config.sample.steps, overlap=0.25
+            model,
+            s["image"],
+            config.data.patch_size,
+            num_samples=2 if config.sample.sampler == "staged" else 1,
+            steps=config.sample.steps,
+            overlap=0.25,
+            sampler=config.sample.sampler,
+            middle_steps=config.sample.staged_middle_steps,
         )
         onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a).long(), c).movedim(-1, 0)[None]  # noqa: E731
         metric(onehot(pred.label), onehot(s["label"][0]))
     return float(metric.aggregate().item())
+
+
+def check_train_config(config: Config) -> None:
+    """Settings that can be refused before any data is read."""
+    t = config.train
+    problems = []
+    if t.steps < 1:
+        problems.append(f"train.steps must be >= 1, got {t.steps}")
+    if t.timesteps not in ("uniform", "staged"):
+        problems.append(f"train.timesteps must be uniform or staged, got {t.timesteps!r}")
+    if t.last_stage_t not in ("zero", "sampled"):
+        problems.append(f"train.last_stage_t must be zero or sampled, got {t.last_stage_t!r}")
+    if config.sample.sampler == "staged" and config.model.denoiser_heads != 2:
+        problems.append("sample.sampler=staged needs model.denoiser_heads=2")
+    try:
+        check_model_config(config.model)
+    except ValueError as err:
+        problems.append(f"model: {err}")
+    if problems:
+        raise LatentSegError("\n".join(problems))
 
 
 def train(
@@ -99,8 +130,7 @@ def train(
     """Train an LDSeg model on one or more dataset folders; returns the model directory."""
     data_dirs = [Path(d) for d in (data_dirs if isinstance(data_dirs, list) else [data_dirs])]
     out_dir = Path(out_dir)
-    if config.train.steps < 1:
-        raise LatentSegError(f"train.steps must be >= 1, got {config.train.steps}")
+    check_train_config(config)
     data = prepare_training_data(data_dirs, config)
     train_set, val_set = data.train, data.val[: config.train.val_cases]
 
@@ -164,7 +194,8 @@ def train(
             dice = validate(model, val_set, config)
             history["val_step"].append(step)
             history["val_dice"].append(round(dice, 4))
-            bar.write(f"step {step}: validation Dice {dice:.4f} (DDIM-{config.sample.steps}, {len(val_set)} cases)")
+            how = "staged" if config.sample.sampler == "staged" else f"DDIM-{config.sample.steps}"
+            bar.write(f"step {step}: validation Dice {dice:.4f} ({how}, {len(val_set)} cases)")
         if step % config.train.checkpoint_every == 0 and not last:
             checkpoint(step)
     bar.close()

@@ -139,3 +139,21 @@ def test_output_dir_is_input_dir(tmp_path, capsys, model2d, data2d):
     run_fails(capsys, predict_args(model2d, inputs, inputs), "the output directory is the input directory")
     run_fails(capsys, predict_args(model2d, inputs / "phantom_000.png", inputs), "refusing to overwrite inputs")
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
+
+
+def test_fusion_needs_two_samples(tmp_path, capsys, model2d, data2d):
+    args = predict_args(model2d, data2d["test"] / "images", tmp_path / "o", "--fusion", "staple", "--samples", "1")
+    run_fails(capsys, args, "--fusion staple needs at least 2 samples")
+    assert not (tmp_path / "o").exists()
+
+
+def test_staged_sampling_needs_a_two_head_model(tmp_path, capsys, model2d, data2d):
+    args = predict_args(model2d, data2d["test"] / "images", tmp_path / "o", "--sampler", "staged")
+    run_fails(capsys, args, "needs a model trained with model.denoiser_heads=2")
+    assert not (tmp_path / "o").exists()
+
+
+def test_staged_thresholds_out_of_order(tmp_path, capsys, data2d):
+    args = ["train", "--data", str(data2d["train"]), "--out", str(tmp_path / "m"), "model.stage_high=200"]
+    run_fails(capsys, args, "0 < low < high")
+    assert not (tmp_path / "m").exists()

@@ -14,6 +14,7 @@ from latentseg.checkpoint import load_model, save_checkpoint
 from latentseg.cli import main
 from latentseg.data.datasets import discover_inputs, load_image
 from latentseg.infer import predict_image, preprocessing_of
+from tests.conftest import TINY_2D
 
 
 def test_2d_train_predict_evaluate(model2d, data2d, tmp_path):
@@ -153,3 +154,31 @@ def test_batches_draw_every_dataset_equally_often():
     for batch in batches(samples, config, total=250, seed=0):
         drawn.update("big" if v > 0.5 else "small" for v in batch["image"].mean(dim=(1, 2, 3)).tolist())
     assert abs(drawn["big"] / sum(drawn.values()) - 0.5) < 0.05
+
+
+def test_staged_two_head_model_with_staple_fusion(data2d, tmp_path):
+    """UniSegDiff's path end to end: staged training, staged sampling, STAPLE over the samples."""
+    model = tmp_path / "model"
+    staged = ["model.denoiser_heads=2", "train.timesteps=staged", "sample.sampler=staged", "train.val_every=0"]
+    assert main(["train", "--data", str(data2d["train"]), "--out", str(model), *TINY_2D, *staged]) == 0
+    for fusion in ("staple", "vote", "mean"):
+        out = tmp_path / f"pred_{fusion}"
+        args = ["--samples", "4", "--fusion", fusion]
+        assert (
+            main(
+                [
+                    "predict",
+                    "--model",
+                    str(model),
+                    "--input",
+                    str(data2d["test"] / "images"),
+                    "--output",
+                    str(out),
+                    *args,
+                ]
+            )
+            == 0
+        )
+        label = np.asarray(Image.open(out / "phantom_000.png"))
+        assert label.shape == (64, 64) and label.max() <= 2
+        assert (out / "phantom_000_std.png").is_file()

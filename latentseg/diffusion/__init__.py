@@ -11,6 +11,7 @@ from latentseg.diffusion.samplers import (
     sample_loop,
 )
 from latentseg.diffusion.schedule import PREDICTION_TYPES, DiffusionSchedule, PredictionType
+from latentseg.diffusion.staged import StagedResult, Stages, middle_timesteps, staged_sample, staged_timesteps
 from latentseg.diffusion.timesteps import uniform_timesteps
 
 __all__ = [
@@ -19,11 +20,16 @@ __all__ = [
     "DiffusionSchedule",
     "PREDICTION_TYPES",
     "PredictionType",
+    "Stages",
+    "StagedResult",
     "StepOutput",
     "ddim_jump",
     "evenly_spaced_timesteps",
     "make_sampler",
     "randn",
+    "middle_timesteps",
     "sample_loop",
+    "staged_sample",
+    "staged_timesteps",
     "uniform_timesteps",
 ]

@@ -25,14 +25,40 @@ from latentseg.models.blocks import (
 )
 
 
+class DecoderHead(nn.Module):
+    """The upsampling half of the denoiser UNet, ending in `out_channels` (zero-initialised)."""
+
+    def __init__(self, spatial_dims: int, out_channels: int, channels: Sequence[int], strides: list, emb_dim: int):
+        super().__init__()
+        self.upsample = nn.ModuleList(
+            Upsample(spatial_dims, channels[i + 1], channels[i], s) for i, s in enumerate(strides)
+        )
+        self.up = nn.ModuleList(ResBlock(spatial_dims, 2 * c, c, emb_dim) for c in channels)
+        self.out_norm = norm(channels[0])
+        self.out = conv_nd(spatial_dims, channels[0], out_channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        for level in reversed(range(len(self.up))):
+            if level < len(self.upsample):
+                h = self.upsample[level](h, size=skips[level].shape[2:])
+            h = self.up[level](torch.cat([h, skips[level]], dim=1), emb)
+        return self.out(F.silu(self.out_norm(h)))
+
+
 class Denoiser(nn.Module):
     """f_denoiser(z_t, z_image, t) -> eps, x0 or v (whatever the model was trained to predict).
+
+    With `heads=2` one encoder feeds two decoders, an eps head and an x0 head (004 section 2.1);
+    `forward_heads` returns both from one encoder pass.
 
     Args:
         latent_channels: channels of the noisy label latent (k), also the output channels.
         cond_channels: channels of cond["z_image"].
         channels: width per level; one downsampling between consecutive levels.
         strides: the downsampling factor between levels (int or per axis).
+        heads: 1, or 2 for (eps, x0).
     """
 
     def __init__(
@@ -43,11 +69,14 @@ class Denoiser(nn.Module):
         channels: Sequence[int] = (64, 128),
         strides: Sequence[Stride] | None = None,
         num_heads: int = 4,
+        heads: int = 1,
     ):
         super().__init__()
         strides = list(strides) if strides is not None else [2] * (len(channels) - 1)
         if len(strides) != len(channels) - 1:
             raise ValueError(f"{len(channels)} levels need {len(channels) - 1} strides, got {strides}")
+        if heads not in (1, 2):
+            raise ValueError(f"the denoiser has 1 head or 2 (eps and x0), got {heads}")
         self.emb_channels = channels[0]
         emb_dim = 4 * channels[0]
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -60,16 +89,12 @@ class Denoiser(nn.Module):
         self.mid1 = ResBlock(spatial_dims, top, top, emb_dim)
         self.mid_attn = SelfAttention(top, num_heads)
         self.mid2 = ResBlock(spatial_dims, top, top, emb_dim)
-        self.upsample = nn.ModuleList(
-            Upsample(spatial_dims, channels[i + 1], channels[i], s) for i, s in enumerate(strides)
+        self.heads = nn.ModuleList(
+            DecoderHead(spatial_dims, latent_channels, channels, strides, emb_dim) for _ in range(heads)
         )
-        self.up = nn.ModuleList(ResBlock(spatial_dims, 2 * c, c, emb_dim) for c in channels)
-        self.out_norm = norm(channels[0])
-        self.out = conv_nd(spatial_dims, channels[0], latent_channels, 3, padding=1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_heads(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Every head's output from one pass of the shared encoder."""
         emb = self.time_mlp(timestep_embedding(t, self.emb_channels))
         h = self.inp(torch.cat([x_t, cond["z_image"]], dim=1))
         skips = []
@@ -79,8 +104,7 @@ class Denoiser(nn.Module):
             if level < len(self.downsample):
                 h = self.downsample[level](h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        for level in reversed(range(len(self.up))):
-            if level < len(self.upsample):
-                h = self.upsample[level](h, size=skips[level].shape[2:])
-            h = self.up[level](torch.cat([h, skips[level]], dim=1), emb)
-        return self.out(F.silu(self.out_norm(h)))
+        return [head(h, skips, emb) for head in self.heads]
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], head: int = 0) -> torch.Tensor:
+        return self.forward_heads(x_t, t, cond)[head]

@@ -7,16 +7,19 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 from torch import nn
 
 from latentseg.config import ModelConfig
 from latentseg.diffusion import (
     PREDICTION_TYPES,
     DiffusionSchedule,
+    Stages,
     make_sampler,
     randn,
     sample_loop,
+    staged_sample,
+    staged_timesteps,
     uniform_timesteps,
 )
 from latentseg.models.denoiser import Denoiser
@@ -47,6 +50,11 @@ def check_model_config(config: ModelConfig) -> None:
         raise ValueError("x0_estimate='paper' (z_t - eps_hat, 003 Eq. 12) needs prediction_type='eps'")
     if config.spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {config.spatial_dims}")
+    if config.denoiser_heads not in (1, 2):
+        raise ValueError(f"denoiser_heads must be 1 or 2 (eps and x0), got {config.denoiser_heads}")
+    if config.denoiser_heads == 2 and config.prediction_type == "v":
+        raise ValueError("a two-head denoiser predicts eps and x0; prediction_type picks the head, 'eps' or 'x0'")
+    Stages(config.stage_high, config.stage_low, config.num_timesteps)
 
 
 class LatentSegmenter(nn.Module):
@@ -82,12 +90,16 @@ class LatentSegmenter(nn.Module):
             c.denoiser_channels,
             c.denoiser_strides or None,
             num_heads=c.num_heads,
+            heads=c.denoiser_heads,
         )
         skips = [c.in_channels, *c.image_encoder_channels[1:-1]] if c.decoder_skips else None
         self.label_decoder = LabelDecoder(
             c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides, skips
         )
-        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=1.0)
+        self.stages = Stages(c.stage_high, c.stage_low, c.num_timesteps)
+        # the single-output path (DDIM/DDPM) uses the head that predicts `prediction_type`
+        self.head = 1 if c.denoiser_heads == 2 and c.prediction_type == "x0" else 0
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
 
     def conditioning(self, image: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Everything the networks are conditioned on, in one dict: z_image (003 Eq. 9) for the
@@ -112,6 +124,11 @@ class LatentSegmenter(nn.Module):
             return z_t - model_output  # 003 Eq. 12: z_dn = z_t - f_denoiser(z_t, z_i, t)
         return self.schedule.split(self.config.prediction_type, model_output, z_t, t)[0]
 
+    def segmentation_loss(self, logits: torch.Tensor, label: torch.Tensor, gamma: float) -> torch.Tensor:
+        """(B,) CE + gamma * Dice per image (003 Eq. 14-16); the batch mean is MONAI's DiceCELoss."""
+        ce = F.cross_entropy(logits, label[:, 0].long(), reduction="none").flatten(1).mean(1)
+        return ce + gamma * self.dice(logits, label).flatten(1).mean(1)
+
     def training_losses(
         self,
         image: torch.Tensor,
@@ -119,19 +136,40 @@ class LatentSegmenter(nn.Module):
         gamma: float = 2.0,
         lam: float = 1.0,
         generator: torch.Generator | None = None,
+        timesteps: str = "uniform",
+        last_stage_t: str = "zero",
     ) -> Losses:
-        """003 Algorithm 1, one batch: L = CE + gamma * Dice + lambda * ||target - output||^2 (Eq. 18)."""
+        """003 Algorithm 1, one batch: L = CE + gamma * Dice + lambda * ||target - output||^2 (Eq. 18).
+
+        `timesteps="staged"` moves t and weights the two terms per stage (004 section 2.2, Eq. 1):
+        L = lambda * alpha * L_noise + beta * (CE + gamma * Dice). With two heads, L_noise is the eps
+        head's error plus the x0 head's latent error, and the x0 head's latent is the one decoded.
+        """
+        if timesteps not in ("uniform", "staged"):
+            raise ValueError(f"timesteps must be 'uniform' or 'staged', got {timesteps!r}")
         cond = self.conditioning(image)  # line 3
         z0 = self.encode_label(label)  # line 4
         t = uniform_timesteps(z0.shape[0], self.schedule.num_timesteps, z0.device, generator)  # line 5
+        alpha = beta = torch.ones(z0.shape[0], device=z0.device)
+        if timesteps == "staged":
+            t, alpha, beta = staged_timesteps(t, self.stages, last_stage_t)
         noise = randn(z0.shape, generator, z0)  # line 6
         z_t = self.schedule.q_sample(z0, t, noise)  # line 7, Eq. 11
-        out = self.denoiser(z_t, t, cond)
-        logits = self.decode(self.estimate_x0(out, z_t, t), cond)  # lines 8-9, Eq. 12-13
-        self.seg_loss.lambda_dice = gamma
-        seg = self.seg_loss(logits, label)  # Eq. 14-16
-        diff = F.mse_loss(out, self.schedule.target(self.config.prediction_type, z0, t, noise))  # Eq. 17
-        return Losses(seg + lam * diff, seg, diff)  # Eq. 18
+
+        def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a - b).pow(2).flatten(1).mean(1)
+
+        if self.config.denoiser_heads == 2:
+            eps_hat, x0_hat = self.denoiser.forward_heads(z_t, t, cond)
+            diff = mse(eps_hat, noise) + mse(x0_hat, z0)
+            z_dn = x0_hat
+        else:
+            out = self.denoiser(z_t, t, cond)
+            diff = mse(out, self.schedule.target(self.config.prediction_type, z0, t, noise))  # Eq. 17
+            z_dn = self.estimate_x0(out, z_t, t)  # lines 8-9, Eq. 12
+        seg = self.segmentation_loss(self.decode(z_dn, cond), label, gamma)  # Eq. 13-16
+        total = (beta * seg + lam * alpha * diff).mean()  # Eq. 18; 004 Eq. 1 when staged
+        return Losses(total, seg.mean(), diff.mean())
 
     @torch.no_grad()
     def sample(
@@ -141,25 +179,32 @@ class LatentSegmenter(nn.Module):
         steps: int | None = 2,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        sampler: str = "ddim",
+        middle_steps: int = 10,
     ) -> torch.Tensor:
         """003 Algorithm 2 with DDIM: class probabilities of `num_samples` samples per image.
 
         The image encoder runs once per image; all samples go through the denoiser and the
-        decoder in one batch. `steps=None` runs the full 1000-step DDPM chain.
+        decoder in one batch. `steps=None` runs the full 1000-step DDPM chain. `sampler="staged"`
+        is 004's staged inference (two-head models): num_samples / 2 draws per branch.
 
         Returns:
             (num_samples, B, C, *S) softmax probabilities.
         """
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if sampler not in ("ddim", "staged"):
+            raise ValueError(f"sampler must be 'ddim' or 'staged', got {sampler!r}")
         cond = self.conditioning(image)
         batch = image.shape[0]
+        if sampler == "staged":
+            return self._sample_staged(cond, batch, num_samples, middle_steps, generator, image)
         cond = repeat_samples(cond, num_samples)  # (N*B, ...)
         latent_shape = (num_samples * batch, self.config.latent_channels, *cond["z_image"].shape[2:])
         z_T = randn(latent_shape, generator, image)  # line 1
         sampler = make_sampler(self.schedule, self.config.prediction_type, steps, eta)
         z0 = sample_loop(
-            lambda z, t: self.denoiser(z, t, cond),
+            lambda z, t: self.denoiser(z, t, cond, head=self.head),
             z_T,
             sampler,
             generator,
@@ -167,4 +212,32 @@ class LatentSegmenter(nn.Module):
             final_x0=self.estimate_x0 if self.config.x0_estimate == "paper" else None,
         )
         probs = torch.softmax(self.decode(z0, cond), dim=1)  # line 7
+        return probs.reshape(num_samples, batch, *probs.shape[1:])
+
+    def _sample_staged(
+        self,
+        cond: dict,
+        batch: int,
+        num_samples: int,
+        middle_steps: int,
+        generator: torch.Generator | None,
+        like: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.config.denoiser_heads != 2:
+            raise ValueError("staged sampling needs a model trained with model.denoiser_heads=2 (eps and x0 heads)")
+        if num_samples < 2 or num_samples % 2:
+            raise ValueError(
+                f"staged sampling draws the same number from both heads: samples must be even, got {num_samples}"
+            )
+
+        def heads_fn(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            eps_hat, x0_hat = self.denoiser.forward_heads(z, t, repeat_samples(cond, z.shape[0] // batch))
+            return eps_hat, x0_hat
+
+        latent_shape = (batch, self.config.latent_channels, *cond["z_image"].shape[2:])
+        z_T = randn(latent_shape, generator, like)
+        result = staged_sample(
+            heads_fn, z_T, self.schedule, self.stages, middle_steps, num_samples // 2, 1.0, generator
+        )
+        probs = torch.softmax(self.decode(result.samples, repeat_samples(cond, num_samples)), dim=1)
         return probs.reshape(num_samples, batch, *probs.shape[1:])

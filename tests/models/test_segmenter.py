@@ -21,7 +21,7 @@ def tiny_model(dims=2, **kw):
 
 def untrained_but_not_zero(model):
     """The denoiser's last layer starts at zero (its output ignores the noise); give it weights."""
-    torch.nn.init.normal_(model.denoiser.out.weight, std=0.1)
+    torch.nn.init.normal_(model.denoiser.heads[0].out.weight, std=0.1)
     return model.eval()
 
 
@@ -131,3 +131,46 @@ def test_decoder_with_image_skips(dims):
     assert probs.shape == (3, 2, 3, *(16,) * dims)
     with pytest.raises(ValueError, match="image features"):
         model.label_decoder(torch.randn(1, 4, *(2,) * dims))
+
+
+def test_two_head_staged_training_decreases_the_loss():
+    model = tiny_model(denoiser_heads=2)
+    image, label = phantom_batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        loss = model.training_losses(
+            image.repeat(4, 1, 1, 1), label.repeat(4, 1, 1, 1), generator=g, timesteps="staged"
+        )
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+        losses.append(loss.segmentation.item())
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_one_head_per_sample_loss_equals_monai_dice_ce():
+    from monai.losses import DiceCELoss
+
+    model = tiny_model()
+    image, label = phantom_batch()
+    logits = torch.randn(2, 3, *label.shape[2:])
+    labels = torch.cat([label, torch.zeros_like(label)])
+    ours = model.segmentation_loss(logits, labels, gamma=2.0).mean()
+    oracle = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=2.0)(logits, labels)
+    assert torch.allclose(ours, oracle, atol=1e-6)
+
+
+def test_staged_sampling_shapes_and_errors():
+    model = untrained_but_not_zero(tiny_model(denoiser_heads=2))
+    image, _ = phantom_batch()
+    probs = model.sample(image.repeat(2, 1, 1, 1), 6, sampler="staged", generator=torch.Generator().manual_seed(0))
+    assert probs.shape == (6, 2, 3, 32, 32)
+    assert torch.allclose(probs.sum(2), torch.ones(()))
+    with pytest.raises(ValueError, match="must be even"):
+        model.sample(image, 3, sampler="staged")
+    with pytest.raises(ValueError, match="denoiser_heads=2"):
+        untrained_but_not_zero(tiny_model()).sample(image, 2, sampler="staged")
+    with pytest.raises(ValueError, match="prediction_type picks the head"):
+        tiny_model(denoiser_heads=2, prediction_type="v")
