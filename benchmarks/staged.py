@@ -5,7 +5,9 @@ Methods, each trained for the same wall-clock minutes on the same split:
 - onestep_x0: one x0 head, t uniform, one DDIM step from t = 999;
 - staged: eps and x0 heads, staged training with t <= low set to 0 (004 section 2.2), staged
   sampling (20 masks) fused by STAPLE; the same samples are also fused by mean and by vote;
-- staged_sampled_t: as staged, but t <= low kept as drawn (the issue's alternative).
+- staged_sampled_t: as staged, but t <= low kept as drawn (the issue's alternative);
+- unisegdiff: as staged, with the condition network pre-trained for segmentation, frozen and
+  injected by dual cross-attention (004 section 2.3).
 
 Per method: mean foreground Dice, sequential network calls and latents evaluated per case
 (counted on the denoiser), and the training epoch where validation Dice first reaches 98% of
@@ -58,6 +60,11 @@ METHODS: dict[str, tuple[list[str], list[tuple[str, dict]]]] = {
     "staged_sampled_t": (
         [*TWO_HEADS, "train.last_stage_t=sampled"],
         [("staged20_staple", {"num_samples": 20, "fusion": "staple"})],
+    ),
+    # the whole of UniSegDiff: also CFENet pre-trained (30% of the minutes), frozen, injected by DCA
+    "unisegdiff": (
+        [*TWO_HEADS, "train.last_stage_t=zero", "model.condition=pretrained"],
+        [(f"staged20_{f}", {"num_samples": 20, "fusion": f}) for f in ("staple", "mean")],
     ),
 }
 

@@ -42,6 +42,10 @@ class ModelConfig:
     num_timesteps: int = 1000
     x0_estimate: str = "exact"  # exact: invert Eq. 11 | paper: z_t - eps_hat (003 Eq. 12 as printed)
     restandardize: bool = False  # re-standardize the latent after every sampling step
+    # learned: the image encoder trains end to end with the rest (003) | pretrained: CFENet (004 section
+    # 2.3), the image encoder plus a UNet decoder trained for segmentation first, then frozen, its
+    # features injected into every denoiser encoder level by dual cross-attention
+    condition: str = "learned"
     # UniSegDiff (004 section 2.1-2.2): 2 = one denoiser encoder with an eps head and an x0 head
     denoiser_heads: int = 1
     stage_high: int = 600  # t > stage_high: rapid segmentation stage (x0); staged sampling jumps 999 -> high-1
@@ -76,6 +80,7 @@ class TrainConfig:
     lambda_noise: float = 1.0  # 003 Eq. 18
     timesteps: str = "uniform"  # uniform (003 Algorithm 1) | staged (004 section 2.2, with alpha:beta per stage)
     last_stage_t: str = "zero"  # staged: t <= stage_low is set to 0 (004) | "sampled": kept as drawn
+    condition_pretrain_fraction: float = 0.3  # model.condition=pretrained: share of the run that trains CFENet
     val_every: int = 500  # steps between validations (0: never)
     val_cases: int = 8
     checkpoint_every: int = 500

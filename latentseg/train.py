@@ -64,13 +64,16 @@ def batches(samples: list[dict[str, Any]], config: Config, total: int, seed: int
     yield from loader
 
 
-def train_step(model, optimizer, batch, config: Config, device) -> dict[str, float]:
+def train_step(model, optimizer, batch, config: Config, device, condition_only: bool = False) -> dict[str, float]:
     model.train()
     image, label = batch["image"].to(device), batch["label"].to(device)
     t = config.train
-    losses = model.training_losses(
-        image, label, t.gamma_dice, t.lambda_noise, timesteps=t.timesteps, last_stage_t=t.last_stage_t
-    )
+    if condition_only:  # pre-training the condition network (model.condition=pretrained)
+        losses = model.condition_losses(image, label, t.gamma_dice)
+    else:
+        losses = model.training_losses(
+            image, label, t.gamma_dice, t.lambda_noise, timesteps=t.timesteps, last_stage_t=t.last_stage_t
+        )
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -110,6 +113,8 @@ def check_train_config(config: Config) -> None:
         problems.append(f"train.timesteps must be uniform or staged, got {t.timesteps!r}")
     if t.last_stage_t not in ("zero", "sampled"):
         problems.append(f"train.last_stage_t must be zero or sampled, got {t.last_stage_t!r}")
+    if not 0 <= t.condition_pretrain_fraction < 1:
+        problems.append(f"train.condition_pretrain_fraction must be in [0, 1), got {t.condition_pretrain_fraction}")
     if config.sample.sampler == "staged" and config.model.denoiser_heads != 2:
         problems.append("sample.sampler=staged needs model.denoiser_heads=2")
     try:
@@ -177,12 +182,19 @@ def train(
     bar = progress_bar(total=total, initial=start, desc="train", unit="step", disable=not progress)
     stream = batches(train_set, config, total - start, config.train.seed + start)
     step = start
+    pretrain = config.model.condition == "pretrained"
+    frozen = False
     while step < total and not (budget and elapsed() >= budget):
         step += 1
         progress_now = max(step / total, elapsed() / budget if budget else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, progress_now)
-        stats = train_step(model, optimizer, next(stream), config, device)
+        condition_only = pretrain and progress_now < config.train.condition_pretrain_fraction
+        if pretrain and not condition_only and not frozen:  # 004 section 2.3: CFENet is frozen from here on
+            model.freeze_condition()
+            frozen = True
+            bar.write(f"step {step}: condition network pre-trained; frozen for the diffusion training")
+        stats = train_step(model, optimizer, next(stream), config, device, condition_only)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", seg=f"{stats['seg']:.3f}", diff=f"{stats['diff']:.3f}")
         last = step == total or bool(budget and elapsed() >= budget)
@@ -190,7 +202,7 @@ def train(
             history["step"].append(step)
             for key in ("loss", "seg", "diff"):
                 history[key].append(round(stats[key], 5))
-        if val_set and config.train.val_every and (step % config.train.val_every == 0 or last):
+        if val_set and config.train.val_every and (step % config.train.val_every == 0 or last) and not condition_only:
             dice = validate(model, val_set, config)
             history["val_step"].append(step)
             history["val_dice"].append(round(dice, 4))

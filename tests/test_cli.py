@@ -157,9 +157,9 @@ def test_batches_draw_every_dataset_equally_often():
 
 
 def test_staged_two_head_model_with_staple_fusion(data2d, tmp_path):
-    """UniSegDiff's path end to end: staged training, staged sampling, STAPLE over the samples."""
+    """UniSegDiff end to end: CFENet pre-trained then frozen, staged training and sampling, fusion."""
     model = tmp_path / "model"
-    staged = ["model.denoiser_heads=2", "train.timesteps=staged", "sample.sampler=staged", "train.val_every=0"]
+    staged = ["model.denoiser_heads=2", "train.timesteps=staged", "sample.sampler=staged", "model.condition=pretrained"]
     assert main(["train", "--data", str(data2d["train"]), "--out", str(model), *TINY_2D, *staged]) == 0
     for fusion in ("staple", "vote", "mean"):
         out = tmp_path / f"pred_{fusion}"

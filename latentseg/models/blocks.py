@@ -98,6 +98,56 @@ class SelfAttention(nn.Module):
         return x + out.transpose(1, 2).reshape(b, c, *spatial)
 
 
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *S) -> (B, prod(S), C)"""
+    return x.flatten(2).transpose(1, 2)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of a feature map's voxels (queries) over another feature map's voxels
+    or a token sequence (keys and values), with a residual connection; any spatial_dims.
+
+    Args:
+        channels: channels of the query map (also of the output).
+        context_channels: channels of the context.
+    """
+
+    def __init__(self, channels: int, context_channels: int, num_heads: int = 4):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels cannot be split into {num_heads} heads")
+        self.norm = norm(channels)
+        self.norm_context = nn.LayerNorm(context_channels)
+        self.attn = nn.MultiheadAttention(
+            channels, num_heads, kdim=context_channels, vdim=context_channels, batch_first=True
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, *S); context: (B, C_ctx, *S') or (B, L, C_ctx) tokens; padding_mask: (B, L), True = padding."""
+        ctx = self.norm_context(_tokens(context) if context.ndim > 3 else context)
+        out, _ = self.attn(_tokens(self.norm(x)), ctx, ctx, key_padding_mask=padding_mask, need_weights=False)
+        return x + out.transpose(1, 2).reshape(x.shape)
+
+
+class DualCrossAttention(nn.Module):
+    """DCA (004 section 2.3): two cascaded cross-attention blocks in which the condition features
+    and the noisy-mask features take turns as the query. The condition map is average-pooled to
+    the mask features' grid and projected to their width; the mask features are returned.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, cond_channels: int, num_heads: int = 4):
+        super().__init__()
+        self.proj = conv_nd(spatial_dims, cond_channels, channels, 1)
+        self.cond_from_mask = CrossAttention(channels, channels, num_heads)  # query: condition
+        self.mask_from_cond = CrossAttention(channels, channels, num_heads)  # query: noisy mask
+        self.pool = [F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d][spatial_dims - 1]
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        c = self.proj(self.pool(cond, h.shape[2:]))
+        c = self.cond_from_mask(c, h)
+        return self.mask_from_cond(h, c)
+
+
 class Downsample(nn.Module):
     """Strided 3x3 convolution; the stride may differ per axis (anisotropic volumes)."""
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from latentseg.models.blocks import (
     Downsample,
+    DualCrossAttention,
     ResBlock,
     SelfAttention,
     Stride,
@@ -59,6 +60,8 @@ class Denoiser(nn.Module):
         channels: width per level; one downsampling between consecutive levels.
         strides: the downsampling factor between levels (int or per axis).
         heads: 1, or 2 for (eps, x0).
+        condition_attention: also inject cond["z_image"] into every encoder level by dual
+            cross-attention (004 section 2.3), besides concatenating it at the input.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class Denoiser(nn.Module):
         strides: Sequence[Stride] | None = None,
         num_heads: int = 4,
         heads: int = 1,
+        condition_attention: bool = False,
     ):
         super().__init__()
         strides = list(strides) if strides is not None else [2] * (len(channels) - 1)
@@ -84,6 +88,9 @@ class Denoiser(nn.Module):
         self.down = nn.ModuleList(ResBlock(spatial_dims, c, c, emb_dim) for c in channels)
         self.downsample = nn.ModuleList(
             Downsample(spatial_dims, channels[i], channels[i + 1], s) for i, s in enumerate(strides)
+        )
+        self.dca = nn.ModuleList(
+            DualCrossAttention(spatial_dims, c, cond_channels, num_heads) for c in channels if condition_attention
         )
         top = channels[-1]
         self.mid1 = ResBlock(spatial_dims, top, top, emb_dim)
@@ -100,6 +107,8 @@ class Denoiser(nn.Module):
         skips = []
         for level, block in enumerate(self.down):
             h = block(h, emb)
+            if self.dca:
+                h = self.dca[level](h, cond["z_image"])
             skips.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)

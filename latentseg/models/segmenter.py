@@ -55,6 +55,8 @@ def check_model_config(config: ModelConfig) -> None:
     if config.denoiser_heads == 2 and config.prediction_type == "v":
         raise ValueError("a two-head denoiser predicts eps and x0; prediction_type picks the head, 'eps' or 'x0'")
     Stages(config.stage_high, config.stage_low, config.num_timesteps)
+    if config.condition not in ("learned", "pretrained"):
+        raise ValueError(f"condition must be 'learned' or 'pretrained', got {config.condition!r}")
 
 
 class LatentSegmenter(nn.Module):
@@ -91,8 +93,14 @@ class LatentSegmenter(nn.Module):
             c.denoiser_strides or None,
             num_heads=c.num_heads,
             heads=c.denoiser_heads,
+            condition_attention=c.condition == "pretrained",
         )
-        skips = [c.in_channels, *c.image_encoder_channels[1:-1]] if c.decoder_skips else None
+        image_side = [c.in_channels, *c.image_encoder_channels[1:-1]]
+        skips = image_side if c.decoder_skips else None
+        if c.condition == "pretrained":  # CFENet = image encoder + this decoder, a segmentation UNet
+            self.condition_head = LabelDecoder(
+                c.spatial_dims, c.image_latent_channels, c.num_classes, c.decoder_channels, strides, image_side
+            )
         self.label_decoder = LabelDecoder(
             c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides, skips
         )
@@ -108,6 +116,18 @@ class LatentSegmenter(nn.Module):
             return {"z_image": self.image_encoder(image)}
         z_image, features = self.image_encoder.forward_features(image)
         return {"z_image": z_image, "image_features": features}
+
+    def condition_losses(self, image: torch.Tensor, label: torch.Tensor, gamma: float = 2.0) -> Losses:
+        """Pre-training of the condition network (004 section 2.3): CE + gamma * Dice of CFENet's own
+        segmentation."""
+        z_image, features = self.image_encoder.forward_features(image)
+        seg = self.segmentation_loss(self.condition_head(z_image, features), label, gamma).mean()
+        return Losses(seg, seg, torch.zeros((), device=seg.device))
+
+    def freeze_condition(self) -> None:
+        """Freeze CFENet for the diffusion training that follows its pre-training."""
+        for module in (self.image_encoder, self.condition_head):
+            module.requires_grad_(False)
 
     def decode(self, z: torch.Tensor, cond: dict) -> torch.Tensor:
         """Class logits of a clean latent (003 Eq. 13)."""

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from latentseg.models.blocks import Downsample, ResBlock, SelfAttention, Upsample, as_tuple, timestep_embedding
+from latentseg.models.blocks import (
+    CrossAttention,
+    Downsample,
+    DualCrossAttention,
+    ResBlock,
+    SelfAttention,
+    Upsample,
+    as_tuple,
+    timestep_embedding,
+)
 from latentseg.models.denoiser import Denoiser
 from latentseg.models.encoders import ImageEncoder, LabelDecoder, LabelEncoder, standardize
 
@@ -73,3 +82,30 @@ def test_timestep_embedding_is_distinct_per_t():
 def test_width_count_is_checked():
     with pytest.raises(ValueError, match="widths"):
         ImageEncoder(2, 1, 4, [4, 8], [2, 2])
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_cross_attention_over_maps_and_padded_tokens(dims):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, *([6] * dims))
+    attn = CrossAttention(16, 8, num_heads=4)
+    assert attn(x, torch.randn(2, 8, *([3] * dims))).shape == x.shape
+    tokens = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False, False, True, True, True]])
+    out = attn(x, tokens, pad)
+    # padding tokens are ignored: changing them changes nothing
+    tokens2 = tokens.clone()
+    tokens2[1, 2:] = torch.randn(3, 8)
+    assert torch.allclose(out, attn(x, tokens2, pad), atol=1e-6)
+    assert not torch.allclose(out[0], attn(x, tokens2 + 1, pad)[0])
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_dual_cross_attention_injects_the_condition(dims):
+    torch.manual_seed(0)
+    dca = DualCrossAttention(dims, 16, 8, num_heads=4)
+    h = torch.randn(1, 16, *([4] * dims))
+    cond = torch.randn(1, 8, *([8] * dims))  # pooled to h's grid
+    out = dca(h, cond)
+    assert out.shape == h.shape
+    assert not torch.allclose(out, dca(h, cond + torch.randn_like(cond)))

@@ -174,3 +174,25 @@ def test_staged_sampling_shapes_and_errors():
         untrained_but_not_zero(tiny_model()).sample(image, 2, sampler="staged")
     with pytest.raises(ValueError, match="prediction_type picks the head"):
         tiny_model(denoiser_heads=2, prediction_type="v")
+
+
+def test_pretrained_condition_network_trains_then_freezes():
+    model = tiny_model(condition="pretrained", denoiser_heads=2)
+    image, label = phantom_batch()
+    image, label = image.repeat(2, 1, 1, 1), label.repeat(2, 1, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = model.condition_losses(image, label).total.item()
+    for _ in range(30):
+        loss = model.condition_losses(image, label)
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+    assert loss.total.item() < 0.5 * first
+    model.freeze_condition()
+    frozen = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    opt.zero_grad(set_to_none=True)
+    model.training_losses(image, label, timesteps="staged").total.backward()
+    assert all(p.grad is None for p in model.image_encoder.parameters())
+    assert all(p.grad is not None for p in model.denoiser.dca.parameters())
+    opt.step()
+    assert all(torch.equal(v, model.image_encoder.state_dict()[k]) for k, v in frozen.items())
