@@ -50,6 +50,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         args.device,
         fusion=args.fusion,
         sampler=args.sampler,
+        prompt=args.prompt,
+        text_file=args.text_file,
+        allow_missing_text=args.allow_missing_text,
     )
     print(f"wrote {len(written)} files to {args.output}")
 
@@ -122,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["ddim", "staged"],
         help="ddim (--steps K) or staged (UniSegDiff: 12 network calls; two-head models only)",
     )
+    p.add_argument(
+        "--prompt", help="text models: what to segment, for every input (e.g. 'the lesion in the upper left')"
+    )
+    p.add_argument("--text-file", help="text models: a CSV filename,text with one sentence per input")
+    p.add_argument("--allow-missing-text", action="store_true", help="inputs without a sentence get 'no description'")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="score predictions against references (summary.json)")

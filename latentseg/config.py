@@ -46,6 +46,12 @@ class ModelConfig:
     # 2.3), the image encoder plus a UNet decoder trained for segmentation first, then frozen, its
     # features injected into every denoiser encoder level by dual cross-attention
     condition: str = "learned"
+    # text guidance (000 section II-B): none | attention (Eq. 2: image-latent voxels attend to the
+    # tokens of a frozen text encoder) | concat (the pooled sentence embedding joins the image latent)
+    text_fusion: str = "none"
+    text_encoder: str = "all-MiniLM-L6-v2"  # a local folder or a cached hub name; default: shipped copy
+    text_dim: int = 0  # set by `train` from the text encoder
+    text_max_length: int = 64  # tokens; longer text is truncated with a warning
     # UniSegDiff (004 section 2.1-2.2): 2 = one denoiser encoder with an eps head and an x0 head
     denoiser_heads: int = 1
     stage_high: int = 600  # t > stage_high: rapid segmentation stage (x0); staged sampling jumps 999 -> high-1
@@ -65,6 +71,7 @@ class DataConfig:
     flips: bool = True
     rotation_degrees: float = 15.0  # random in-plane rotations up to this angle (0: off)
     intensity_augmentation: bool = True
+    allow_missing_text: bool = False  # text models: cases without a description get "no description"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from monai.inferers import sliding_window_inference
 
 from latentseg.checkpoint import load_model
 from latentseg.config import Config
-from latentseg.data.datasets import Case, discover_inputs, load_image
+from latentseg.data.datasets import Case, discover_inputs, load_image, read_text_table
 from latentseg.data.io import ImageMeta, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
 from latentseg.errors import LatentSegError
@@ -26,6 +26,7 @@ from latentseg.fusion import FUSIONS, fuse, uncertainty_map
 from latentseg.models import LatentSegmenter
 from latentseg.overlay import save_overlay
 from latentseg.progress import progress_bar
+from latentseg.text import TextEmbedding, case_texts, load_text_encoder
 
 log = logging.getLogger("latentseg.predict")
 
@@ -53,6 +54,7 @@ def sample_volume(
     sampler: str = "ddim",
     middle_steps: int = 10,
     fusion: str = "mean",
+    text: TextEmbedding | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused class probabilities (C, *S) and uncertainty (1, *S) of one preprocessed (C_in, *S) image.
 
@@ -68,7 +70,8 @@ def sample_volume(
     generator = torch.Generator().manual_seed(seed)
 
     def predictor(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = model.sample(window, num_samples, steps, eta, generator, sampler, middle_steps)  # (N, b, C, *roi)
+        window_text = text.repeat(window.shape[0]) if text is not None else None  # one image: b windows
+        probs = model.sample(window, num_samples, steps, eta, generator, sampler, middle_steps, window_text)
         if fusion == "mean":
             return probs.mean(0), uncertainty_map(probs)
         return probs.transpose(0, 1).flatten(1, 2), uncertainty_map(probs)  # (b, N*C, *roi)
@@ -76,7 +79,7 @@ def sample_volume(
     x = image.as_tensor() if isinstance(image, MetaTensor) else image
     try:
         mean, std = _sliding_window(x, roi_size, sw_batch_size, predictor, overlap, device)
-    except ValueError as err:  # e.g. staged sampling asked of a one-head model
+    except ValueError as err:  # e.g. staged sampling asked of a one-head model, a prompt of a text-free one
         raise LatentSegError(str(err)) from err
     if fusion != "mean":
         probs = mean.reshape(num_samples, model.config.num_classes, *mean.shape[2:])[:, None]
@@ -121,6 +124,7 @@ def predict_image(
     num_samples: int,
     steps: int | None,
     seed: int = 0,
+    text: TextEmbedding | None = None,
 ) -> Prediction:
     """Preprocess a raw image, sample, and map the result back onto the image's own grid."""
     x, transform = prepare_image(image, meta, prep)
@@ -138,10 +142,41 @@ def predict_image(
         s.sampler,
         s.staged_middle_steps,
         s.fusion,
+        text,
     )
     back = restore({"prob": mean, "std": std}, x, transform)
     probabilities = back["prob"]
     return Prediction(probabilities, back["std"][0], probabilities.argmax(0).astype(np.uint8))
+
+
+def _case_texts(
+    model: LatentSegmenter,
+    cases: list[Case],
+    prompt: str | None,
+    text_file: str | Path | None,
+    allow_missing: bool,
+) -> dict[str, TextEmbedding]:
+    """Each case's text embedding for a text model; checks that text goes only to text models."""
+    c = model.config
+    if c.text_fusion == "none":
+        if prompt is not None or text_file is not None:
+            raise LatentSegError("this model was trained without text (model.text_fusion=none): it takes no prompt")
+        return {}
+    if prompt is not None:
+        if not prompt.strip():
+            raise LatentSegError("--prompt is empty: say what to segment")
+        sentences = {case.case_id: prompt for case in cases}
+    else:
+        if text_file is not None:
+            table = read_text_table(Path(text_file))
+            for case in cases:
+                case.text = table.get(case.case_id)
+        samples = [{"case_id": case.case_id, "text": case.text} for case in cases]
+        listed = case_texts(samples, allow_missing, "the inputs (give --prompt, --text-file or a text.csv)")
+        sentences = {case.case_id: t for case, t in zip(cases, listed, strict=True)}
+    encoder = load_text_encoder(c.text_encoder, c.text_max_length)
+    device = next(model.parameters()).device
+    return {case_id: encoder.encode([text]).to(device) for case_id, text in sentences.items()}
 
 
 def _check_sampling(model: LatentSegmenter, config: Config, num_samples: int) -> None:
@@ -215,11 +250,16 @@ def predict(
     progress: bool = True,
     fusion: str | None = None,
     sampler: str | None = None,
+    prompt: str | None = None,
+    text_file: str | Path | None = None,
+    allow_missing_text: bool = False,
 ) -> list[Path]:
     """Segment every case under `input_path` and write, per case, `CASE` (labels), `CASE_prob`
     (mean probabilities), `CASE_std` (uncertainty) and `CASE_overlay.png`.
 
     `fusion` (mean | vote | staple) and `sampler` (ddim | staged) default to the model's config.
+    Text models take `prompt` for every case, or each case's sentence from `text_file` (a CSV
+    `filename,text`) or from a text.csv beside the inputs.
     A case that fails (unreadable, NaN, wrong dimensionality, ...) is skipped and the others go
     on; the failures are raised together at the end. A case's files are staged in a temporary
     folder and moved into `output_dir` only once all of them are written.
@@ -241,6 +281,7 @@ def predict(
     input_path, output_dir = Path(input_path), Path(output_dir)
     cases = discover_inputs(input_path)
     _check_output_dir(output_dir, input_path, cases)
+    texts = _case_texts(model, cases, prompt, text_file, allow_missing_text)
 
     written: list[Path] = []
     failures: list[str] = []
@@ -252,7 +293,9 @@ def predict(
             try:
                 image, meta = load_image(case)
                 _check_input(case, image, meta, config)
-                pred = predict_image(model, config, prep, image, meta, num_samples, steps, seed)
+                pred = predict_image(
+                    model, config, prep, image, meta, num_samples, steps, seed, texts.get(case.case_id)
+                )
                 _write_case(staging, case, image, meta, pred, mask_values, overlays)
             except LatentSegError as err:
                 failures.append(str(err))

@@ -33,6 +33,7 @@ from latentseg.infer import predict_array, resolve_device
 from latentseg.models import LatentSegmenter
 from latentseg.models.segmenter import check_model_config
 from latentseg.progress import progress_bar
+from latentseg.text import TextEncoder, case_texts, load_text_encoder
 
 log = logging.getLogger("latentseg.train")
 
@@ -49,7 +50,7 @@ def learning_rate(config: Config, step: int, progress: float) -> float:
 
 def batches(samples: list[dict[str, Any]], config: Config, total: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """`total` batches of random augmented patches; every dataset is drawn equally often."""
-    data = [{"image": s["image"], "label": s["label"]} for s in samples]
+    data = [{"image": s["image"], "label": s["label"], "text": s.get("text") or ""} for s in samples]
     per_dataset = Counter(s.get("dataset", "") for s in samples)
     weights = [1.0 / per_dataset[s.get("dataset", "")] for s in samples]
     transform = train_transforms(config.data.patch_size, config.data)
@@ -64,15 +65,18 @@ def batches(samples: list[dict[str, Any]], config: Config, total: int, seed: int
     yield from loader
 
 
-def train_step(model, optimizer, batch, config: Config, device, condition_only: bool = False) -> dict[str, float]:
+def train_step(
+    model, optimizer, batch, config: Config, device, condition_only: bool = False, encoder: TextEncoder | None = None
+) -> dict[str, float]:
     model.train()
     image, label = batch["image"].to(device), batch["label"].to(device)
+    text = encoder.encode(list(batch["text"])).to(device) if encoder is not None else None
     t = config.train
     if condition_only:  # pre-training the condition network (model.condition=pretrained)
         losses = model.condition_losses(image, label, t.gamma_dice)
     else:
         losses = model.training_losses(
-            image, label, t.gamma_dice, t.lambda_noise, timesteps=t.timesteps, last_stage_t=t.last_stage_t
+            image, label, t.gamma_dice, t.lambda_noise, timesteps=t.timesteps, last_stage_t=t.last_stage_t, text=text
         )
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
@@ -82,7 +86,9 @@ def train_step(model, optimizer, batch, config: Config, device, condition_only: 
 
 
 @torch.no_grad()
-def validate(model: LatentSegmenter, samples: list[dict[str, Any]], config: Config) -> float:
+def validate(
+    model: LatentSegmenter, samples: list[dict[str, Any]], config: Config, encoder: TextEncoder | None = None
+) -> float:
     """Mean foreground Dice of one sample per validation case (two for staged sampling, one per head)."""
     model.eval()
     metric = DiceMetric(include_background=False, ignore_empty=False)
@@ -97,6 +103,7 @@ def validate(model: LatentSegmenter, samples: list[dict[str, Any]], config: Conf
             overlap=0.25,
             sampler=config.sample.sampler,
             middle_steps=config.sample.staged_middle_steps,
+            text=encoder.encode([s["text"]]) if encoder is not None else None,
         )
         onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a).long(), c).movedim(-1, 0)[None]  # noqa: E731
         metric(onehot(pred.label), onehot(s["label"][0]))
@@ -135,9 +142,17 @@ def train(
     """Train an LDSeg model on one or more dataset folders; returns the model directory."""
     data_dirs = [Path(d) for d in (data_dirs if isinstance(data_dirs, list) else [data_dirs])]
     out_dir = Path(out_dir)
+    encoder = None
+    if config.model.text_fusion in ("attention", "concat"):  # 000 section II-B: a frozen text encoder
+        encoder = load_text_encoder(config.model.text_encoder, config.model.text_max_length)
+        config.model.text_dim = encoder.dim
     check_train_config(config)
     data = prepare_training_data(data_dirs, config)
     train_set, val_set = data.train, data.val[: config.train.val_cases]
+    if encoder is not None:
+        for subset, name in ((data.train, "training"), (data.val, "validation")):
+            for sample, text in zip(subset, case_texts(subset, config.data.allow_missing_text, name), strict=True):
+                sample["text"] = text
 
     set_determinism(config.train.seed)
     device = resolve_device(config.train.device)
@@ -194,7 +209,7 @@ def train(
             model.freeze_condition()
             frozen = True
             bar.write(f"step {step}: condition network pre-trained; frozen for the diffusion training")
-        stats = train_step(model, optimizer, next(stream), config, device, condition_only)
+        stats = train_step(model, optimizer, next(stream), config, device, condition_only, encoder)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", seg=f"{stats['seg']:.3f}", diff=f"{stats['diff']:.3f}")
         last = step == total or bool(budget and elapsed() >= budget)
@@ -203,7 +218,7 @@ def train(
             for key in ("loss", "seg", "diff"):
                 history[key].append(round(stats[key], 5))
         if val_set and config.train.val_every and (step % config.train.val_every == 0 or last) and not condition_only:
-            dice = validate(model, val_set, config)
+            dice = validate(model, val_set, config, encoder)
             history["val_step"].append(step)
             history["val_dice"].append(round(dice, 4))
             how = "staged" if config.sample.sampler == "staged" else f"DDIM-{config.sample.steps}"

@@ -157,3 +157,9 @@ def test_staged_thresholds_out_of_order(tmp_path, capsys, data2d):
     args = ["train", "--data", str(data2d["train"]), "--out", str(tmp_path / "m"), "model.stage_high=200"]
     run_fails(capsys, args, "0 < low < high")
     assert not (tmp_path / "m").exists()
+
+
+def test_prompt_to_a_model_trained_without_text(tmp_path, capsys, model2d, data2d):
+    args = predict_args(model2d, data2d["test"] / "images", tmp_path / "o", "--prompt", "the lesion")
+    run_fails(capsys, args, "trained without text")
+    assert not (tmp_path / "o").exists()

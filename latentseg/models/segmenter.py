@@ -24,6 +24,8 @@ from latentseg.diffusion import (
 )
 from latentseg.models.denoiser import Denoiser
 from latentseg.models.encoders import ImageEncoder, LabelDecoder, LabelEncoder, standardize
+from latentseg.models.text_fusion import TEXT_FUSIONS, make_text_fusion
+from latentseg.text import TextEmbedding
 
 
 class Losses(NamedTuple):
@@ -55,6 +57,10 @@ def check_model_config(config: ModelConfig) -> None:
     if config.denoiser_heads == 2 and config.prediction_type == "v":
         raise ValueError("a two-head denoiser predicts eps and x0; prediction_type picks the head, 'eps' or 'x0'")
     Stages(config.stage_high, config.stage_low, config.num_timesteps)
+    if config.text_fusion not in TEXT_FUSIONS:
+        raise ValueError(f"text_fusion must be one of {', '.join(TEXT_FUSIONS)}, got {config.text_fusion!r}")
+    if config.text_fusion != "none" and config.text_dim < 1:
+        raise ValueError("a text model needs text_dim (set by `train` from the text encoder)")
     if config.condition not in ("learned", "pretrained"):
         raise ValueError(f"condition must be 'learned' or 'pretrained', got {config.condition!r}")
 
@@ -104,18 +110,30 @@ class LatentSegmenter(nn.Module):
         self.label_decoder = LabelDecoder(
             c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides, skips
         )
+        self.text_fusion = make_text_fusion(c)
         self.stages = Stages(c.stage_high, c.stage_low, c.num_timesteps)
         # the single-output path (DDIM/DDPM) uses the head that predicts `prediction_type`
         self.head = 1 if c.denoiser_heads == 2 and c.prediction_type == "x0" else 0
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
 
-    def conditioning(self, image: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """Everything the networks are conditioned on, in one dict: z_image (003 Eq. 9) for the
-        denoiser and, with `decoder_skips`, the image features for the decoder."""
-        if not self.config.decoder_skips:
-            return {"z_image": self.image_encoder(image)}
-        z_image, features = self.image_encoder.forward_features(image)
-        return {"z_image": z_image, "image_features": features}
+    def conditioning(
+        self, image: torch.Tensor, text: TextEmbedding | None = None
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Everything the networks are conditioned on, in one dict: z_image (003 Eq. 9; fused with
+        the text, 000 Eq. 2, for text models) for the denoiser and, with `decoder_skips`, the image
+        features for the decoder."""
+        if self.config.decoder_skips:
+            z_image, features = self.image_encoder.forward_features(image)
+            cond = {"z_image": z_image, "image_features": features}
+        else:
+            cond = {"z_image": self.image_encoder(image)}
+        if self.text_fusion is not None:
+            if text is None:
+                raise ValueError("this model was trained with text: give each image a description or a prompt")
+            cond["z_image"] = self.text_fusion(cond["z_image"], text)
+        elif text is not None:
+            raise ValueError("this model was trained without text (model.text_fusion=none): it cannot take a prompt")
+        return cond
 
     def condition_losses(self, image: torch.Tensor, label: torch.Tensor, gamma: float = 2.0) -> Losses:
         """Pre-training of the condition network (004 section 2.3): CE + gamma * Dice of CFENet's own
@@ -158,6 +176,7 @@ class LatentSegmenter(nn.Module):
         generator: torch.Generator | None = None,
         timesteps: str = "uniform",
         last_stage_t: str = "zero",
+        text: TextEmbedding | None = None,
     ) -> Losses:
         """003 Algorithm 1, one batch: L = CE + gamma * Dice + lambda * ||target - output||^2 (Eq. 18).
 
@@ -167,7 +186,7 @@ class LatentSegmenter(nn.Module):
         """
         if timesteps not in ("uniform", "staged"):
             raise ValueError(f"timesteps must be 'uniform' or 'staged', got {timesteps!r}")
-        cond = self.conditioning(image)  # line 3
+        cond = self.conditioning(image, text)  # line 3
         z0 = self.encode_label(label)  # line 4
         t = uniform_timesteps(z0.shape[0], self.schedule.num_timesteps, z0.device, generator)  # line 5
         alpha = beta = torch.ones(z0.shape[0], device=z0.device)
@@ -201,6 +220,7 @@ class LatentSegmenter(nn.Module):
         generator: torch.Generator | None = None,
         sampler: str = "ddim",
         middle_steps: int = 10,
+        text: TextEmbedding | None = None,
     ) -> torch.Tensor:
         """003 Algorithm 2 with DDIM: class probabilities of `num_samples` samples per image.
 
@@ -215,7 +235,7 @@ class LatentSegmenter(nn.Module):
             raise ValueError(f"steps must be >= 1, got {steps}")
         if sampler not in ("ddim", "staged"):
             raise ValueError(f"sampler must be 'ddim' or 'staged', got {sampler!r}")
-        cond = self.conditioning(image)
+        cond = self.conditioning(image, text)
         batch = image.shape[0]
         if sampler == "staged":
             return self._sample_staged(cond, batch, num_samples, middle_steps, generator, image)

@@ -196,3 +196,20 @@ def test_pretrained_condition_network_trains_then_freezes():
     assert all(p.grad is not None for p in model.denoiser.dca.parameters())
     opt.step()
     assert all(torch.equal(v, model.image_encoder.state_dict()[k]) for k, v in frozen.items())
+
+
+@pytest.mark.parametrize("fusion", ["attention", "concat"])
+def test_text_changes_the_condition_and_is_required(fusion):
+    from latentseg.text import TextEmbedding
+
+    model = tiny_model(text_fusion=fusion, text_dim=12).eval()
+    image, _ = phantom_batch()
+    g = torch.Generator().manual_seed(0)
+    a = TextEmbedding(torch.randn(1, 5, 12, generator=g), torch.zeros(1, 5, dtype=torch.bool), torch.randn(1, 12))
+    b = TextEmbedding(torch.randn(1, 5, 12, generator=g), torch.zeros(1, 5, dtype=torch.bool), torch.randn(1, 12))
+    za = model.conditioning(image, a)["z_image"]
+    assert not torch.allclose(za, model.conditioning(image, b)["z_image"])
+    with pytest.raises(ValueError, match="trained with text"):
+        model.conditioning(image)
+    with pytest.raises(ValueError, match="trained without text"):
+        tiny_model().conditioning(image, a)
