@@ -21,6 +21,7 @@ Run: python -m benchmarks.staged [--datasets phantoms,monuseg] [--methods ...] [
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -84,6 +85,66 @@ def count_network_calls(model_dir: Path, options: dict) -> dict:
     return calls
 
 
+def _foreground_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> float:
+    dice = [
+        2 * ((pred == c) & (label == c)).sum() / ((pred == c).sum() + (label == c).sum())
+        for c in range(1, num_classes)
+        if (label == c).any() or (pred == c).any()
+    ]
+    return float(torch.stack(dice).mean()) if dice else 1.0
+
+
+def _staged_parts(model, cond: dict, z: torch.Tensor, middle_steps: int) -> dict[str, torch.Tensor]:
+    """The latents staged sampling passes through, per branch (see latentseg.diffusion.staged)."""
+    from latentseg.diffusion import middle_timesteps
+    from latentseg.diffusion.samplers import _as_batch, ddim_jump
+
+    sched = model.schedule
+
+    def heads(x, t):
+        return model.denoiser.forward_heads(x, _as_batch(t, x), cond)
+
+    top = sched.num_timesteps - 1
+    x0, eps = sched.split("x0", heads(z, top)[1], z, _as_batch(top, z))
+    parts = {"x0_head_from_T": x0}
+    ts = middle_timesteps(model.stages, middle_steps)
+    xa = xb = ddim_jump(sched, x0, eps, top, ts[0])
+    for t, s in zip(ts[:-1], ts[1:], strict=True):
+        a0, ae = sched.split("x0", heads(xa, t)[1], xa, _as_batch(t, xa))
+        b0, be = sched.split("eps", heads(xb, t)[0], xb, _as_batch(t, xb))
+        xa, xb = ddim_jump(sched, a0, ae, t, s), ddim_jump(sched, b0, be, t, s)
+    parts |= {"x0_branch_middle": a0, "eps_branch_middle": b0}
+    for name, xl in (("x0_branch_final", xa), ("eps_branch_final", xb)):
+        parts[name] = sched.split("eps", heads(xl, ts[-1])[0], xl, _as_batch(ts[-1], xl))[0]
+    return parts
+
+
+@torch.no_grad()
+def branch_dice(model_dir: Path, test_root: Path, seed: int = 0) -> dict:
+    """Mean foreground Dice (phantoms: one window per case) of what each part of staged sampling
+    decodes to: the x0 head's jump from T-1, each branch's x0 estimate at the end of the middle
+    stage, and each branch after the final eps-head step."""
+    from latentseg.checkpoint import load_model
+    from latentseg.data.datasets import discover_dataset, load_case
+    from latentseg.data.preprocess import prepare_image
+    from latentseg.infer import preprocessing_of
+
+    model, config, fingerprint = load_model(model_dir)
+    prep = preprocessing_of(fingerprint, config)
+    g = torch.Generator().manual_seed(seed)
+    scores: dict[str, list[float]] = {}
+    for case in discover_dataset(test_root).cases:
+        sample = load_case(case)
+        x, _ = prepare_image(sample["image"], sample["meta"], prep)
+        cond = model.conditioning(torch.as_tensor(x)[None])
+        z = torch.randn(1, config.model.latent_channels, *cond["z_image"].shape[2:], generator=g)
+        label = torch.from_numpy(sample["label"][0])
+        for name, latent in _staged_parts(model, cond, z, config.sample.staged_middle_steps).items():
+            pred = model.decode(latent, cond).argmax(1)[0]
+            scores.setdefault(name, []).append(_foreground_dice(pred, label, config.model.num_classes))
+    return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
 def run(dataset: str, method: str, minutes: float) -> dict:
     work = WORK / dataset
     data = phantom_data(work) if dataset == "phantoms" else real_data(dataset, work)
@@ -97,8 +158,17 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--minutes", type=float, default=6.0, help="training minutes per method")
     parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--diagnose", action="store_true", help="score each branch of the trained phantom models")
     args = parser.parse_args()
-    if not args.collect_only:
+    if args.diagnose:
+        for path in sorted((WORK / "phantoms").glob("*/result.json")):
+            config = json.loads((path.parent / "model" / "config.json").read_text())
+            if config["model"]["denoiser_heads"] == 2:
+                result = json.loads(path.read_text())
+                result["branches"] = branch_dice(path.parent / "model", WORK / "phantoms" / "data" / "test")
+                print(path.parent.name, json.dumps(result["branches"]), flush=True)
+                path.write_text(json.dumps(result, indent=1))
+    elif not args.collect_only:
         for dataset in args.datasets.split(","):
             for method in args.methods.split(","):
                 print(f"== {dataset} / {method}: {args.minutes} minutes", flush=True)
