@@ -56,6 +56,11 @@ METHODS: dict[str, tuple[list[str], list[tuple[str, dict]]]] = {
         [*TWO_HEADS, "train.last_stage_t=zero", "model.condition=pretrained"],
         [(f"staged20_{f}", {"num_samples": 20, "fusion": f}) for f in ("staple", "mean")],
     ),
+    # CFENet as a UNet (skips into its decoder): its bottleneck need not hold the mask
+    "unisegdiff_unet_cfenet": (
+        [*TWO_HEADS, "train.last_stage_t=zero", "model.condition=pretrained", "model.condition_head_skips=true"],
+        [(f"staged20_{f}", {"num_samples": 20, "fusion": f}) for f in ("staple", "mean")],
+    ),
 }
 
 

@@ -46,6 +46,9 @@ class ModelConfig:
     # 2.3), the image encoder plus a UNet decoder trained for segmentation first, then frozen, its
     # features injected into every denoiser encoder level by dual cross-attention
     condition: str = "learned"
+    # CFENet's decoder: without skips its bottleneck (the only features at the latent's resolution,
+    # which is where the denoiser works) must hold the whole mask; with skips it is a UNet
+    condition_head_skips: bool = False
     # text guidance (000 section II-B): none | attention (Eq. 2: image-latent voxels attend to the
     # tokens of a frozen text encoder) | concat (the pooled sentence embedding joins the image latent)
     text_fusion: str = "none"

@@ -103,9 +103,10 @@ class LatentSegmenter(nn.Module):
         )
         image_side = [c.in_channels, *c.image_encoder_channels[1:-1]]
         skips = image_side if c.decoder_skips else None
-        if c.condition == "pretrained":  # CFENet = image encoder + this decoder, a segmentation UNet
+        if c.condition == "pretrained":  # CFENet = image encoder + this decoder, trained to segment
+            head_skips = image_side if c.condition_head_skips else None
             self.condition_head = LabelDecoder(
-                c.spatial_dims, c.image_latent_channels, c.num_classes, c.decoder_channels, strides, image_side
+                c.spatial_dims, c.image_latent_channels, c.num_classes, c.decoder_channels, strides, head_skips
             )
         self.label_decoder = LabelDecoder(
             c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides, skips
@@ -139,6 +140,7 @@ class LatentSegmenter(nn.Module):
         """Pre-training of the condition network (004 section 2.3): CE + gamma * Dice of CFENet's own
         segmentation."""
         z_image, features = self.image_encoder.forward_features(image)
+        features = features if self.config.condition_head_skips else None
         seg = self.segmentation_loss(self.condition_head(z_image, features), label, gamma).mean()
         return Losses(seg, seg, torch.zeros((), device=seg.device))
 
