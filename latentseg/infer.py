@@ -22,7 +22,7 @@ from latentseg.data.datasets import Case, discover_inputs, load_image, read_text
 from latentseg.data.io import ImageMeta, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
 from latentseg.errors import LatentSegError
-from latentseg.fusion import FUSIONS, fuse, uncertainty_map
+from latentseg.fusion import FUSIONS, entropy_map, fuse, uncertainty_map
 from latentseg.models import LatentSegmenter
 from latentseg.overlay import save_overlay
 from latentseg.progress import progress_bar
@@ -55,8 +55,9 @@ def sample_volume(
     middle_steps: int = 10,
     fusion: str = "mean",
     text: TextEmbedding | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused class probabilities (C, *S) and uncertainty (1, *S) of one preprocessed (C_in, *S) image.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused class probabilities (C, *S), the samples' standard deviation (1, *S) and the entropy of
+    their mean probabilities (1, *S) of one preprocessed (C_in, *S) image.
 
     All samples of a window are drawn in one batch; windows are stitched on the CPU. With `mean`
     fusion memory beyond the output maps is bounded by the window, not the volume; `vote` and
@@ -81,10 +82,10 @@ def sample_volume(
         mean, std = _sliding_window(x, roi_size, sw_batch_size, predictor, overlap, device)
     except ValueError as err:  # e.g. staged sampling asked of a one-head model, a prompt of a text-free one
         raise LatentSegError(str(err)) from err
-    if fusion != "mean":
-        probs = mean.reshape(num_samples, model.config.num_classes, *mean.shape[2:])[:, None]
-        mean = fuse(probs, fusion).probs
-    return mean[0], std[0]
+    if fusion == "mean":
+        return mean[0], std[0], entropy_map(mean[None])[0]
+    probs = mean.reshape(num_samples, model.config.num_classes, *mean.shape[2:])[:, None]  # (N, 1, C, *S)
+    return fuse(probs, fusion).probs[0], std[0], entropy_map(probs)[0]
 
 
 def _sliding_window(x, roi_size, sw_batch_size, predictor, overlap, device):
@@ -106,13 +107,14 @@ class Prediction:
     probabilities: np.ndarray  # (C, *S) fused over samples (mean, vote fractions or STAPLE posteriors)
     uncertainty: np.ndarray  # (*S) per-voxel standard deviation over samples
     label: np.ndarray  # (*S) argmax of the fused probabilities
+    entropy: np.ndarray  # (*S) entropy of the samples' mean probabilities / log(C), in [0, 1]
 
 
 def predict_array(model: LatentSegmenter, image: np.ndarray, roi_size: list[int], **sampling: Any) -> Prediction:
     """Segment one already preprocessed (C, *S) array on its own grid; `sampling` as in `sample_volume`."""
-    mean, std = sample_volume(model, torch.from_numpy(image), roi_size, **sampling)
+    mean, std, entropy = sample_volume(model, torch.from_numpy(image), roi_size, **sampling)
     probabilities = mean.numpy()
-    return Prediction(probabilities, std[0].numpy(), probabilities.argmax(0).astype(np.uint8))
+    return Prediction(probabilities, std[0].numpy(), probabilities.argmax(0).astype(np.uint8), entropy[0].numpy())
 
 
 def predict_image(
@@ -129,7 +131,7 @@ def predict_image(
     """Preprocess a raw image, sample, and map the result back onto the image's own grid."""
     x, transform = prepare_image(image, meta, prep)
     s = config.sample
-    mean, std = sample_volume(
+    mean, std, entropy = sample_volume(
         model,
         x,
         config.data.patch_size,
@@ -144,9 +146,9 @@ def predict_image(
         s.fusion,
         text,
     )
-    back = restore({"prob": mean, "std": std}, x, transform)
+    back = restore({"prob": mean, "std": std, "entropy": entropy}, x, transform)
     probabilities = back["prob"]
-    return Prediction(probabilities, back["std"][0], probabilities.argmax(0).astype(np.uint8))
+    return Prediction(probabilities, back["std"][0], probabilities.argmax(0).astype(np.uint8), back["entropy"][0])
 
 
 def _case_texts(
@@ -234,6 +236,7 @@ def _write_case(
     write_map(folder / output_name(meta, case.case_id, "_prob"), prob, meta)
     std = pred.uncertainty if meta.format == "nifti" else np.clip(2 * pred.uncertainty, 0, 1)
     write_map(folder / output_name(meta, case.case_id, "_std"), std, meta)
+    write_map(folder / output_name(meta, case.case_id, "_entropy"), np.clip(pred.entropy, 0, 1), meta)
     if overlay:
         save_overlay(folder / f"{case.case_id}_overlay.png", image, pred.label, pred.uncertainty)
 
@@ -255,7 +258,8 @@ def predict(
     allow_missing_text: bool = False,
 ) -> list[Path]:
     """Segment every case under `input_path` and write, per case, `CASE` (labels), `CASE_prob`
-    (mean probabilities), `CASE_std` (uncertainty) and `CASE_overlay.png`.
+    (fused probabilities), `CASE_std` (the samples' standard deviation), `CASE_entropy` (entropy of
+    their mean probabilities) and `CASE_overlay.png`.
 
     `fusion` (mean | vote | staple) and `sampler` (ddim | staged) default to the model's config.
     Text models take `prompt` for every case, or each case's sentence from `text_file` (a CSV

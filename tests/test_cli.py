@@ -50,6 +50,7 @@ def test_2d_train_predict_evaluate(model2d, data2d, tmp_path):
         label = np.asarray(Image.open(out / f"{case}.png"))
         assert label.shape == (64, 64) and label.max() <= 2
         assert (out / f"{case}_prob.png").is_file() and (out / f"{case}_std.png").is_file()
+        assert (out / f"{case}_entropy.png").is_file()
         assert (out / f"{case}_overlay.png").stat().st_size > 1000
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
     assert main(["evaluate", "--pred", str(out), "--ref", str(data2d["test"])]) == 0
@@ -70,6 +71,8 @@ def test_3d_train_predict_evaluate_keeps_geometry(model3d, data3d, tmp_path):
     assert nib.load(str(out / "phantom_000_prob.nii.gz")).shape == (*src.shape, 3)
     std = nib.load(str(out / "phantom_000_std.nii.gz")).get_fdata()
     assert std.shape == src.shape and std.min() >= 0 and std.max() <= 0.5
+    entropy = nib.load(str(out / "phantom_000_entropy.nii.gz")).get_fdata()
+    assert entropy.shape == src.shape and entropy.min() >= 0 and entropy.max() <= 1
     assert main(["evaluate", "--pred", str(out), "--ref", str(data3d["test"])]) == 0
     assert json.loads((out / "summary.json").read_text())["settings"]["labels"]
 
