@@ -108,7 +108,9 @@ def test_corrupt_input_file_is_listed_and_the_others_are_segmented(tmp_path, cap
     out = tmp_path / "out"
     run_fails(capsys, predict_args(model2d, inputs, out), "phantom_002.png", "cannot read")
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"phantom_00{i}{s}.png" for i in (0, 1) for s in ("", "_prob", "_std", "_entropy", "_overlay"))
+    assert names == sorted(
+        f"phantom_00{i}{s}.png" for i in (0, 1) for s in ("", "_prob", "_std", "_entropy", "_overlay")
+    )
 
 
 def test_missing_or_incomplete_model_dir(tmp_path, capsys, model2d, data2d):

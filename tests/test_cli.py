@@ -159,6 +159,10 @@ def test_batches_draw_every_dataset_equally_often():
     assert abs(drawn["big"] / sum(drawn.values()) - 0.5) < 0.05
 
 
+def run_predict(model, inputs, out, *extra) -> int:
+    return main(["predict", "--model", str(model), "--input", str(inputs), "--output", str(out), *extra])
+
+
 def test_staged_two_head_model_with_staple_fusion(data2d, tmp_path):
     """UniSegDiff end to end: CFENet pre-trained then frozen, staged training and sampling, fusion."""
     model = tmp_path / "model"
@@ -166,22 +170,7 @@ def test_staged_two_head_model_with_staple_fusion(data2d, tmp_path):
     assert main(["train", "--data", str(data2d["train"]), "--out", str(model), *TINY_2D, *staged]) == 0
     for fusion in ("staple", "vote", "mean"):
         out = tmp_path / f"pred_{fusion}"
-        args = ["--samples", "4", "--fusion", fusion]
-        assert (
-            main(
-                [
-                    "predict",
-                    "--model",
-                    str(model),
-                    "--input",
-                    str(data2d["test"] / "images"),
-                    "--output",
-                    str(out),
-                    *args,
-                ]
-            )
-            == 0
-        )
+        assert run_predict(model, data2d["test"] / "images", out, "--samples", "4", "--fusion", fusion) == 0
         label = np.asarray(Image.open(out / "phantom_000.png"))
         assert label.shape == (64, 64) and label.max() <= 2
         assert (out / "phantom_000_std.png").is_file()
@@ -189,49 +178,21 @@ def test_staged_two_head_model_with_staple_fusion(data2d, tmp_path):
 
 def test_text_guided_model_reads_case_text_or_a_prompt(data2d, tmp_path, capsys):
     model = tmp_path / "model"
-    assert (
-        main(["train", "--data", str(data2d["train"]), "--out", str(model), *TINY_2D, "model.text_fusion=attention"])
-        == 0
-    )
+    train_args = ["train", "--data", str(data2d["train"]), "--out", str(model), *TINY_2D, "model.text_fusion=attention"]
+    assert main(train_args) == 0
     config = json.loads((model / "config.json").read_text())
     assert config["model"]["text_dim"] == 384  # from the shipped all-MiniLM-L6-v2
+    images = data2d["test"] / "images"
     # each case's sentence from the text.csv of the dataset root
-    assert (
-        main(["predict", "--model", str(model), "--input", str(data2d["test"]), "--output", str(tmp_path / "a")]) == 0
-    )
+    assert run_predict(model, data2d["test"], tmp_path / "a") == 0
     # one prompt for every input
-    args = [
-        "predict",
-        "--model",
-        str(model),
-        "--input",
-        str(data2d["test"] / "images"),
-        "--output",
-        str(tmp_path / "b"),
-    ]
-    assert main([*args, "--prompt", "the lesion in the upper left of the organ"]) == 0
+    assert run_predict(model, images, tmp_path / "b", "--prompt", "the lesion in the upper left of the organ") == 0
     assert {p.name for p in (tmp_path / "a").iterdir()} == {p.name for p in (tmp_path / "b").iterdir()}
     # no text.csv beside bare images: the missing cases are listed, unless allowed
     out = tmp_path / "c"
-    assert (
-        main(["predict", "--model", str(model), "--input", str(data2d["test"] / "images"), "--output", str(out)]) == 2
-    )
+    assert run_predict(model, images, out) == 2
     assert "no text for 3 case(s): phantom_000, phantom_001, phantom_002" in capsys.readouterr().err
     assert not out.exists()
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(model),
-                "--input",
-                str(data2d["test"] / "images"),
-                "--output",
-                str(out),
-                "--allow-missing-text",
-            ]
-        )
-        == 0
-    )
-    assert main([*args[:-1], str(tmp_path / "d"), "--prompt", " "]) == 2
+    assert run_predict(model, images, out, "--allow-missing-text") == 0
+    assert run_predict(model, images, tmp_path / "d", "--prompt", " ") == 2
     assert "--prompt is empty" in capsys.readouterr().err
