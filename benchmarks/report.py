@@ -95,8 +95,27 @@ def staged_table(r: dict) -> str:
     return "\n".join(rows)
 
 
+def text_table(r: dict) -> str:
+    rows = [
+        "| dataset | text_fusion | minutes | steps | mean fg Dice | per-class Dice | NSD |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, variants in r.items():
+        if name == "machine":
+            continue
+        for variant, v in variants.items():
+            for e in v["evaluations"].values():
+                classes = " / ".join(_f(d) for d in e["dice_per_class"].values())
+                rows.append(
+                    f"| {name} | {variant} | {v['train_minutes']:.1f} | {v['steps']} | {_f(e['dice'])} | {classes} | "
+                    f"{_f(e['nsd'])} |"
+                )
+    return "\n".join(rows)
+
+
 def main() -> None:
-    for name, render in (("core", core_tables), ("realdata", realdata_table), ("staged", staged_table)):
+    tables = (("core", core_tables), ("realdata", realdata_table), ("staged", staged_table), ("text", text_table))
+    for name, render in tables:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")

@@ -87,9 +87,11 @@ def train_and_score(
     evaluations: list[tuple[str, dict]],
     minutes: float,
     measure: Callable[[Path, dict], dict] | None = None,
+    reuse: bool = False,
 ) -> dict:
     """Train for `minutes` (validating every 200 steps), then predict and evaluate the test set once
-    per (label, predict options); `measure(model_dir, options)` may add figures per evaluation."""
+    per (label, predict options); `measure(model_dir, options)` may add figures per evaluation.
+    `reuse` keeps an already trained model and its training figures, and only re-evaluates."""
     model_dir = work / "model"
     config = load_config(
         None,
@@ -99,17 +101,21 @@ def train_and_score(
         + ["train.checkpoint_every=1000000", "train.log_every=50"],
     )
     t0 = time.time()
-    train(data.train_root, model_dir, config)
+    previous = json.loads((work / "result.json").read_text()) if reuse and (work / "result.json").is_file() else None
+    if previous is None:
+        train(data.train_root, model_dir, config)
     log = json.loads((model_dir / "training_log.json").read_text())
     train_cases = len(json.loads((model_dir / "fingerprint.json").read_text())["train_cases"])
     result = {
-        "train_minutes": (time.time() - t0) / 60,
+        "train_minutes": previous["train_minutes"] if previous else (time.time() - t0) / 60,
         "steps": log["step"][-1],
         "plateau_epoch": plateau_epoch(log, config.train.batch_size, train_cases),
         "epochs": log["step"][-1] * config.train.batch_size / train_cases,
         "val_curve": {"step": log["val_step"], "dice": log["val_dice"]},
         "evaluations": {},
     }
+    if previous and "branches" in previous:
+        result["branches"] = previous["branches"]
     for label, options in evaluations:
         pred = work / f"pred_{label}"
         opts = {k: v for k, v in options.items() if k not in ("steps", "num_samples")}

@@ -33,6 +33,10 @@ WORK = ROOT / "work" / "staged"
 RESULTS = ROOT / "results" / "staged.json"
 
 TWO_HEADS = ["model.denoiser_heads=2", "train.timesteps=staged", "sample.sampler=staged"]
+STAGED_EVALUATIONS = [(f"staged20_{f}", {"num_samples": 20, "fusion": f}) for f in ("staple", "mean")]
+# the last step with the x0 head (not 004's choice; see latentseg.diffusion.staged)
+X0_FINAL = {"num_samples": 20, "fusion": "staple", "staged_final_head": "x0"}
+X0_FINAL_MEAN = {"num_samples": 20, "fusion": "mean", "staged_final_head": "x0"}
 # (training settings, [(label, predict settings)])
 METHODS: dict[str, tuple[list[str], list[tuple[str, dict]]]] = {
     "uniform_eps_ddim100": (
@@ -45,21 +49,21 @@ METHODS: dict[str, tuple[list[str], list[tuple[str, dict]]]] = {
     ),
     "staged": (
         [*TWO_HEADS, "train.last_stage_t=zero"],
-        [(f"staged20_{f}", {"num_samples": 20, "fusion": f}) for f in ("staple", "mean")],
+        [*STAGED_EVALUATIONS, ("staged20_x0final_staple", X0_FINAL)],
     ),
     "staged_sampled_t": (
         [*TWO_HEADS, "train.last_stage_t=sampled"],
-        [("staged20_staple", {"num_samples": 20, "fusion": "staple"})],
+        [STAGED_EVALUATIONS[0], ("staged20_x0final_staple", X0_FINAL)],
     ),
     # the whole of UniSegDiff: also CFENet pre-trained (30% of the minutes), frozen, injected by DCA
     "unisegdiff": (
         [*TWO_HEADS, "train.last_stage_t=zero", "model.condition=pretrained"],
-        [(f"staged20_{f}", {"num_samples": 20, "fusion": f}) for f in ("staple", "mean")],
+        [*STAGED_EVALUATIONS, ("staged20_x0final_staple", X0_FINAL), ("staged20_x0final_mean", X0_FINAL_MEAN)],
     ),
     # CFENet as a UNet (skips into its decoder): its bottleneck need not hold the mask
     "unisegdiff_unet_cfenet": (
         [*TWO_HEADS, "train.last_stage_t=zero", "model.condition=pretrained", "model.condition_head_skips=true"],
-        [(f"staged20_{f}", {"num_samples": 20, "fusion": f}) for f in ("staple", "mean")],
+        STAGED_EVALUATIONS,
     ),
 }
 
@@ -150,11 +154,11 @@ def branch_dice(model_dir: Path, test_root: Path, seed: int = 0) -> dict:
     return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
-def run(dataset: str, method: str, minutes: float) -> dict:
+def run(dataset: str, method: str, minutes: float, reuse: bool = False) -> dict:
     work = WORK / dataset
     data = phantom_data(work) if dataset == "phantoms" else real_data(dataset, work)
     train_settings, evaluations = METHODS[method]
-    return train_and_score(work / method, data, train_settings, evaluations, minutes, count_network_calls)
+    return train_and_score(work / method, data, train_settings, evaluations, minutes, count_network_calls, reuse)
 
 
 def main() -> None:
@@ -164,6 +168,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=6.0, help="training minutes per method")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--diagnose", action="store_true", help="score each branch of the trained phantom models")
+    parser.add_argument("--reuse", action="store_true", help="re-evaluate already trained models, do not retrain")
     args = parser.parse_args()
     if args.diagnose:
         for path in sorted((WORK / "phantoms").glob("*/result.json")):
@@ -177,7 +182,7 @@ def main() -> None:
         for dataset in args.datasets.split(","):
             for method in args.methods.split(","):
                 print(f"== {dataset} / {method}: {args.minutes} minutes", flush=True)
-                run(dataset, method, args.minutes)
+                run(dataset, method, args.minutes, args.reuse)
     collect(WORK, RESULTS)
     print(f"wrote {RESULTS}")
 

@@ -53,6 +53,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         prompt=args.prompt,
         text_file=args.text_file,
         allow_missing_text=args.allow_missing_text,
+        staged_final_head=args.staged_final_head,
     )
     print(f"wrote {len(written)} files to {args.output}")
 

@@ -105,6 +105,7 @@ class SampleConfig:
     num_samples: int = 4
     sampler: str = "ddim"  # ddim (DDPM when steps is None) | staged (004 section 2.2; needs denoiser_heads=2)
     staged_middle_steps: int = 10  # staged: DDIM steps from stage_high-1 to stage_low-1 with each head
+    staged_final_head: str = "eps"  # staged: the head of the last step from stage_low-1 (004: eps) | x0
     fusion: str = "mean"  # mean | vote | staple (004 section 2.4)
     eta: float = 0.0
     overlap: float = 0.5  # sliding-window overlap

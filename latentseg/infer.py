@@ -55,6 +55,7 @@ def sample_volume(
     middle_steps: int = 10,
     fusion: str = "mean",
     text: TextEmbedding | None = None,
+    final_head: str = "eps",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused class probabilities (C, *S), the samples' standard deviation (1, *S) and the entropy of
     their mean probabilities (1, *S) of one preprocessed (C_in, *S) image.
@@ -72,7 +73,7 @@ def sample_volume(
 
     def predictor(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         window_text = text.repeat(window.shape[0]) if text is not None else None  # one image: b windows
-        probs = model.sample(window, num_samples, steps, eta, generator, sampler, middle_steps, window_text)
+        probs = model.sample(window, num_samples, steps, eta, generator, sampler, middle_steps, window_text, final_head)
         if fusion == "mean":
             return probs.mean(0), uncertainty_map(probs)
         return probs.transpose(0, 1).flatten(1, 2), uncertainty_map(probs)  # (b, N*C, *roi)
@@ -145,6 +146,7 @@ def predict_image(
         s.staged_middle_steps,
         s.fusion,
         text,
+        s.staged_final_head,
     )
     back = restore({"prob": mean, "std": std, "entropy": entropy}, x, transform)
     probabilities = back["prob"]
@@ -190,6 +192,8 @@ def _check_sampling(model: LatentSegmenter, config: Config, num_samples: int) ->
         raise LatentSegError(f"--sampler must be ddim or staged, got {s.sampler!r}")
     if s.sampler == "staged" and model.config.denoiser_heads != 2:
         raise LatentSegError("--sampler staged needs a model trained with model.denoiser_heads=2")
+    if s.staged_final_head not in ("eps", "x0"):
+        raise LatentSegError(f"--staged-final-head must be eps or x0, got {s.staged_final_head!r}")
     if s.sampler == "staged" and num_samples % 2:
         raise LatentSegError(
             f"--sampler staged draws equally from two heads: --samples must be even, got {num_samples}"
@@ -256,6 +260,7 @@ def predict(
     prompt: str | None = None,
     text_file: str | Path | None = None,
     allow_missing_text: bool = False,
+    staged_final_head: str | None = None,
 ) -> list[Path]:
     """Segment every case under `input_path` and write, per case, `CASE` (labels), `CASE_prob`
     (fused probabilities), `CASE_std` (the samples' standard deviation), `CASE_entropy` (entropy of
@@ -277,6 +282,7 @@ def predict(
     model, config, fingerprint = load_model(model_dir, resolve_device(device))
     config.sample.fusion = fusion or config.sample.fusion
     config.sample.sampler = sampler or config.sample.sampler
+    config.sample.staged_final_head = staged_final_head or config.sample.staged_final_head
     prep = preprocessing_of(fingerprint, config)
     mask_values = fingerprint.get("mask_values") or []
     steps = steps or config.sample.steps

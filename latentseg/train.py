@@ -103,6 +103,7 @@ def validate(
             overlap=0.25,
             sampler=config.sample.sampler,
             middle_steps=config.sample.staged_middle_steps,
+            final_head=config.sample.staged_final_head,
             text=encoder.encode([s["text"]]) if encoder is not None else None,
         )
         onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a).long(), c).movedim(-1, 0)[None]  # noqa: E731
@@ -122,6 +123,8 @@ def check_train_config(config: Config) -> None:
         problems.append(f"train.last_stage_t must be zero or sampled, got {t.last_stage_t!r}")
     if not 0 <= t.condition_pretrain_fraction < 1:
         problems.append(f"train.condition_pretrain_fraction must be in [0, 1), got {t.condition_pretrain_fraction}")
+    if config.sample.staged_final_head not in ("eps", "x0"):
+        problems.append(f"sample.staged_final_head must be eps or x0, got {config.sample.staged_final_head!r}")
     if config.sample.sampler == "staged" and config.model.denoiser_heads != 2:
         problems.append("sample.sampler=staged needs model.denoiser_heads=2")
     try:

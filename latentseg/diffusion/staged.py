@@ -86,6 +86,7 @@ def staged_sample(
     draws: int = 10,
     eta_final: float = 1.0,
     generator: torch.Generator | None = None,
+    final_head: str = "eps",
 ) -> StagedResult:
     """004 section 2.2 staged inference, for a batch of B starting latents x_T.
 
@@ -93,7 +94,11 @@ def staged_sample(
     2. DDIM from high-1 to low-1 in `middle_steps` steps, once with each head (two branches, one batch);
     3. from low-1 the eps head takes each branch to t = 0 in one step, `draws` times with fresh noise
        (DDIM Eq. 12 with eta = `eta_final`), giving 2 * draws latents per image.
+       `final_head="x0"` takes this last step with the x0 head instead (not in 004: an option for
+       models whose eps head is the weaker one; the benchmark measures both).
     """
+    if final_head not in ("eps", "x0"):
+        raise ValueError(f"final_head must be 'eps' or 'x0', got {final_head!r}")
     if draws < 1:
         raise ValueError(f"staged sampling needs >= 1 draw per branch, got {draws}")
     batch = x_T.shape[0]
@@ -117,11 +122,11 @@ def staged_sample(
         x0_b, eps_b = schedule.split("eps", eps_hat[batch:], x[batch:], tb)
         x = ddim_jump(schedule, torch.cat([x0_a, x0_b]), torch.cat([eps_a, eps_b]), t, s)
 
-    # 3. denoising refinement: one eps-head evaluation per branch, `draws` noisy jumps to t = 0
+    # 3. denoising refinement: one eps-head (or x0-head) evaluation per branch, `draws` noisy jumps to t = 0
     low = ts[-1]
-    eps_hat, _ = heads_fn(x, _as_batch(low, x))
+    eps_hat, x0_hat = heads_fn(x, _as_batch(low, x))
     calls += 1
-    x0, eps = schedule.split("eps", eps_hat, x, _as_batch(low, x))
+    x0, eps = schedule.split(final_head, eps_hat if final_head == "eps" else x0_hat, x, _as_batch(low, x))
     outs = [
         ddim_jump(schedule, x0, eps, low, 0, eta_final, randn(tuple(x.shape), generator, x) if eta_final > 0 else None)
         for _ in range(draws)

@@ -223,6 +223,7 @@ class LatentSegmenter(nn.Module):
         sampler: str = "ddim",
         middle_steps: int = 10,
         text: TextEmbedding | None = None,
+        final_head: str = "eps",
     ) -> torch.Tensor:
         """003 Algorithm 2 with DDIM: class probabilities of `num_samples` samples per image.
 
@@ -240,7 +241,7 @@ class LatentSegmenter(nn.Module):
         cond = self.conditioning(image, text)
         batch = image.shape[0]
         if sampler == "staged":
-            return self._sample_staged(cond, batch, num_samples, middle_steps, generator, image)
+            return self._sample_staged(cond, batch, num_samples, middle_steps, generator, image, final_head)
         cond = repeat_samples(cond, num_samples)  # (N*B, ...)
         latent_shape = (num_samples * batch, self.config.latent_channels, *cond["z_image"].shape[2:])
         z_T = randn(latent_shape, generator, image)  # line 1
@@ -264,6 +265,7 @@ class LatentSegmenter(nn.Module):
         middle_steps: int,
         generator: torch.Generator | None,
         like: torch.Tensor,
+        final_head: str = "eps",
     ) -> torch.Tensor:
         if self.config.denoiser_heads != 2:
             raise ValueError("staged sampling needs a model trained with model.denoiser_heads=2 (eps and x0 heads)")
@@ -279,7 +281,7 @@ class LatentSegmenter(nn.Module):
         latent_shape = (batch, self.config.latent_channels, *cond["z_image"].shape[2:])
         z_T = randn(latent_shape, generator, like)
         result = staged_sample(
-            heads_fn, z_T, self.schedule, self.stages, middle_steps, num_samples // 2, 1.0, generator
+            heads_fn, z_T, self.schedule, self.stages, middle_steps, num_samples // 2, 1.0, generator, final_head
         )
         probs = torch.softmax(self.decode(result.samples, repeat_samples(cond, num_samples)), dim=1)
         return probs.reshape(num_samples, batch, *probs.shape[1:])

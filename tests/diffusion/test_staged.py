@@ -50,3 +50,20 @@ def test_staged_sample_with_oracle_heads_lands_on_x0_in_12_calls():
     # at t = 0 a sample is x0 plus noise of std sqrt(1 - alpha-bar_0) = 0.01, with fresh noise per draw
     assert (samples - x0_true).abs().max() < 0.1
     assert (samples[0] - samples[1]).abs().max() > 1e-4
+
+
+def test_staged_sample_final_step_with_the_x0_head():
+    sched = DiffusionSchedule()
+    x0_true = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def eps_wrong_x0_right(x_t, t):  # the eps head is useless, the x0 head exact
+        return torch.zeros_like(x_t), x0_true.repeat(x_t.shape[0] // 2, 1, 1, 1)
+
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(2, 4, 8, 8, generator=g)
+    good = staged_sample(eps_wrong_x0_right, x_T, sched, Stages(), 10, 2, generator=g, final_head="x0")
+    assert (good.samples.reshape(4, 2, 4, 8, 8)[:2] - x0_true).abs().max() < 0.1  # the x0 branch
+    bad = staged_sample(eps_wrong_x0_right, x_T, sched, Stages(), 10, 2, generator=g, final_head="eps")
+    assert (bad.samples.reshape(4, 2, 4, 8, 8)[:2] - x0_true).abs().max() > 0.1
+    with pytest.raises(ValueError, match="final_head"):
+        staged_sample(eps_wrong_x0_right, x_T, sched, Stages(), 10, 2, final_head="v")
