@@ -1,8 +1,15 @@
-"""Markdown tables from benchmarks/results/*.json, for the README. Run: python -m benchmarks.report"""
+"""Markdown tables from benchmarks/results/*.json, for the README.
+
+Run: python -m benchmarks.report            (print every table)
+     python -m benchmarks.report --readme   (rewrite the README's blocks between
+                                             <!-- table:NAME --> and <!-- /table -->)
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -113,12 +120,35 @@ def text_table(r: dict) -> str:
     return "\n".join(rows)
 
 
+TABLES = {"core": core_tables, "realdata": realdata_table, "staged": staged_table, "text": text_table}
+
+
+def rendered() -> dict[str, str]:
+    return {
+        name: render(json.loads((RESULTS / f"{name}.json").read_text()))
+        for name, render in TABLES.items()
+        if (RESULTS / f"{name}.json").is_file()
+    }
+
+
+def update_readme(path: Path) -> list[str]:
+    """Replace each marked table block; returns the names replaced."""
+    text, done = path.read_text(), []
+    for name, table in rendered().items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table -->)", re.S)
+        text, n = pattern.subn(lambda m, t=table: m.group(1) + t + m.group(2), text)
+        if n:
+            done.append(name)
+    path.write_text(text)
+    return done
+
+
 def main() -> None:
-    tables = (("core", core_tables), ("realdata", realdata_table), ("staged", staged_table), ("text", text_table))
-    for name, render in tables:
-        path = RESULTS / f"{name}.json"
-        if path.is_file():
-            print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")
+    if sys.argv[1:] == ["--readme"]:
+        print("updated:", ", ".join(update_readme(RESULTS.parent.parent / "README.md")))
+        return
+    for name, table in rendered().items():
+        print(f"### {name}\n\n{table}\n")
 
 
 if __name__ == "__main__":
