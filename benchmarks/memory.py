@@ -58,7 +58,9 @@ def peak_rss_mb(model: Path, volume: Path, out: Path, samples: int) -> float:
         "--device",
         "cpu",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"predict failed on {volume}:\n{proc.stderr[-3000:]}")
     kb = next(int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("PEAK_KB"))
     return kb / 1024
 

@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ddim (--steps K) or staged (UniSegDiff: 12 network calls; two-head models only)",
     )
     p.add_argument(
+        "--staged-final-head",
+        choices=["eps", "x0"],
+        help="staged: the head of the last step (004: eps; x0 where the eps head is the weaker one)",
+    )
+    p.add_argument(
         "--prompt", help="text models: what to segment, for every input (e.g. 'the lesion in the upper left')"
     )
     p.add_argument("--text-file", help="text models: a CSV filename,text with one sentence per input")

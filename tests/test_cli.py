@@ -174,6 +174,8 @@ def test_staged_two_head_model_with_staple_fusion(data2d, tmp_path):
         label = np.asarray(Image.open(out / "phantom_000.png"))
         assert label.shape == (64, 64) and label.max() <= 2
         assert (out / "phantom_000_std.png").is_file()
+    args = ["--sampler", "staged", "--staged-final-head", "x0", "--samples", "2"]
+    assert run_predict(model, data2d["test"] / "images", tmp_path / "x0final", *args) == 0
 
 
 def test_text_guided_model_reads_case_text_or_a_prompt(data2d, tmp_path, capsys):
