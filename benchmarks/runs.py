@@ -18,6 +18,7 @@ from benchmarks.realdata import DATASETS, SHARED, link_test_files, write_split
 from latentseg.config import load_config
 from latentseg.data.datasets import discover_inputs
 from latentseg.data.phantoms import write_phantom_dataset
+from latentseg.data.splits import patient_of
 from latentseg.demo import DEMOS
 from latentseg.infer import predict
 from latentseg.metrics import evaluate
@@ -47,7 +48,7 @@ def phantom_data(work: Path, ambiguous: bool = False) -> DataSplit:
 
 def real_data(name: str, work: Path) -> DataSplit:
     """The real-data benchmark's split, with validation cases for the plateau curve (MoNuSeg's own
-    `val` images; elsewhere every 8th training case)."""
+    `val` images; elsewhere every 8th training patient)."""
     work.mkdir(parents=True, exist_ok=True)
     images, labels = link_test_files(name, work)
     split = write_split(name, work)
@@ -57,8 +58,12 @@ def real_data(name: str, work: Path) -> DataSplit:
             given = {r["filename"].rsplit(".", 1)[0]: r["split"] for r in csv.DictReader(fh)}
     with open(split) as fh:
         rows = list(csv.DictReader(fh))
-    for i, r in enumerate(r for r in rows if r["split"] == "train"):
-        if given.get(r["case"]) == "val" or (not given and i % 8 == 7):
+    patients = sorted({patient_of(r["case"]) for r in rows if r["split"] == "train"})
+    val_patients = set(patients[7::8])  # every 8th patient, so a patient's frames stay together
+    for r in rows:
+        if r["split"] == "train" and (
+            given.get(r["case"]) == "val" or (not given and patient_of(r["case"]) in val_patients)
+        ):
             r["split"] = "val"
     with open(split, "w", newline="") as fh:
         w = csv.DictWriter(fh, ["case", "split"])

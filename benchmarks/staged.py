@@ -154,10 +154,11 @@ def branch_dice(model_dir: Path, test_root: Path, seed: int = 0) -> dict:
     return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
-def run(dataset: str, method: str, minutes: float, reuse: bool = False) -> dict:
+def run(dataset: str, method: str, minutes: float, reuse: bool = False, only: list[str] | None = None) -> dict:
     work = WORK / dataset
     data = phantom_data(work) if dataset == "phantoms" else real_data(dataset, work)
     train_settings, evaluations = METHODS[method]
+    evaluations = [e for e in evaluations if not only or e[0] in only]
     return train_and_score(work / method, data, train_settings, evaluations, minutes, count_network_calls, reuse)
 
 
@@ -169,6 +170,7 @@ def main() -> None:
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--diagnose", action="store_true", help="score each branch of the trained phantom models")
     parser.add_argument("--reuse", action="store_true", help="re-evaluate already trained models, do not retrain")
+    parser.add_argument("--evaluations", default="", help="only these sampling labels, e.g. staged20_x0final_staple")
     args = parser.parse_args()
     if args.diagnose:
         for path in sorted((WORK / "phantoms").glob("*/result.json")):
@@ -182,7 +184,7 @@ def main() -> None:
         for dataset in args.datasets.split(","):
             for method in args.methods.split(","):
                 print(f"== {dataset} / {method}: {args.minutes} minutes", flush=True)
-                run(dataset, method, args.minutes, args.reuse)
+                run(dataset, method, args.minutes, args.reuse, [e for e in args.evaluations.split(",") if e])
     collect(WORK, RESULTS)
     print(f"wrote {RESULTS}")
 
