@@ -77,10 +77,10 @@ def count_network_calls(model_dir: Path, options: dict) -> dict:
     calls = {"network_calls": 0, "latent_evaluations": 0}
     forward_heads = model.denoiser.forward_heads  # every path through the denoiser ends here
 
-    def counted(x_t, t, cond):
+    def counted(x_t, t, cond, heads=None):
         calls["network_calls"] += 1
         calls["latent_evaluations"] += x_t.shape[0]
-        return forward_heads(x_t, t, cond)
+        return forward_heads(x_t, t, cond, heads)
 
     model.denoiser.forward_heads = counted
     window = torch.randn(1, config.model.in_channels, *config.data.patch_size)

@@ -108,16 +108,21 @@ def staple_labels(labels: torch.Tensor, num_classes: int, **kwargs) -> torch.Ten
     return torch.stack([staple(labels == c, **kwargs) for c in range(num_classes)])
 
 
+def check_fusion(fusion: str, num_samples: int) -> None:
+    """A known fusion, and at least 2 samples for the ones that fuse masks."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if fusion != "mean" and num_samples < 2:
+        raise ValueError(f"--fusion {fusion} needs at least 2 samples, got --samples {num_samples}")
+
+
 def fuse(probs: torch.Tensor, fusion: str = "mean") -> Fused:
     """Fuse N samples' class probabilities (N, B, C, *S) into probabilities and labels per image."""
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     n, _, c = probs.shape[:3]
+    check_fusion(fusion, n)
     if fusion == "mean":
         mean = probs.mean(dim=0)
         return Fused(mean, mean.argmax(dim=1))
-    if n < 2:
-        raise ValueError(f"--fusion {fusion} needs at least 2 samples, got {n}")
     labels = probs.argmax(dim=2)  # (N, B, *S)
     if fusion == "vote":
         onehot = torch.nn.functional.one_hot(labels, c).movedim(-1, 2).float()  # (N, B, C, *S)

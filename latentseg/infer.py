@@ -17,12 +17,12 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from latentseg.checkpoint import load_model
-from latentseg.config import Config
+from latentseg.config import Config, SampleConfig
 from latentseg.data.datasets import Case, discover_inputs, load_image, read_text_table
 from latentseg.data.io import ImageMeta, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
 from latentseg.errors import LatentSegError
-from latentseg.fusion import FUSIONS, entropy_map, fuse, uncertainty_map
+from latentseg.fusion import FUSIONS, check_fusion, entropy_map, fuse, uncertainty_map
 from latentseg.models import LatentSegmenter
 from latentseg.overlay import save_overlay
 from latentseg.progress import progress_bar
@@ -64,10 +64,10 @@ def sample_volume(
     fusion memory beyond the output maps is bounded by the window, not the volume; `vote` and
     `staple` fuse whole-image masks, so they keep every sample's probabilities (N x C maps).
     """
-    if fusion not in FUSIONS:
-        raise LatentSegError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-    if fusion != "mean" and num_samples < 2:
-        raise LatentSegError(f"--fusion {fusion} needs at least 2 samples, got --samples {num_samples}")
+    try:
+        check_fusion(fusion, num_samples)
+    except ValueError as err:
+        raise LatentSegError(str(err)) from err
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
 
@@ -80,27 +80,23 @@ def sample_volume(
 
     x = image.as_tensor() if isinstance(image, MetaTensor) else image
     try:
-        mean, std = _sliding_window(x, roi_size, sw_batch_size, predictor, overlap, device)
+        mean, std = sliding_window_inference(
+            x[None],
+            roi_size,
+            sw_batch_size,
+            predictor,
+            overlap=overlap,
+            mode="gaussian",
+            sw_device=device,
+            device="cpu",
+            progress=False,
+        )
     except ValueError as err:  # e.g. staged sampling asked of a one-head model, a prompt of a text-free one
         raise LatentSegError(str(err)) from err
     if fusion == "mean":
         return mean[0], std[0], entropy_map(mean[None])[0]
     probs = mean.reshape(num_samples, model.config.num_classes, *mean.shape[2:])[:, None]  # (N, 1, C, *S)
     return fuse(probs, fusion).probs[0], std[0], entropy_map(probs)[0]
-
-
-def _sliding_window(x, roi_size, sw_batch_size, predictor, overlap, device):
-    return sliding_window_inference(
-        x[None],
-        roi_size,
-        sw_batch_size,
-        predictor,
-        overlap=overlap,
-        mode="gaussian",
-        sw_device=device,
-        device="cpu",
-        progress=False,
-    )
 
 
 @dataclass
@@ -183,21 +179,22 @@ def _case_texts(
     return {case_id: encoder.encode([text]).to(device) for case_id, text in sentences.items()}
 
 
-def _check_sampling(model: LatentSegmenter, config: Config, num_samples: int) -> None:
-    """Settings that would fail on every case are refused before the first one."""
-    s = config.sample
-    if s.fusion != "mean" and num_samples < 2:
-        raise LatentSegError(f"--fusion {s.fusion} needs at least 2 samples, got --samples {num_samples}")
+def sampling_problems(s: SampleConfig, denoiser_heads: int, num_samples: int | None = None) -> list[str]:
+    """What is wrong with sampling settings for a model with `denoiser_heads` heads (empty: nothing)."""
+    problems = []
+    if s.fusion not in FUSIONS:
+        problems.append(f"--fusion must be one of {', '.join(FUSIONS)}, got {s.fusion!r}")
+    elif num_samples is not None and s.fusion != "mean" and num_samples < 2:
+        problems.append(f"--fusion {s.fusion} needs at least 2 samples, got --samples {num_samples}")
     if s.sampler not in ("ddim", "staged"):
-        raise LatentSegError(f"--sampler must be ddim or staged, got {s.sampler!r}")
-    if s.sampler == "staged" and model.config.denoiser_heads != 2:
-        raise LatentSegError("--sampler staged needs a model trained with model.denoiser_heads=2")
+        problems.append(f"--sampler must be ddim or staged, got {s.sampler!r}")
     if s.staged_final_head not in ("eps", "x0"):
-        raise LatentSegError(f"--staged-final-head must be eps or x0, got {s.staged_final_head!r}")
-    if s.sampler == "staged" and num_samples % 2:
-        raise LatentSegError(
-            f"--sampler staged draws equally from two heads: --samples must be even, got {num_samples}"
-        )
+        problems.append(f"--staged-final-head must be eps or x0, got {s.staged_final_head!r}")
+    if s.sampler == "staged" and denoiser_heads != 2:
+        problems.append("--sampler staged needs a model trained with model.denoiser_heads=2")
+    if s.sampler == "staged" and num_samples is not None and num_samples % 2:
+        problems.append(f"--sampler staged draws equally from two heads: --samples must be even, got {num_samples}")
+    return problems
 
 
 def _check_output_dir(output: Path, input_path: Path, cases: list[Case]) -> None:
@@ -277,8 +274,6 @@ def predict(
         raise LatentSegError(f"--steps must be >= 1, got {steps}")
     if num_samples is not None and num_samples < 1:
         raise LatentSegError(f"--samples must be >= 1, got {num_samples}")
-    if fusion is not None and fusion not in FUSIONS:
-        raise LatentSegError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     model, config, fingerprint = load_model(model_dir, resolve_device(device))
     config.sample.fusion = fusion or config.sample.fusion
     config.sample.sampler = sampler or config.sample.sampler
@@ -287,7 +282,9 @@ def predict(
     mask_values = fingerprint.get("mask_values") or []
     steps = steps or config.sample.steps
     num_samples = num_samples or config.sample.num_samples
-    _check_sampling(model, config, num_samples)
+    problems = sampling_problems(config.sample, model.config.denoiser_heads, num_samples)
+    if problems:  # settings that would fail on every case are refused before the first one
+        raise LatentSegError("\n".join(problems))
     input_path, output_dir = Path(input_path), Path(output_dir)
     cases = discover_inputs(input_path)
     _check_output_dir(output_dir, input_path, cases)

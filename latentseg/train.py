@@ -29,7 +29,7 @@ from latentseg.config import Config
 from latentseg.data.prepare import prepare_training_data
 from latentseg.data.transforms import train_transforms
 from latentseg.errors import LatentSegError
-from latentseg.infer import predict_array, resolve_device
+from latentseg.infer import predict_array, resolve_device, sampling_problems
 from latentseg.models import LatentSegmenter
 from latentseg.models.segmenter import check_model_config
 from latentseg.progress import progress_bar
@@ -123,10 +123,7 @@ def check_train_config(config: Config) -> None:
         problems.append(f"train.last_stage_t must be zero or sampled, got {t.last_stage_t!r}")
     if not 0 <= t.condition_pretrain_fraction < 1:
         problems.append(f"train.condition_pretrain_fraction must be in [0, 1), got {t.condition_pretrain_fraction}")
-    if config.sample.staged_final_head not in ("eps", "x0"):
-        problems.append(f"sample.staged_final_head must be eps or x0, got {config.sample.staged_final_head!r}")
-    if config.sample.sampler == "staged" and config.model.denoiser_heads != 2:
-        problems.append("sample.sampler=staged needs model.denoiser_heads=2")
+    problems += sampling_problems(config.sample, config.model.denoiser_heads)
     try:
         check_model_config(config.model)
     except ValueError as err:

@@ -100,8 +100,10 @@ class Denoiser(nn.Module):
             DecoderHead(spatial_dims, latent_channels, channels, strides, emb_dim) for _ in range(heads)
         )
 
-    def forward_heads(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Every head's output from one pass of the shared encoder."""
+    def forward_heads(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], heads: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """The outputs of `heads` (default: all) from one pass of the shared encoder."""
         emb = self.time_mlp(timestep_embedding(t, self.emb_channels))
         h = self.inp(torch.cat([x_t, cond["z_image"]], dim=1))
         skips = []
@@ -113,7 +115,7 @@ class Denoiser(nn.Module):
             if level < len(self.downsample):
                 h = self.downsample[level](h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        return [head(h, skips, emb) for head in self.heads]
+        return [self.heads[i](h, skips, emb) for i in (range(len(self.heads)) if heads is None else heads)]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], head: int = 0) -> torch.Tensor:
-        return self.forward_heads(x_t, t, cond)[head]
+        return self.forward_heads(x_t, t, cond, [head])[0]

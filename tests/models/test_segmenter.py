@@ -31,21 +31,26 @@ def phantom_batch(dims=2, size=32):
     return image, torch.from_numpy(ph.label).long()[None, None]
 
 
-@pytest.mark.parametrize("prediction_type,x0_estimate", [("x0", "exact"), ("v", "exact"), ("eps", "paper")])
-def test_loss_decreases_when_overfitting_one_phantom(prediction_type, x0_estimate):
-    """(eps with the exact x0 divides eps errors by sqrt(alpha-bar_t) ~ 0.006 at t = 999 and needs far
-    longer; the core benchmark measures it.)"""
-    model = tiny_model(prediction_type=prediction_type, x0_estimate=x0_estimate)
+def overfit(model, steps=60, **loss_options):
+    """Segmentation losses of `steps` AdamW steps on one phantom repeated 4 times."""
     image, label = phantom_batch()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(60):
-        loss = model.training_losses(image.repeat(4, 1, 1, 1), label.repeat(4, 1, 1, 1), generator=g)
+    for _ in range(steps):
+        loss = model.training_losses(image.repeat(4, 1, 1, 1), label.repeat(4, 1, 1, 1), generator=g, **loss_options)
         opt.zero_grad()
         loss.total.backward()
         opt.step()
         losses.append(loss.segmentation.item())
+    return losses
+
+
+@pytest.mark.parametrize("prediction_type,x0_estimate", [("x0", "exact"), ("v", "exact"), ("eps", "paper")])
+def test_loss_decreases_when_overfitting_one_phantom(prediction_type, x0_estimate):
+    """(eps with the exact x0 divides eps errors by sqrt(alpha-bar_t) ~ 0.006 at t = 999 and needs far
+    longer; the core benchmark measures it.)"""
+    losses = overfit(tiny_model(prediction_type=prediction_type, x0_estimate=x0_estimate))
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
 
 
@@ -134,19 +139,7 @@ def test_decoder_with_image_skips(dims):
 
 
 def test_two_head_staged_training_decreases_the_loss():
-    model = tiny_model(denoiser_heads=2)
-    image, label = phantom_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(60):
-        loss = model.training_losses(
-            image.repeat(4, 1, 1, 1), label.repeat(4, 1, 1, 1), generator=g, timesteps="staged"
-        )
-        opt.zero_grad()
-        loss.total.backward()
-        opt.step()
-        losses.append(loss.segmentation.item())
+    losses = overfit(tiny_model(denoiser_heads=2), timesteps="staged")
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
 
 
