@@ -23,6 +23,7 @@ def _positive_int(text: str) -> int:
 def cmd_train(args: argparse.Namespace) -> None:
     from latentseg.checkpoint import CONFIG_FILE
     from latentseg.config import Config, apply_overrides, load_config
+    from latentseg.distributed import world_from_environment
     from latentseg.train import train
 
     if args.resume:  # the saved run's settings; only train.* may change (e.g. more steps)
@@ -34,7 +35,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         config = load_config(args.config, args.overrides)
     model_dir = train(args.data, args.out, config, resume=args.resume)
-    print(f"model written to {model_dir}")
+    if world_from_environment().is_main:  # under torchrun, one line for the run rather than one per process
+        print(f"model written to {model_dir}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -96,7 +96,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda means each rank's LOCAL_RANK GPU)
+    distributed_timeout_minutes: float = 30.0  # torchrun: a rank waiting longer than this for another fails
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Reads one or more dataset folders (`latentseg.data.prepare` checks, plans, splits and
 preprocesses them), then trains with AdamW and a warmup + cosine learning-rate schedule,
 validating with DDIM-K sampling and writing a checkpoint directory that `predict` and `--resume`
-read.
+read. Under `torchrun` every process trains on its own share of the batches in
+DistributedDataParallel (`latentseg.distributed`); rank 0 alone logs, validates and writes.
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ from typing import Any
 
 import torch
 from monai.data import DataLoader, Dataset
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.utils import set_determinism
 from safetensors.torch import load_file
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
 from latentseg.checkpoint import MODEL_FILE, load_train_state, save_checkpoint
 from latentseg.config import Config
 from latentseg.data.prepare import prepare_training_data
 from latentseg.data.transforms import train_transforms
+from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
 from latentseg.errors import LatentSegError
-from latentseg.infer import predict_array, resolve_device, sampling_problems
+from latentseg.infer import predict_array, sampling_problems
 from latentseg.models import LatentSegmenter
-from latentseg.models.segmenter import check_model_config
+from latentseg.models.segmenter import Losses, check_model_config
 from latentseg.progress import progress_bar
 from latentseg.text import TextEncoder, case_texts, load_text_encoder
 
@@ -48,39 +50,65 @@ def learning_rate(config: Config, step: int, progress: float) -> float:
     return t.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def batches(samples: list[dict[str, Any]], config: Config, total: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """`total` batches of random augmented patches; every dataset is drawn equally often."""
+def batches(
+    samples: list[dict[str, Any]], config: Config, total: int, seed: int, world: World | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`total` batches of random augmented patches for this rank; every dataset is drawn equally often.
+
+    One stream of case indices is drawn with the same seed on every rank and dealt out by
+    `DistributedSampler`, so N ranks see N different batches per step; the augmentation seed
+    differs per rank. With one process the stream is the whole of it.
+    """
+    world = world or World()
     data = [{"image": s["image"], "label": s["label"], "text": s.get("text") or ""} for s in samples]
     per_dataset = Counter(s.get("dataset", "") for s in samples)
     weights = [1.0 / per_dataset[s.get("dataset", "")] for s in samples]
-    transform = train_transforms(config.data.patch_size, config.data)
-    transform.set_random_state(seed=seed)
-    sampler = WeightedRandomSampler(
+    draws = WeightedRandomSampler(
         weights,
-        num_samples=total * config.train.batch_size,
+        num_samples=total * config.train.batch_size * world.size,
         replacement=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    loader = DataLoader(Dataset(data, transform), batch_size=config.train.batch_size, sampler=sampler, num_workers=0)
-    yield from loader
+    transform = train_transforms(config.data.patch_size, config.data)
+    transform.set_random_state(seed=seed + 100_003 * world.rank)
+    dataset = Dataset([data[i] for i in draws], transform)
+    sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=False)
+    yield from DataLoader(dataset, batch_size=config.train.batch_size, sampler=sampler, num_workers=0)
+
+
+class TrainingLosses(torch.nn.Module):
+    """A training step's losses as a module's forward: DistributedDataParallel synchronises the
+    gradients of what runs through `forward`, so the losses must be computed there."""
+
+    def __init__(self, model: LatentSegmenter, config: Config):
+        super().__init__()
+        self.model, self.config = model, config
+
+    def forward(self, image: torch.Tensor, label: torch.Tensor, text=None, condition_only: bool = False) -> Losses:
+        t = self.config.train
+        if condition_only:  # pre-training the condition network (model.condition=pretrained)
+            return self.model.condition_losses(image, label, t.gamma_dice)
+        return self.model.training_losses(
+            image, label, t.gamma_dice, t.lambda_noise, timesteps=t.timesteps, last_stage_t=t.last_stage_t, text=text
+        )
 
 
 def train_step(
-    model, optimizer, batch, config: Config, device, condition_only: bool = False, encoder: TextEncoder | None = None
+    losses_fn: torch.nn.Module,
+    optimizer,
+    batch,
+    device,
+    condition_only: bool = False,
+    encoder: TextEncoder | None = None,
 ) -> dict[str, float]:
-    model.train()
+    """One optimizer step; `losses_fn` is a `TrainingLosses`, wrapped in DDP when distributed."""
+    losses_fn.train()
     image, label = batch["image"].to(device), batch["label"].to(device)
     text = encoder.encode(list(batch["text"])).to(device) if encoder is not None else None
-    t = config.train
-    if condition_only:  # pre-training the condition network (model.condition=pretrained)
-        losses = model.condition_losses(image, label, t.gamma_dice)
-    else:
-        losses = model.training_losses(
-            image, label, t.gamma_dice, t.lambda_noise, timesteps=t.timesteps, last_stage_t=t.last_stage_t, text=text
-        )
+    losses = losses_fn(image, label, text, condition_only)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(losses_fn.parameters(), 1.0)
     optimizer.step()
     return {"loss": losses.total.item(), "seg": losses.segmentation.item(), "diff": losses.diffusion.item()}
 
@@ -91,7 +119,7 @@ def validate(
 ) -> float:
     """Mean foreground Dice of one sample per validation case (two for staged sampling, one per head)."""
     model.eval()
-    metric = DiceMetric(include_background=False, ignore_empty=False)
+    scores = []  # compute_dice, not DiceMetric: its aggregate() gathers from every rank, and only rank 0 validates
     c = config.model.num_classes
     for s in samples:
         pred = predict_array(
@@ -107,8 +135,10 @@ def validate(
             text=encoder.encode([s["text"]]) if encoder is not None else None,
         )
         onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a).long(), c).movedim(-1, 0)[None]  # noqa: E731
-        metric(onehot(pred.label), onehot(s["label"][0]))
-    return float(metric.aggregate().item())
+        scores.append(
+            compute_dice(onehot(pred.label), onehot(s["label"][0]), include_background=False, ignore_empty=False)
+        )
+    return float(torch.cat(scores).mean().item())
 
 
 def check_train_config(config: Config) -> None:
@@ -139,7 +169,11 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Train an LDSeg model on one or more dataset folders; returns the model directory."""
+    """Train an LDSeg model on one or more dataset folders; returns the model directory.
+
+    Under torchrun (RANK / WORLD_SIZE set) this is one of the training processes; see
+    `latentseg.distributed`.
+    """
     data_dirs = [Path(d) for d in (data_dirs if isinstance(data_dirs, list) else [data_dirs])]
     out_dir = Path(out_dir)
     encoder = None
@@ -148,34 +182,57 @@ def train(
         config.model.text_dim = encoder.dim
     check_train_config(config)
     data = prepare_training_data(data_dirs, config)
-    train_set, val_set = data.train, data.val[: config.train.val_cases]
     if encoder is not None:
         for subset, name in ((data.train, "training"), (data.val, "validation")):
             for sample, text in zip(subset, case_texts(subset, config.data.allow_missing_text, name), strict=True):
                 sample["text"] = text
+    world, device = setup(config.train.device, config.train.distributed_timeout_minutes)
+    if not world.is_main:
+        log.setLevel(logging.WARNING)
+    try:
+        return _train(data, out_dir, config, resume, progress and world.is_main, encoder, world, device)
+    except (RuntimeError, torch.distributed.DistError) as err:
+        if world.distributed and _is_lost_peer(err):
+            raise LatentSegError(lost_peer_message(world, err, out_dir)) from err
+        raise
+    finally:
+        teardown(world)
 
-    set_determinism(config.train.seed)
-    device = resolve_device(config.train.device)
+
+def _is_lost_peer(err: BaseException) -> bool:
+    """A collective that failed because another rank died or stopped answering."""
+    text = str(err).lower()
+    return isinstance(err, torch.distributed.DistError) or any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
+    )
+
+
+def _train(data, out_dir: Path, config: Config, resume: bool, progress: bool, encoder, world: World, device) -> Path:
+    train_set, val_set = data.train, data.val[: config.train.val_cases]
+    set_determinism(config.train.seed)  # the same initial weights on every rank
     model = LatentSegmenter(config.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     history: dict[str, Any] = {"step": [], "loss": [], "seg": [], "diff": [], "val_step": [], "val_dice": []}
     start, elapsed_before = 0, 0.0
-    if resume:
+    if resume:  # every rank reads the one checkpoint, whatever the number of processes that wrote it
         state = load_train_state(out_dir)
         model.load_state_dict(load_file(str(out_dir / MODEL_FILE)))
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
         elapsed_before = history.get("train_seconds", 0.0)
         torch.set_rng_state(state["torch_rng"])
+    if world.distributed:  # each rank draws its own noise and timesteps
+        torch.manual_seed(config.train.seed + start + 100_003 * world.rank)
     fp = data.fingerprint
     log.info("config: %s", json.dumps(config.to_dict()))
     log.info(
-        "%d training / %d validation cases, patch %s, %s, %.2fM parameters",
+        "%d training / %d validation cases, patch %s, %s, %.2fM parameters%s",
         len(train_set),
         len(data.val),
         config.data.patch_size,
         device,
         sum(p.numel() for p in model.parameters()) / 1e6,
+        f", {world.size} processes of batch {config.train.batch_size}" if world.distributed else "",
     )
     t0 = time.time()
     budget = config.train.max_minutes * 60
@@ -184,6 +241,8 @@ def train(
         return elapsed_before + time.time() - t0
 
     def checkpoint(step: int) -> None:
+        if not world.is_main:
+            return
         history["train_seconds"] = elapsed()
         state = {
             "optimizer": optimizer.state_dict(),
@@ -192,32 +251,41 @@ def train(
             "torch_rng": torch.get_rng_state(),
         }
         save_checkpoint(out_dir, model, config, fp, state)
+        log.info("step %d: checkpoint written to %s (rank %d of %d)", step, out_dir, world.rank, world.size)
 
     total = config.train.steps
     bar = progress_bar(total=total, initial=start, desc="train", unit="step", disable=not progress)
-    stream = batches(train_set, config, total - start, config.train.seed + start)
+    stream = batches(train_set, config, total - start, config.train.seed + start, world)
     step = start
     pretrain = config.model.condition == "pretrained"
+    losses_fn = wrap(TrainingLosses(model, config), world, find_unused_parameters=pretrain)
     frozen = False
-    while step < total and not (budget and elapsed() >= budget):
+    while step < total:
+        now = from_rank0(world, elapsed(), device) if budget else 0.0  # one clock for all ranks: same LR, same stop
+        if budget and now >= budget:
+            break
         step += 1
-        progress_now = max(step / total, elapsed() / budget if budget else 0.0)
+        progress_now = max(step / total, now / budget if budget else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, progress_now)
         condition_only = pretrain and progress_now < config.train.condition_pretrain_fraction
         if pretrain and not condition_only and not frozen:  # 004 section 2.3: CFENet is frozen from here on
             model.freeze_condition()
+            losses_fn = wrap(TrainingLosses(model, config), world)  # DDP over the parameters still trained
             frozen = True
-            bar.write(f"step {step}: condition network pre-trained; frozen for the diffusion training")
-        stats = train_step(model, optimizer, next(stream), config, device, condition_only, encoder)
+            if world.is_main:
+                bar.write(f"step {step}: condition network pre-trained; frozen for the diffusion training")
+        stats = train_step(losses_fn, optimizer, next(stream), device, condition_only, encoder)
         bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", seg=f"{stats['seg']:.3f}", diff=f"{stats['diff']:.3f}")
-        last = step == total or bool(budget and elapsed() >= budget)
+        postfix = {key: f"{stats[key]:.3f}" for key in ("loss", "seg", "diff")}
+        bar.set_postfix(postfix, refresh=False)  # refresh=True would print a line per step into log files
+        last = step == total or bool(budget and from_rank0(world, elapsed(), device) >= budget)
         if step % config.train.log_every == 0 or last:
             history["step"].append(step)
             for key in ("loss", "seg", "diff"):
                 history[key].append(round(stats[key], 5))
-        if val_set and config.train.val_every and (step % config.train.val_every == 0 or last) and not condition_only:
+        validating = config.train.val_every and (step % config.train.val_every == 0 or last)
+        if world.is_main and val_set and validating and not condition_only:
             dice = validate(model, val_set, config, encoder)
             history["val_step"].append(step)
             history["val_dice"].append(round(dice, 4))
@@ -227,5 +295,7 @@ def train(
             checkpoint(step)
     bar.close()
     checkpoint(step)
-    (out_dir / "training_log.json").write_text(json.dumps(history, indent=1))
+    if world.is_main:
+        (out_dir / "training_log.json").write_text(json.dumps(history, indent=1))
+    barrier(world)  # every rank returns once the model directory is complete
     return out_dir
