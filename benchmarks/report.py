@@ -120,7 +120,33 @@ def text_table(r: dict) -> str:
     return "\n".join(rows)
 
 
-TABLES = {"core": core_tables, "realdata": realdata_table, "staged": staged_table, "text": text_table}
+def ddp_table(r: dict) -> str:
+    rows = ["| run | processes x threads | batch per process | images / s | x one process |", "|---|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        rows.append(
+            f"| {name} | {v['processes']} x {v['threads_per_process']} | {v['batch_per_process']} | "
+            f"{v['images_per_second']:.1f} | {v['ratio_to_one_process']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def textdiff_table(r: dict) -> str:
+    rows = ["| method | seeds | Dice (mean +- std) | IoU (mean +- std) |", "|---|---|---|---|"]
+    for name, v in r.get("summary", {}).items():
+        rows.append(
+            f"| {name} | {v['seeds']} | {v['dice']:.3f} +- {v['dice_std']:.3f} | {v['iou']:.3f} +- {v['iou_std']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+TABLES = {
+    "core": core_tables,
+    "realdata": realdata_table,
+    "staged": staged_table,
+    "text": text_table,
+    "ddp": ddp_table,
+    "textdiff": textdiff_table,
+}
 
 
 def rendered() -> dict[str, str]:

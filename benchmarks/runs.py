@@ -135,6 +135,7 @@ def train_and_score(
         result["evaluations"][label] = {
             "dice": summary["foreground_mean"]["Dice"],
             "nsd": summary["foreground_mean"]["NSD"],
+            "iou": summary["foreground_mean"]["IoU"],
             "dice_per_class": {k: v["Dice"] for k, v in summary["mean"].items()},
             "seconds_per_case": seconds,
             **(measure(model_dir, options) if measure else {}),

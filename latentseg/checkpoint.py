@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from latentseg.config import Config
 from latentseg.errors import LatentSegError, one_line
-from latentseg.models import LatentSegmenter
+from latentseg.models import LatentSegmenter, build_model
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -69,7 +69,7 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> tup
     except Exception as err:
         raise LatentSegError(f"{model_dir}: cannot read the model files ({one_line(err)})") from err
     try:
-        model = LatentSegmenter(config.model)
+        model = build_model(config.model)
         model.load_state_dict(state)
     except (RuntimeError, ValueError) as err:
         raise LatentSegError(f"{model_dir}: weights do not match config.json ({str(err).splitlines()[0]})") from err

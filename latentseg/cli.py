@@ -1,4 +1,4 @@
-"""Command line: latentseg train | predict | evaluate | demo | phantoms | check-dataset."""
+"""Command line: latentseg train | pretrain-ddpm | predict | evaluate | demo | phantoms | check-dataset."""
 
 from __future__ import annotations
 
@@ -34,9 +34,32 @@ def cmd_train(args: argparse.Namespace) -> None:
         apply_overrides(config, args.overrides)
     else:
         config = load_config(args.config, args.overrides)
+        if args.mode:
+            config.model.mode = args.mode
+        if args.backbone:
+            config.model.backbone = args.backbone
     model_dir = train(args.data, args.out, config, resume=args.resume)
     if world_from_environment().is_main:  # under torchrun, one line for the run rather than one per process
         print(f"model written to {model_dir}")
+
+
+def cmd_pretrain_ddpm(args: argparse.Namespace) -> None:
+    from latentseg.pretrain import pretrain_ddpm
+
+    spacing = [float(v) for v in args.spacing.split(",")] if args.spacing else None
+    out = pretrain_ddpm(
+        args.data,
+        args.out,
+        args.size,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.minutes,
+        args.seed,
+        args.device,
+        spacing=spacing,
+    )
+    print(f"DDPM UNet written to {out} (use it with: latentseg train --mode textdiff --backbone {out} ...)")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -109,8 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--config", help="YAML file of settings")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument(
+        "--mode",
+        choices=["ldseg", "textdiff"],
+        help="ldseg (default): latent diffusion; textdiff: a head on a frozen DDPM UNet (needs --backbone)",
+    )
+    p.add_argument("--backbone", help="textdiff: a diffusers UNet2DModel folder, e.g. from pretrain-ddpm")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=500 model.latent_channels=8")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain-ddpm", help="train an unconditional 2D DDPM UNet on images (no labels)")
+    p.add_argument("--data", required=True, help="a folder of 2D images, or a dataset root (its images/)")
+    p.add_argument("--out", required=True, help="folder for the diffusers UNet2DModel")
+    p.add_argument("--size", type=_positive_int, default=256, help="training crop side (multiple of 32)")
+    p.add_argument("--spacing", help="resample first, e.g. 2,2 halves a PNG (then train with data.spacing=[2,2])")
+    p.add_argument("--steps", type=_positive_int, default=5000)
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_pretrain_ddpm)
 
     p = sub.add_parser("predict", help="segment images with a trained model")
     p.add_argument("--model", required=True, help="model directory written by train")

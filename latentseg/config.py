@@ -59,6 +59,15 @@ class ModelConfig:
     denoiser_heads: int = 1
     stage_high: int = 600  # t > stage_high: rapid segmentation stage (x0); staged sampling jumps 999 -> high-1
     stage_low: int = 300  # t <= stage_low: denoising refinement stage (eps); staged sampling ends there
+    # ldseg: the latent diffusion segmenter above (003, with 000 / 004 options) | textdiff (001): a
+    # frozen pretrained DDPM UNet's decoder features at a few noise levels, fused with the text by
+    # cross-attention per block, and a pixel classifier; only the attention and classifier train
+    mode: str = "ldseg"
+    backbone: str = ""  # textdiff: the diffusers UNet2DModel folder trained on (e.g. by `pretrain-ddpm`)
+    backbone_config: dict = field(default_factory=dict)  # textdiff: that UNet's config, set by `train`
+    feature_blocks: list = field(default_factory=lambda: [6, 8, 12, 16])  # decoder block ids, 001 section 3
+    feature_timesteps: list = field(default_factory=lambda: [50, 150, 250])  # 001 section 2.1
+    feature_channels: int = 32  # textdiff: width of each block's features after projection
 
 
 @dataclass
@@ -177,6 +186,11 @@ def _coerce(value: Any, default: Any, key: str, source: str, parse: bool) -> Any
         except yaml.YAMLError as err:
             raise LatentSegError(f"{source}: cannot parse {key}={value!r}") from err
     expected = type(default)
+    if isinstance(default, float) and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):

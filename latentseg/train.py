@@ -32,7 +32,7 @@ from latentseg.data.transforms import train_transforms
 from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
 from latentseg.errors import LatentSegError
 from latentseg.infer import predict_array, sampling_problems
-from latentseg.models import LatentSegmenter
+from latentseg.models import LatentSegmenter, build_model
 from latentseg.models.segmenter import Losses, check_model_config
 from latentseg.progress import progress_bar
 from latentseg.text import TextEncoder, case_texts, load_text_encoder
@@ -180,8 +180,11 @@ def train(
     if config.model.text_fusion in ("attention", "concat"):  # 000 section II-B: a frozen text encoder
         encoder = load_text_encoder(config.model.text_encoder, config.model.text_max_length)
         config.model.text_dim = encoder.dim
+    backbone = _textdiff_backbone(config) if config.model.mode == "textdiff" and not resume else None
     check_train_config(config)
     data = prepare_training_data(data_dirs, config)
+    if backbone is not None:
+        _check_backbone_fits(backbone, config)
     if encoder is not None:
         for subset, name in ((data.train, "training"), (data.val, "validation")):
             for sample, text in zip(subset, case_texts(subset, config.data.allow_missing_text, name), strict=True):
@@ -190,7 +193,7 @@ def train(
     if not world.is_main:
         log.setLevel(logging.WARNING)
     try:
-        return _train(data, out_dir, config, resume, progress and world.is_main, encoder, world, device)
+        return _train(data, out_dir, config, resume, progress and world.is_main, encoder, world, device, backbone)
     except (RuntimeError, torch.distributed.DistError) as err:
         if world.distributed and _is_lost_peer(err):
             raise LatentSegError(lost_peer_message(world, err, out_dir)) from err
@@ -207,10 +210,38 @@ def _is_lost_peer(err: BaseException) -> bool:
     )
 
 
-def _train(data, out_dir: Path, config: Config, resume: bool, progress: bool, encoder, world: World, device) -> Path:
+def _textdiff_backbone(config: Config) -> torch.nn.Module:
+    """The pretrained DDPM UNet of a textdiff model; its settings are recorded in the config."""
+    from latentseg.models.backbone import check_feature_settings, load_backbone
+
+    if not config.model.backbone:
+        raise LatentSegError("model.mode=textdiff needs model.backbone=FOLDER, a diffusers UNet2DModel (pretrain-ddpm)")
+    unet = load_backbone(config.model.backbone)
+    m = config.model
+    check_feature_settings(unet, m.feature_blocks, m.feature_timesteps, m.num_timesteps)
+    config.model.backbone_config = dict(unet.config)
+    return unet
+
+
+def _check_backbone_fits(unet: torch.nn.Module, config: Config) -> None:
+    m = config.model
+    if m.spatial_dims != 2:
+        raise LatentSegError(f"model.mode=textdiff needs 2D images; the data is {m.spatial_dims}D")
+    if unet.config.in_channels != m.in_channels:
+        raise LatentSegError(
+            f"{m.backbone}: the UNet takes {unet.config.in_channels} image channels, the data has {m.in_channels}"
+        )
+
+
+def _train(
+    data, out_dir: Path, config: Config, resume: bool, progress: bool, encoder, world: World, device, backbone=None
+) -> Path:
     train_set, val_set = data.train, data.val[: config.train.val_cases]
     set_determinism(config.train.seed)  # the same initial weights on every rank
-    model = LatentSegmenter(config.model).to(device)
+    model = build_model(config.model)
+    if backbone is not None:  # textdiff: the pretrained DDPM UNet, frozen inside the model
+        model.features.unet.load_state_dict(backbone.state_dict())
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     history: dict[str, Any] = {"step": [], "loss": [], "seg": [], "diff": [], "val_step": [], "val_dice": []}
     start, elapsed_before = 0, 0.0

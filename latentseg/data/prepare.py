@@ -74,6 +74,8 @@ def plan_preprocessing(config: Config, specs: list[DatasetSpec], samples: list[d
     spacing = None
     if dims == 3 and config.data.resample:
         spacing = config.data.spacing or [float(v) for v in np.median([s["meta"].spacing for s in samples], axis=0)]
+    elif dims == 2 and config.data.spacing:  # 2D images keep their grid unless a spacing is asked for
+        spacing = config.data.spacing
     names = specs[0].channel_names
     ct = {
         str(c): ct_statistics([s["image"] for s in samples], [s["label"] for s in samples], c)

@@ -44,6 +44,12 @@ def repeat_samples(cond: dict, num_samples: int) -> dict:
 
 
 def check_model_config(config: ModelConfig) -> None:
+    if config.mode == "textdiff":
+        from latentseg.models.textdiff import check_textdiff_config
+
+        return check_textdiff_config(config)
+    if config.mode != "ldseg":
+        raise ValueError(f"mode must be ldseg or textdiff, got {config.mode!r}")
     if config.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {config.prediction_type!r}")
     if config.x0_estimate not in ("exact", "paper"):
@@ -63,6 +69,15 @@ def check_model_config(config: ModelConfig) -> None:
         raise ValueError("a text model needs text_dim (set by `train` from the text encoder)")
     if config.condition not in ("learned", "pretrained"):
         raise ValueError(f"condition must be 'learned' or 'pretrained', got {config.condition!r}")
+
+
+def dice_ce(logits: torch.Tensor, label: torch.Tensor, gamma: float, dice: DiceLoss) -> torch.Tensor:
+    """(B,) CE + gamma * Dice per image (003 Eq. 14-16); the batch mean is MONAI's DiceCELoss.
+
+    `dice`: DiceLoss(to_onehot_y=True, softmax=True, reduction="none").
+    """
+    ce = F.cross_entropy(logits, label[:, 0].long(), reduction="none").flatten(1).mean(1)
+    return ce + gamma * dice(logits, label).flatten(1).mean(1)
 
 
 class LatentSegmenter(nn.Module):
@@ -165,9 +180,7 @@ class LatentSegmenter(nn.Module):
         return self.schedule.split(self.config.prediction_type, model_output, z_t, t)[0]
 
     def segmentation_loss(self, logits: torch.Tensor, label: torch.Tensor, gamma: float) -> torch.Tensor:
-        """(B,) CE + gamma * Dice per image (003 Eq. 14-16); the batch mean is MONAI's DiceCELoss."""
-        ce = F.cross_entropy(logits, label[:, 0].long(), reduction="none").flatten(1).mean(1)
-        return ce + gamma * self.dice(logits, label).flatten(1).mean(1)
+        return dice_ce(logits, label, gamma, self.dice)
 
     def training_losses(
         self,
