@@ -62,25 +62,55 @@ def cmd_pretrain_ddpm(args: argparse.Namespace) -> None:
     print(f"DDPM UNet written to {out} (use it with: latentseg train --mode textdiff --backbone {out} ...)")
 
 
+def prompt_folder(prompt: str) -> str:
+    """A folder name for one prompt's outputs: 'left ventricle' -> 'left_ventricle'."""
+    return "_".join("".join(ch if ch.isalnum() else " " for ch in prompt).split()) or "prompt"
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
+    if args.prompts is not None:  # one folder of outputs per target
+        if args.prompt is not None:
+            raise LatentSegError("give --prompt or --prompts, not both")
+        prompts = [p.strip() for p in args.prompts.split(",")]
+        if not all(prompts):
+            raise LatentSegError(f"--prompts has an empty name: {args.prompts!r}")
+        _check_class_prompts(Path(args.model), prompts)  # before any output is written
+        for prompt in prompts:
+            _predict(args, prompt, Path(args.output) / prompt_folder(prompt))
+        return
+    _predict(args, args.prompt, Path(args.output))
+
+
+def _check_class_prompts(model_dir: Path, prompts: list[str]) -> None:
+    from latentseg.checkpoint import CONFIG_FILE, check_model_dir
+    from latentseg.config import Config
+    from latentseg.data.targets import ClassIds
+
+    check_model_dir(model_dir)
+    config = Config.load(model_dir / CONFIG_FILE)
+    if config.model.prompt == "class":
+        ClassIds(config.model.prompt_names).encode(prompts)
+
+
+def _predict(args: argparse.Namespace, prompt: str | None, output: Path) -> None:
     from latentseg.infer import predict
 
     written = predict(
         args.model,
         args.input,
-        args.output,
+        output,
         args.steps,
         args.samples,
         args.seed,
         args.device,
         fusion=args.fusion,
         sampler=args.sampler,
-        prompt=args.prompt,
+        prompt=prompt,
         text_file=args.text_file,
         allow_missing_text=args.allow_missing_text,
         staged_final_head=args.staged_final_head,
     )
-    print(f"wrote {len(written)} files to {args.output}")
+    print(f"wrote {len(written)} files to {output}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -177,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prompt", help="text models: what to segment, for every input (e.g. 'the lesion in the upper left')"
+    )
+    p.add_argument(
+        "--prompts", help="prompted models: several targets, e.g. 'left ventricle,myocardium' (a folder each)"
     )
     p.add_argument("--text-file", help="text models: a CSV filename,text with one sentence per input")
     p.add_argument("--allow-missing-text", action="store_true", help="inputs without a sentence get 'no description'")

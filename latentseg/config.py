@@ -59,6 +59,11 @@ class ModelConfig:
     denoiser_heads: int = 1
     stage_high: int = 600  # t > stage_high: rapid segmentation stage (x0); staged sampling jumps 999 -> high-1
     stage_low: int = 300  # t <= stage_low: denoising refinement stage (eps); staged sampling ends there
+    # universal prompted segmentation (002): none | class (a learned embedding per target name) |
+    # text (the text encoder's embedding of the name). Each (case, target) is a binary task and the
+    # prompt joins the image latent through `text_fusion` (attention unless set)
+    prompt: str = "none"
+    prompt_names: list = field(default_factory=list)  # set by `train`: the target names, in id order
     # ldseg: the latent diffusion segmenter above (003, with 000 / 004 options) | textdiff (001): a
     # frozen pretrained DDPM UNet's decoder features at a few noise levels, fused with the text by
     # cross-attention per block, and a pixel classifier; only the attention and classifier train
@@ -84,6 +89,7 @@ class DataConfig:
     rotation_degrees: float = 15.0  # random in-plane rotations up to this angle (0: off)
     intensity_augmentation: bool = True
     allow_missing_text: bool = False  # text models: cases without a description get "no description"
+    label_map: str = ""  # model.prompt: YAML {dataset folder: {label id: shared name}}; default: own names
 
 
 @dataclass

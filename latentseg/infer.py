@@ -21,6 +21,7 @@ from latentseg.config import Config, SampleConfig
 from latentseg.data.datasets import Case, discover_inputs, load_image, read_text_table
 from latentseg.data.io import ImageMeta, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
+from latentseg.data.targets import ClassIds
 from latentseg.errors import LatentSegError
 from latentseg.fusion import FUSIONS, check_fusion, entropy_map, fuse, uncertainty_map
 from latentseg.models import LatentSegmenter
@@ -156,8 +157,11 @@ def _case_texts(
     text_file: str | Path | None,
     allow_missing: bool,
 ) -> dict[str, TextEmbedding]:
-    """Each case's text embedding for a text model; checks that text goes only to text models."""
+    """Each case's text embedding for a text model (class ids for a class-prompt model); checks
+    that text goes only to text models."""
     c = model.config
+    if c.prompt != "none":
+        return _prompt_inputs(model, cases, prompt)
     if c.text_fusion == "none":
         if prompt is not None or text_file is not None:
             raise LatentSegError("this model was trained without text (model.text_fusion=none): it takes no prompt")
@@ -177,6 +181,24 @@ def _case_texts(
     encoder = load_text_encoder(c.text_encoder, c.text_max_length)
     device = next(model.parameters()).device
     return {case_id: encoder.encode([text]).to(device) for case_id, text in sentences.items()}
+
+
+def _prompt_inputs(model, cases: list[Case], prompt: str | None) -> dict[str, TextEmbedding | torch.Tensor]:
+    """A universal model (002) segments the target its prompt names, the same for every case."""
+    c = model.config
+    if prompt is None:
+        raise LatentSegError(
+            f"this model segments what a prompt names: give --prompt NAME or --prompts A,B "
+            f"(trained on: {', '.join(c.prompt_names)})"
+        )
+    if not prompt.strip():
+        raise LatentSegError("--prompt is empty: say what to segment")
+    device = next(model.parameters()).device
+    if c.prompt == "class":
+        ids = ClassIds(c.prompt_names).encode([prompt.strip()]).to(device)
+        return {case.case_id: ids for case in cases}
+    embedding = load_text_encoder(c.text_encoder, c.text_max_length).encode([prompt]).to(device)
+    return {case.case_id: embedding for case in cases}
 
 
 def sampling_problems(s: SampleConfig, denoiser_heads: int, num_samples: int | None = None) -> list[str]:

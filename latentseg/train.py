@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from monai.data import DataLoader, Dataset
 from monai.metrics import compute_dice
+from monai.transforms import Compose
 from monai.utils import set_determinism
 from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler, WeightedRandomSampler
@@ -28,6 +29,7 @@ from torch.utils.data import DistributedSampler, WeightedRandomSampler
 from latentseg.checkpoint import MODEL_FILE, load_train_state, save_checkpoint
 from latentseg.config import Config
 from latentseg.data.prepare import prepare_training_data
+from latentseg.data.targets import ClassIds, read_label_map, select_target, target_names, target_tasks
 from latentseg.data.transforms import train_transforms
 from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
 from latentseg.errors import LatentSegError
@@ -61,6 +63,9 @@ def batches(
     """
     world = world or World()
     data = [{"image": s["image"], "label": s["label"], "text": s.get("text") or ""} for s in samples]
+    for entry, s in zip(data, samples, strict=True):
+        if "target" in s:  # a prompted task: the label becomes that target's mask, per batch
+            entry["target"] = s["target"]
     per_dataset = Counter(s.get("dataset", "") for s in samples)
     weights = [1.0 / per_dataset[s.get("dataset", "")] for s in samples]
     draws = WeightedRandomSampler(
@@ -69,7 +74,7 @@ def batches(
         replacement=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    transform = train_transforms(config.data.patch_size, config.data)
+    transform = Compose([select_target, train_transforms(config.data.patch_size, config.data)])
     transform.set_random_state(seed=seed + 100_003 * world.rank)
     dataset = Dataset([data[i] for i in draws], transform)
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=False)
@@ -99,7 +104,7 @@ def train_step(
     batch,
     device,
     condition_only: bool = False,
-    encoder: TextEncoder | None = None,
+    encoder: TextEncoder | ClassIds | None = None,
 ) -> dict[str, float]:
     """One optimizer step; `losses_fn` is a `TrainingLosses`, wrapped in DDP when distributed."""
     losses_fn.train()
@@ -119,6 +124,7 @@ def validate(
 ) -> float:
     """Mean foreground Dice of one sample per validation case (two for staged sampling, one per head)."""
     model.eval()
+    device = next(model.parameters()).device
     scores = []  # compute_dice, not DiceMetric: its aggregate() gathers from every rank, and only rank 0 validates
     c = config.model.num_classes
     for s in samples:
@@ -132,7 +138,7 @@ def validate(
             sampler=config.sample.sampler,
             middle_steps=config.sample.staged_middle_steps,
             final_head=config.sample.staged_final_head,
-            text=encoder.encode([s["text"]]) if encoder is not None else None,
+            text=encoder.encode([s["text"]]).to(device) if encoder is not None else None,
         )
         onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a).long(), c).movedim(-1, 0)[None]  # noqa: E731
         scores.append(
@@ -176,16 +182,23 @@ def train(
     """
     data_dirs = [Path(d) for d in (data_dirs if isinstance(data_dirs, list) else [data_dirs])]
     out_dir = Path(out_dir)
+    m = config.model
+    if m.prompt != "none" and m.text_fusion == "none":
+        m.text_fusion = "attention"  # 002: the prompt needs a way into the image latent
     encoder = None
-    if config.model.text_fusion in ("attention", "concat"):  # 000 section II-B: a frozen text encoder
-        encoder = load_text_encoder(config.model.text_encoder, config.model.text_max_length)
-        config.model.text_dim = encoder.dim
+    if m.text_fusion in ("attention", "concat") and m.prompt != "class":  # 000 II-B: a frozen text encoder
+        encoder = load_text_encoder(m.text_encoder, m.text_max_length)
+        m.text_dim = encoder.dim
+    if m.prompt == "class" and m.text_dim < 1:
+        m.text_dim = 64  # width of the learned class embeddings
     backbone = _textdiff_backbone(config) if config.model.mode == "textdiff" and not resume else None
     check_train_config(config)
     data = prepare_training_data(data_dirs, config)
     if backbone is not None:
         _check_backbone_fits(backbone, config)
-    if encoder is not None:
+    if m.prompt != "none":
+        encoder = _prompt_tasks(data, config, encoder)
+    elif encoder is not None:
         for subset, name in ((data.train, "training"), (data.val, "validation")):
             for sample, text in zip(subset, case_texts(subset, config.data.allow_missing_text, name), strict=True):
                 sample["text"] = text
@@ -208,6 +221,27 @@ def _is_lost_peer(err: BaseException) -> bool:
     return isinstance(err, torch.distributed.DistError) or any(
         word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
     )
+
+
+def _prompt_tasks(data, config: Config, encoder: TextEncoder | None):
+    """002: every (case, target) becomes a binary task prompted by the target's shared name.
+    Returns what turns prompts into the model's input (the text encoder, or class ids)."""
+    m = config.model
+    label_map = read_label_map(config.data.label_map) if config.data.label_map else {}
+    targets = target_names(data.labels_by_dataset, label_map)
+    names = sorted({name for t in targets.values() for name in t.values()})
+    if not names:
+        raise LatentSegError("model.prompt: the datasets have no foreground labels to prompt for")
+    data.train = target_tasks(data.train, targets)
+    data.val = target_tasks(data.val, targets, binarize=True)
+    m.num_classes, m.prompt_names = 2, names
+    data.fingerprint.update(
+        labels={"0": "background", "1": "target"},
+        mask_values=[],
+        targets={ds: {str(i): n for i, n in t.items()} for ds, t in targets.items()},
+    )
+    log.info("%d targets (%s): %d training tasks", len(names), ", ".join(names), len(data.train))
+    return ClassIds(names) if m.prompt == "class" else encoder
 
 
 def _textdiff_backbone(config: Config) -> torch.nn.Module:

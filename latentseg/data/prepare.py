@@ -33,6 +33,7 @@ class TrainingData:
     train: list[dict[str, Any]]  # {"image", "label", "case_id", "dataset", "text"} in the network's space
     val: list[dict[str, Any]]
     fingerprint: dict[str, Any]
+    labels_by_dataset: dict[str, dict[int, str]]  # each dataset's own label names (background included)
 
 
 def load_datasets(data_dirs: list[Path], mask_values: list[int]) -> tuple[list[DatasetSpec], list[dict[str, Any]]]:
@@ -58,13 +59,13 @@ def load_datasets(data_dirs: list[Path], mask_values: list[int]) -> tuple[list[D
     return specs, samples
 
 
-def _check_compatible(specs: list[DatasetSpec], samples: list[dict[str, Any]]) -> None:
+def _check_compatible(specs: list[DatasetSpec], samples: list[dict[str, Any]], same_labels: bool = True) -> None:
     if len({s["meta"].spatial_dims for s in samples}) > 1:
         raise LatentSegError("the datasets mix 2D and 3D images")
     if len({s["image"].shape[0] for s in samples}) > 1:
         raise LatentSegError("the datasets have different channel counts")
     declared = {tuple(sorted(s.labels.items())) for s in specs if s.labels}
-    if len(declared) > 1:
+    if same_labels and len(declared) > 1:
         names = ", ".join(f"{s.name}: {s.labels}" for s in specs)
         raise LatentSegError(f"the datasets declare different labels ({names}); train them separately")
 
@@ -106,7 +107,9 @@ def plan_network(config: Config, shapes: list[tuple[int, ...]], spacing: list[fl
 def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData:
     """Load, check, configure, split by patient and preprocess; fills the data-decided settings."""
     specs, samples = load_datasets(data_dirs, config.data.mask_values)
-    _check_compatible(specs, samples)
+    if len({spec.name for spec in specs}) < len(specs):
+        raise LatentSegError(f"two datasets share a folder name ({', '.join(spec.name for spec in specs)})")
+    _check_compatible(specs, samples, same_labels=config.model.prompt == "none")  # prompts: labels differ
     labels = specs[0].labels
     found = max(int(s["label"].max()) for s in samples) + 1
     config.model.spatial_dims = samples[0]["meta"].spatial_dims
@@ -146,4 +149,8 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     }
     train = [s for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
     val = [s for s in samples if (s["dataset"], s["case_id"]) in set(val_ids)]
-    return TrainingData(train, val, fingerprint)
+    by_dataset = {}
+    for spec in specs:
+        found = sorted({int(v) for s in samples if s["dataset"] == spec.name for v in np.unique(s["label"])})
+        by_dataset[spec.name] = spec.labels or {i: str(i) for i in found}
+    return TrainingData(train, val, fingerprint, by_dataset)

@@ -67,8 +67,30 @@ def check_model_config(config: ModelConfig) -> None:
         raise ValueError(f"text_fusion must be one of {', '.join(TEXT_FUSIONS)}, got {config.text_fusion!r}")
     if config.text_fusion != "none" and config.text_dim < 1:
         raise ValueError("a text model needs text_dim (set by `train` from the text encoder)")
+    if config.prompt not in PROMPTS:
+        raise ValueError(f"prompt must be one of {', '.join(PROMPTS)}, got {config.prompt!r}")
+    if config.prompt != "none" and config.text_fusion == "none":
+        raise ValueError("a prompted model needs text_fusion=attention or concat (how the prompt joins the image)")
     if config.condition not in ("learned", "pretrained"):
         raise ValueError(f"condition must be 'learned' or 'pretrained', got {config.condition!r}")
+
+
+PROMPTS = ("none", "class", "text")
+
+
+class ClassPrompts(nn.Module):
+    """002's learned class embedding: one vector per target name, given to the text fusion as a
+    one-token sentence."""
+
+    def __init__(self, names: list[str], dim: int):
+        super().__init__()
+        if not names:
+            raise ValueError("a class-prompt model needs its target names (prompt_names, set by `train`)")
+        self.embedding = nn.Embedding(len(names), dim)
+
+    def forward(self, ids: torch.Tensor) -> TextEmbedding:
+        e = self.embedding(ids)  # (B, D)
+        return TextEmbedding(e[:, None], torch.zeros(len(ids), 1, dtype=torch.bool, device=e.device), e)
 
 
 def dice_ce(logits: torch.Tensor, label: torch.Tensor, gamma: float, dice: DiceLoss) -> torch.Tensor:
@@ -127,13 +149,14 @@ class LatentSegmenter(nn.Module):
             c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides, skips
         )
         self.text_fusion = make_text_fusion(c)
+        self.class_prompts = ClassPrompts(c.prompt_names, c.text_dim) if c.prompt == "class" else None
         self.stages = Stages(c.stage_high, c.stage_low, c.num_timesteps)
         # the single-output path (DDIM/DDPM) uses the head that predicts `prediction_type`
         self.head = 1 if c.denoiser_heads == 2 and c.prediction_type == "x0" else 0
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
 
     def conditioning(
-        self, image: torch.Tensor, text: TextEmbedding | None = None
+        self, image: torch.Tensor, text: TextEmbedding | torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Everything the networks are conditioned on, in one dict: z_image (003 Eq. 9; fused with
         the text, 000 Eq. 2, for text models) for the denoiser and, with `decoder_skips`, the image
@@ -143,6 +166,10 @@ class LatentSegmenter(nn.Module):
             cond = {"z_image": z_image, "image_features": features}
         else:
             cond = {"z_image": self.image_encoder(image)}
+        if isinstance(text, torch.Tensor):  # class ids of a class-prompt model
+            if self.class_prompts is None:
+                raise ValueError("class ids were given to a model without class prompts")
+            text = self.class_prompts(text)
         if self.text_fusion is not None:
             if text is None:
                 raise ValueError("this model was trained with text: give each image a description or a prompt")
