@@ -104,7 +104,7 @@ def staged_table(r: dict) -> str:
 
 def text_table(r: dict) -> str:
     rows = [
-        "| dataset | text_fusion | minutes | steps | mean fg Dice | per-class Dice | NSD |",
+        "| dataset | variant | minutes | steps | mean fg Dice | per-class Dice | NSD |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, variants in r.items():
@@ -131,13 +131,32 @@ def ddp_table(r: dict) -> str:
 
 
 def textdiff_table(r: dict) -> str:
-    rows = ["| method | seeds | Dice (mean +- std) | IoU (mean +- std) |", "|---|---|---|---|"]
+    rows = [
+        "| method | seeds | training steps (mean) | Dice (mean +- std) | IoU (mean +- std) |",
+        "|---|---|---|---|---|",
+    ]
     for name, v in r.get("summary", {}).items():
+        steps = [r[s][name]["steps"] for s in r if s.startswith("seed") and name in r[s]]
         rows.append(
-            f"| {name} | {v['seeds']} | {v['dice']:.3f} +- {v['dice_std']:.3f} | {v['iou']:.3f} +- {v['iou_std']:.3f} |"
+            f"| {name} | {v['seeds']} | {sum(steps) / len(steps):.0f} | {v['dice']:.3f} +- {v['dice_std']:.3f} | "
+            f"{v['iou']:.3f} +- {v['iou_std']:.3f} |"
         )
     return "\n".join(rows)
 
+
+def universal_table(r: dict) -> str:
+    rows = [
+        "| model | minutes | steps | " + " | ".join(f"Dice {t}" for t in TARGET_ORDER) + " | mean |",
+        "|---|---|---|" + "---|" * (len(TARGET_ORDER) + 1),
+    ]
+    for name, v in r.get("runs", {}).items():
+        cells = [_f(v["dice"][t]) if t in v["dice"] else "" for t in TARGET_ORDER]
+        mean = sum(v["dice"].values()) / len(v["dice"])
+        rows.append(f"| {name} | {v['minutes']:.0f} | {v['steps']} | " + " | ".join(cells) + f" | {_f(mean)} |")
+    return "\n".join(rows)
+
+
+TARGET_ORDER = ("organ", "lesion", "cell interior")
 
 TABLES = {
     "core": core_tables,
@@ -146,6 +165,7 @@ TABLES = {
     "text": text_table,
     "ddp": ddp_table,
     "textdiff": textdiff_table,
+    "universal": universal_table,
 }
 
 

@@ -1,4 +1,4 @@
-"""Command line: latentseg train | pretrain-ddpm | predict | evaluate | demo | phantoms | check-dataset."""
+"""Command line: latentseg train | pretrain-ddpm | predict | evaluate | serve | demo | phantoms | check-dataset."""
 
 from __future__ import annotations
 
@@ -113,6 +113,12 @@ def _predict(args: argparse.Namespace, prompt: str | None, output: Path) -> None
     print(f"wrote {len(written)} files to {output}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from latentseg.serve import serve
+
+    serve(args.model, args.host, args.port, args.device, args.max_upload_mb)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from latentseg.metrics import evaluate, format_table
 
@@ -160,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset folder (nnU-Net, MSD, or images/ + masks/); repeat to train on several, sampled equally",
     )
     p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--config", help="YAML file of settings")
+    p.add_argument(
+        "--config", help="YAML file of settings, or a preset: ldseg, textdiffseg3d, universal, unisegdiff"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument(
         "--mode",
@@ -237,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ambiguous", action="store_true", help="two similar lesions; the text names the target")
     p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("serve", help="a local web page to segment one uploaded case (Gradio)")
+    p.add_argument("--model", required=True, help="model directory written by train")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=_positive_int, default=7860)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest accepted upload")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-dataset", help="report every problem of a dataset folder")
     p.add_argument("path")

@@ -49,12 +49,20 @@ class ModelConfig:
     # CFENet's decoder: without skips its bottleneck (the only features at the latent's resolution,
     # which is where the denoiser works) must hold the whole mask; with skips it is a UNet
     condition_head_skips: bool = False
+    # joint: label encoder and decoder train end to end with the rest (003) | pretrained: 002's
+    # two-stage mask autoencoder, trained alone first (Eq. 3: BCE + Dice + weight decay), then frozen
+    # while the diffusion trains with the MSE on the latent alone
+    label_autoencoder: str = "joint"
+    # 000 Table II ablations: learned networks | downsample (average pooling + a 1x1 convolution)
+    image_encoder: str = "learned"
+    label_encoder: str = "learned"
     # text guidance (000 section II-B): none | attention (Eq. 2: image-latent voxels attend to the
     # tokens of a frozen text encoder) | concat (the pooled sentence embedding joins the image latent)
     text_fusion: str = "none"
     text_encoder: str = "all-MiniLM-L6-v2"  # a local folder or a cached hub name; default: shipped copy
     text_dim: int = 0  # set by `train` from the text encoder
     text_max_length: int = 64  # tokens; longer text is truncated with a warning
+    text_in_denoiser: bool = False  # attention fusion: every denoiser encoder level also attends to the tokens
     # UniSegDiff (004 section 2.1-2.2): 2 = one denoiser encoder with an eps head and an x0 head
     denoiser_heads: int = 1
     stage_high: int = 600  # t > stage_high: rapid segmentation stage (x0); staged sampling jumps 999 -> high-1
@@ -103,9 +111,19 @@ class TrainConfig:
     weight_decay: float = 1e-4
     gamma_dice: float = 2.0  # 003 Eq. 16
     lambda_noise: float = 1.0  # 003 Eq. 18
-    timesteps: str = "uniform"  # uniform (003 Algorithm 1) | staged (004 section 2.2, with alpha:beta per stage)
+    # uniform (003 Algorithm 1) | staged (004 section 2.2, with alpha:beta per stage) | importance
+    # (002 section 3.1: t drawn in proportion to its recent loss, see latentseg.diffusion.timesteps)
+    timesteps: str = "uniform"
+    importance_bins: int = 50  # importance: timesteps grouped into this many intervals (num_timesteps: per t)
+    importance_history: int = 10  # importance: losses remembered per interval before it leaves uniform
     last_stage_t: str = "zero"  # staged: t <= stage_low is set to 0 (004) | "sampled": kept as drawn
     condition_pretrain_fraction: float = 0.3  # model.condition=pretrained: share of the run that trains CFENet
+    autoencoder_pretrain_fraction: float = 0.3  # model.label_autoencoder=pretrained: share that trains it
+    autoencoder_weight_decay: float = 1e-5  # lambda of 002 Eq. 3
+    # textdiff: keep each training image's frozen-backbone features (fixed noise per image), up to
+    # this many MB (0: off; computed anew each step). Hits only when images repeat exactly: turn off
+    # data.flips / rotation_degrees / intensity_augmentation and make the patch the whole image
+    feature_cache_mb: float = 0.0
     val_every: int = 500  # steps between validations (0: never)
     val_cases: int = 8
     checkpoint_every: int = 500
@@ -221,10 +239,29 @@ def _set(config: Config, key: str, value: Any, source: str, parse: bool) -> None
     setattr(section, name, _coerce(value, getattr(section, name), key, source, parse))
 
 
+PRESETS = Path(__file__).parent / "presets"
+
+
+def presets() -> list[str]:
+    """Names of the shipped presets, one per paper's setup (latentseg/presets/NAME.yaml)."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML file, or the name of a shipped preset."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if str(name) in presets():
+        return PRESETS / f"{name}.yaml"
+    raise LatentSegError(f"{name}: no such config file, and not a preset (presets: {', '.join(presets())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then a YAML file, then `key=value` overrides (dotted or bare keys)."""
+    """Defaults, then a YAML file or preset, then `key=value` overrides (dotted or bare keys)."""
     config = Config()
     if path is not None:
+        path = resolve_config_path(path)
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:

@@ -31,11 +31,12 @@ from latentseg.config import Config
 from latentseg.data.prepare import prepare_training_data
 from latentseg.data.targets import ClassIds, read_label_map, select_target, target_names, target_tasks
 from latentseg.data.transforms import train_transforms
+from latentseg.diffusion import ImportanceTimesteps
 from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
 from latentseg.errors import LatentSegError
 from latentseg.infer import predict_array, sampling_problems
 from latentseg.models import LatentSegmenter, build_model
-from latentseg.models.segmenter import Losses, check_model_config
+from latentseg.models.segmenter import TIMESTEP_RULES, Losses, check_model_config
 from latentseg.progress import progress_bar
 from latentseg.text import TextEncoder, case_texts, load_text_encoder
 
@@ -85,16 +86,23 @@ class TrainingLosses(torch.nn.Module):
     """A training step's losses as a module's forward: DistributedDataParallel synchronises the
     gradients of what runs through `forward`, so the losses must be computed there."""
 
-    def __init__(self, model: LatentSegmenter, config: Config):
+    def __init__(self, model: LatentSegmenter, config: Config, importance: ImportanceTimesteps | None = None):
         super().__init__()
-        self.model, self.config = model, config
+        self.model, self.config, self.importance = model, config, importance
 
-    def forward(self, image: torch.Tensor, label: torch.Tensor, text=None, condition_only: bool = False) -> Losses:
+    def forward(self, image: torch.Tensor, label: torch.Tensor, text=None, pretrain: tuple[str, ...] = ()) -> Losses:
         t = self.config.train
-        if condition_only:  # pre-training the condition network (model.condition=pretrained)
-            return self.model.condition_losses(image, label, t.gamma_dice)
+        if pretrain:  # pre-training the condition network and / or the mask autoencoder
+            return self.model.pretrain_losses(image, label, pretrain, t.gamma_dice, t.autoencoder_weight_decay)
         return self.model.training_losses(
-            image, label, t.gamma_dice, t.lambda_noise, timesteps=t.timesteps, last_stage_t=t.last_stage_t, text=text
+            image,
+            label,
+            t.gamma_dice,
+            t.lambda_noise,
+            timesteps=t.timesteps,
+            last_stage_t=t.last_stage_t,
+            text=text,
+            importance=self.importance,
         )
 
 
@@ -103,14 +111,14 @@ def train_step(
     optimizer,
     batch,
     device,
-    condition_only: bool = False,
+    pretrain: tuple[str, ...] = (),
     encoder: TextEncoder | ClassIds | None = None,
 ) -> dict[str, float]:
     """One optimizer step; `losses_fn` is a `TrainingLosses`, wrapped in DDP when distributed."""
     losses_fn.train()
     image, label = batch["image"].to(device), batch["label"].to(device)
     text = encoder.encode(list(batch["text"])).to(device) if encoder is not None else None
-    losses = losses_fn(image, label, text, condition_only)
+    losses = losses_fn(image, label, text, pretrain)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     torch.nn.utils.clip_grad_norm_(losses_fn.parameters(), 1.0)
@@ -153,12 +161,20 @@ def check_train_config(config: Config) -> None:
     problems = []
     if t.steps < 1:
         problems.append(f"train.steps must be >= 1, got {t.steps}")
-    if t.timesteps not in ("uniform", "staged"):
-        problems.append(f"train.timesteps must be uniform or staged, got {t.timesteps!r}")
+    if t.timesteps not in TIMESTEP_RULES:
+        problems.append(f"train.timesteps must be one of {', '.join(TIMESTEP_RULES)}, got {t.timesteps!r}")
+    if config.model.mode == "textdiff" and t.timesteps != "uniform":
+        problems.append("train.timesteps: model.mode=textdiff trains no diffusion (its feature timesteps are fixed)")
+    if t.timesteps == "importance":
+        try:
+            ImportanceTimesteps(config.model.num_timesteps, t.importance_bins, t.importance_history)
+        except ValueError as err:
+            problems.append(f"train.importance_*: {err}")
     if t.last_stage_t not in ("zero", "sampled"):
         problems.append(f"train.last_stage_t must be zero or sampled, got {t.last_stage_t!r}")
-    if not 0 <= t.condition_pretrain_fraction < 1:
-        problems.append(f"train.condition_pretrain_fraction must be in [0, 1), got {t.condition_pretrain_fraction}")
+    for key in ("condition_pretrain_fraction", "autoencoder_pretrain_fraction"):
+        if not 0 <= getattr(t, key) < 1:
+            problems.append(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
     problems += sampling_problems(config.sample, config.model.denoiser_heads)
     try:
         check_model_config(config.model)
@@ -276,6 +292,8 @@ def _train(
     if backbone is not None:  # textdiff: the pretrained DDPM UNet, frozen inside the model
         model.features.unet.load_state_dict(backbone.state_dict())
     model = model.to(device)
+    if config.train.feature_cache_mb > 0 and hasattr(model, "cache_features"):
+        model.cache_features(config.train.feature_cache_mb)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     history: dict[str, Any] = {"step": [], "loss": [], "seg": [], "diff": [], "val_step": [], "val_dice": []}
     start, elapsed_before = 0, 0.0
@@ -322,9 +340,14 @@ def _train(
     bar = progress_bar(total=total, initial=start, desc="train", unit="step", disable=not progress)
     stream = batches(train_set, config, total - start, config.train.seed + start, world)
     step = start
-    pretrain = config.model.condition == "pretrained"
-    losses_fn = wrap(TrainingLosses(model, config), world, find_unused_parameters=pretrain)
-    frozen = False
+    t = config.train
+    importance = None
+    if t.timesteps == "importance":  # 002 section 3.1; the loss history restarts with each run
+        importance = ImportanceTimesteps(config.model.num_timesteps, t.importance_bins, t.importance_history)
+    parts = getattr(model, "pretrain_parts", ())
+    fractions = {"condition": t.condition_pretrain_fraction, "autoencoder": t.autoencoder_pretrain_fraction}
+    losses_fn = wrap(TrainingLosses(model, config, importance), world, find_unused_parameters=bool(parts))
+    frozen: set[str] = set()
     while step < total:
         now = from_rank0(world, elapsed(), device) if budget else 0.0  # one clock for all ranks: same LR, same stop
         if budget and now >= budget:
@@ -333,14 +356,17 @@ def _train(
         progress_now = max(step / total, now / budget if budget else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, progress_now)
-        condition_only = pretrain and progress_now < config.train.condition_pretrain_fraction
-        if pretrain and not condition_only and not frozen:  # 004 section 2.3: CFENet is frozen from here on
-            model.freeze_condition()
-            losses_fn = wrap(TrainingLosses(model, config), world)  # DDP over the parameters still trained
-            frozen = True
+        pretraining = tuple(p for p in parts if progress_now < fractions[p])
+        done = [p for p in parts if p not in pretraining and p not in frozen]
+        for part in done:  # 004 section 2.3 / 002 section 2.1: a pre-trained part is frozen from here on
+            model.freeze(part)
+            frozen.add(part)
             if world.is_main:
-                bar.write(f"step {step}: condition network pre-trained; frozen for the diffusion training")
-        stats = train_step(losses_fn, optimizer, next(stream), device, condition_only, encoder)
+                what = {"condition": "condition network", "autoencoder": "mask autoencoder"}[part]
+                bar.write(f"step {step}: {what} pre-trained; frozen for the rest of the run")
+        if done:  # DDP over the parameters still trained
+            losses_fn = wrap(TrainingLosses(model, config, importance), world, find_unused_parameters=bool(pretraining))
+        stats = train_step(losses_fn, optimizer, next(stream), device, pretraining, encoder)
         bar.update(1)
         postfix = {key: f"{stats[key]:.3f}" for key in ("loss", "seg", "diff")}
         bar.set_postfix(postfix, refresh=False)  # refresh=True would print a line per step into log files
@@ -350,7 +376,7 @@ def _train(
             for key in ("loss", "seg", "diff"):
                 history[key].append(round(stats[key], 5))
         validating = config.train.val_every and (step % config.train.val_every == 0 or last)
-        if world.is_main and val_set and validating and not condition_only:
+        if world.is_main and val_set and validating and not pretraining:
             dice = validate(model, val_set, config, encoder)
             history["val_step"].append(step)
             history["val_dice"].append(round(dice, 4))

@@ -11,7 +11,7 @@ import torch
 from latentseg.cli import main, prompt_folder
 from latentseg.data.targets import ClassIds, read_label_map, select_target, target_names, target_tasks
 from latentseg.errors import LatentSegError
-from tests.conftest import TINY_2D
+from tests.conftest import TINY_2D, TINY_3D
 
 
 def test_label_map_and_target_names(tmp_path):
@@ -118,3 +118,84 @@ def test_text_prompt_model_takes_any_words(tmp_path, data2d, label_map):
 def test_prompt_folder_names():
     assert prompt_folder("left ventricle") == "left_ventricle"
     assert prompt_folder("../../etc") == "etc" and prompt_folder("///") == "prompt"
+
+
+def test_universal_preset_pretrains_the_mask_autoencoder_and_samples_t_by_loss(tmp_path, data2d, label_map, capfd):
+    """The `universal` preset (002): class prompts, x0, a mask autoencoder trained first then frozen,
+    importance-sampled t."""
+    out = tmp_path / "model"
+    args = ["train", "--config", "universal", "--data", str(data2d["train"]), "--out", str(out), *TINY_2D]
+    extra = ["train.steps=20", f"data.label_map={label_map}", "train.importance_bins=4", "train.importance_history=2"]
+    assert main([*args, *extra]) == 0
+    log = capfd.readouterr()
+    assert "step 6: mask autoencoder pre-trained; frozen for the rest of the run" in log.out + log.err
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["label_autoencoder"] == "pretrained" and config["train"]["timesteps"] == "importance"
+    history = json.loads((out / "training_log.json").read_text())
+    # the autoencoder's steps have no diffusion loss; the diffusion's have no segmentation loss
+    assert history["diff"][0] == 0 and history["seg"][-1] == 0 and history["diff"][-1] > 0
+    images = str(data2d["test"] / "images")
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out),
+                "--input",
+                images,
+                "--output",
+                str(tmp_path / "p"),
+                "--samples",
+                "1",
+                "--prompt",
+                "organ",
+            ]
+        )
+        == 0
+    )
+
+
+def test_presets_and_the_3d_text_preset(tmp_path, data3d, capsys):
+    from latentseg.config import load_config, presets
+
+    assert presets() == ["ldseg", "textdiffseg3d", "unisegdiff", "universal"]
+    c = load_config("textdiffseg3d")  # 000 section III-B
+    assert (c.data.patch_size, c.sample.steps, c.sample.overlap, c.model.text_fusion) == (
+        [96] * 3,
+        10,
+        0.5,
+        "attention",
+    )
+    assert (c.train.lr, c.train.weight_decay) == (1e-4, 1e-5)
+    u = load_config("unisegdiff")
+    assert (u.model.denoiser_heads, u.sample.sampler, u.sample.num_samples, u.sample.fusion) == (
+        2,
+        "staged",
+        20,
+        "staple",
+    )
+    with pytest.raises(LatentSegError, match="not a preset \\(presets: ldseg, textdiffseg3d, unisegdiff, universal\\)"):
+        load_config("textdiffseg")
+    out = tmp_path / "model"
+    args = ["train", "--config", "textdiffseg3d", "--data", str(data3d["train"]), "--out", str(out), *TINY_3D]
+    assert main([*args, "data.patch_size=[32,32,32]", "model.text_in_denoiser=true"]) == 0
+    images = str(data3d["test"] / "imagesTr")
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out),
+                "--input",
+                images,
+                "--output",
+                str(tmp_path / "p"),
+                "--samples",
+                "1",
+                "--prompt",
+                "the lesion in the upper left",
+            ]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "p").glob("*.nii.gz"))) >= 2

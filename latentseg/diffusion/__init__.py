@@ -12,12 +12,13 @@ from latentseg.diffusion.samplers import (
 )
 from latentseg.diffusion.schedule import PREDICTION_TYPES, DiffusionSchedule, PredictionType
 from latentseg.diffusion.staged import StagedResult, Stages, middle_timesteps, staged_sample, staged_timesteps
-from latentseg.diffusion.timesteps import uniform_timesteps
+from latentseg.diffusion.timesteps import ImportanceTimesteps, uniform_timesteps
 
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DiffusionSchedule",
+    "ImportanceTimesteps",
     "PREDICTION_TYPES",
     "PredictionType",
     "Stages",

@@ -24,6 +24,8 @@ from latentseg.models.blocks import (
     norm,
     timestep_embedding,
 )
+from latentseg.models.text_fusion import TextCrossAttention
+from latentseg.text import TextEmbedding
 
 
 class DecoderHead(nn.Module):
@@ -62,6 +64,9 @@ class Denoiser(nn.Module):
         heads: 1, or 2 for (eps, x0).
         condition_attention: also inject cond["z_image"] into every encoder level by dual
             cross-attention (004 section 2.3), besides concatenating it at the input.
+        text_dim: > 0: every encoder level's voxels also attend to the text tokens
+            cond["text_tokens"] (padding cond["text_padding"]), 000 Eq. 2 applied to the
+            denoiser's levels rather than only to the image latent.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class Denoiser(nn.Module):
         num_heads: int = 4,
         heads: int = 1,
         condition_attention: bool = False,
+        text_dim: int = 0,
     ):
         super().__init__()
         strides = list(strides) if strides is not None else [2] * (len(channels) - 1)
@@ -91,6 +97,9 @@ class Denoiser(nn.Module):
         )
         self.dca = nn.ModuleList(
             DualCrossAttention(spatial_dims, c, cond_channels, num_heads) for c in channels if condition_attention
+        )
+        self.text_attention = nn.ModuleList(
+            TextCrossAttention(spatial_dims, c, text_dim, num_heads) for c in channels if text_dim > 0
         )
         top = channels[-1]
         self.mid1 = ResBlock(spatial_dims, top, top, emb_dim)
@@ -111,6 +120,8 @@ class Denoiser(nn.Module):
             h = block(h, emb)
             if self.dca:
                 h = self.dca[level](h, cond["z_image"])
+            if self.text_attention:
+                h = self.text_attention[level](h, TextEmbedding(cond["text_tokens"], cond["text_padding"], None))
             skips.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)

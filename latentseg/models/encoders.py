@@ -6,6 +6,7 @@ entry of `strides`; the decoder mirrors them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,7 @@ from latentseg.models.blocks import (
     ResBlock,
     SelfAttention,
     Stride,
+    as_tuple,
     conv_nd,
     norm,
     transposed_conv_nd,
@@ -107,6 +109,28 @@ class LabelEncoder(Encoder):
 
     def forward(self, y_onehot: torch.Tensor) -> torch.Tensor:
         return standardize(super().forward(y_onehot))
+
+
+class DownsampleEncoder(nn.Module):
+    """The ablations of 000 Table II: average pooling by the encoders' total stride, then a 1x1
+    convolution to the latent's channels (a linear map per voxel, so that the denoiser keeps its
+    input width). `image_encoder=downsample` is zeta_2 (no image feature extractor),
+    `label_encoder=downsample` zeta_3 (a plain dimensionality reduction of the one-hot label,
+    standardized like the learned one)."""
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, out_channels: int, strides: Sequence[Stride], standardized: bool
+    ):
+        super().__init__()
+        factors = [as_tuple(s, spatial_dims) for s in strides]
+        self.kernel = tuple(math.prod(f[d] for f in factors) for d in range(spatial_dims))
+        self.pool = {2: F.avg_pool2d, 3: F.avg_pool3d}[spatial_dims]
+        self.out = conv_nd(spatial_dims, in_channels, out_channels, 1)
+        self.standardized = standardized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.out(self.pool(x, self.kernel, self.kernel, ceil_mode=True))
+        return standardize(z) if self.standardized else z
 
 
 class LabelDecoder(nn.Module):

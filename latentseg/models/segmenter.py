@@ -14,6 +14,7 @@ from latentseg.config import ModelConfig
 from latentseg.diffusion import (
     PREDICTION_TYPES,
     DiffusionSchedule,
+    ImportanceTimesteps,
     Stages,
     make_sampler,
     randn,
@@ -23,7 +24,7 @@ from latentseg.diffusion import (
     uniform_timesteps,
 )
 from latentseg.models.denoiser import Denoiser
-from latentseg.models.encoders import ImageEncoder, LabelDecoder, LabelEncoder, standardize
+from latentseg.models.encoders import DownsampleEncoder, ImageEncoder, LabelDecoder, LabelEncoder, standardize
 from latentseg.models.text_fusion import TEXT_FUSIONS, make_text_fusion
 from latentseg.text import TextEmbedding
 
@@ -73,9 +74,26 @@ def check_model_config(config: ModelConfig) -> None:
         raise ValueError("a prompted model needs text_fusion=attention or concat (how the prompt joins the image)")
     if config.condition not in ("learned", "pretrained"):
         raise ValueError(f"condition must be 'learned' or 'pretrained', got {config.condition!r}")
+    if config.label_autoencoder not in ("joint", "pretrained"):
+        raise ValueError(f"label_autoencoder must be 'joint' or 'pretrained', got {config.label_autoencoder!r}")
+    if config.label_autoencoder == "pretrained" and config.decoder_skips:
+        raise ValueError("label_autoencoder=pretrained decodes the mask latent alone; it cannot use decoder_skips")
+    for name in ("image_encoder", "label_encoder"):
+        if getattr(config, name) not in ENCODERS:
+            raise ValueError(f"{name} must be one of {', '.join(ENCODERS)}, got {getattr(config, name)!r}")
+    if config.image_encoder == "downsample" and (config.decoder_skips or config.condition == "pretrained"):
+        raise ValueError(
+            "image_encoder=downsample has no features at finer resolutions: it cannot be used with "
+            "decoder_skips or condition=pretrained"
+        )
+    if config.text_in_denoiser and config.text_fusion != "attention":
+        raise ValueError("text_in_denoiser adds cross-attention to the text tokens: it needs text_fusion=attention")
 
 
 PROMPTS = ("none", "class", "text")
+ENCODERS = ("learned", "downsample")  # 000 Table II: a network, or plain downsampling (zeta_2, zeta_3)
+PRETRAIN_PARTS = ("condition", "autoencoder")
+TIMESTEP_RULES = ("uniform", "staged", "importance")
 
 
 class ClassPrompts(nn.Module):
@@ -116,18 +134,28 @@ class LatentSegmenter(nn.Module):
         c = config
         strides = c.strides or [2] * c.num_downsamplings  # `train` plans per-axis strides from the data
         self.schedule = DiffusionSchedule(c.schedule, c.num_timesteps)
-        self.image_encoder = ImageEncoder(
-            c.spatial_dims,
-            c.in_channels,
-            c.image_latent_channels,
-            c.image_encoder_channels,
-            strides,
-            c.attention_stages,
-            c.num_heads,
-        )
-        self.label_encoder = LabelEncoder(
-            c.spatial_dims, c.num_classes, c.latent_channels, c.label_encoder_channels, strides
-        )
+        if c.image_encoder == "downsample":
+            self.image_encoder = DownsampleEncoder(
+                c.spatial_dims, c.in_channels, c.image_latent_channels, strides, standardized=False
+            )
+        else:
+            self.image_encoder = ImageEncoder(
+                c.spatial_dims,
+                c.in_channels,
+                c.image_latent_channels,
+                c.image_encoder_channels,
+                strides,
+                c.attention_stages,
+                c.num_heads,
+            )
+        if c.label_encoder == "downsample":
+            self.label_encoder = DownsampleEncoder(
+                c.spatial_dims, c.num_classes, c.latent_channels, strides, standardized=True
+            )
+        else:
+            self.label_encoder = LabelEncoder(
+                c.spatial_dims, c.num_classes, c.latent_channels, c.label_encoder_channels, strides
+            )
         self.denoiser = Denoiser(
             c.spatial_dims,
             c.latent_channels,
@@ -137,6 +165,7 @@ class LatentSegmenter(nn.Module):
             num_heads=c.num_heads,
             heads=c.denoiser_heads,
             condition_attention=c.condition == "pretrained",
+            text_dim=c.text_dim if c.text_in_denoiser else 0,
         )
         image_side = [c.in_channels, *c.image_encoder_channels[1:-1]]
         skips = image_side if c.decoder_skips else None
@@ -174,9 +203,29 @@ class LatentSegmenter(nn.Module):
             if text is None:
                 raise ValueError("this model was trained with text: give each image a description or a prompt")
             cond["z_image"] = self.text_fusion(cond["z_image"], text)
+            if self.config.text_in_denoiser:
+                cond["text_tokens"], cond["text_padding"] = text.tokens, text.padding
         elif text is not None:
             raise ValueError("this model was trained without text (model.text_fusion=none): it cannot take a prompt")
         return cond
+
+    @property
+    def pretrain_parts(self) -> tuple[str, ...]:
+        """The parts trained, then frozen, before the diffusion: the condition network (004 section
+        2.3) and the mask autoencoder (002 section 2.1)."""
+        c = self.config
+        chosen = {"condition": c.condition, "autoencoder": c.label_autoencoder}
+        return tuple(p for p in PRETRAIN_PARTS if chosen[p] == "pretrained")
+
+    def pretrain_losses(
+        self, image: torch.Tensor, label: torch.Tensor, parts: tuple[str, ...], gamma: float = 2.0, lam: float = 1e-5
+    ) -> Losses:
+        """The summed pre-training losses of `parts` (see `condition_losses`, `autoencoder_losses`)."""
+        losses = [
+            self.condition_losses(image, label, gamma) if p == "condition" else self.autoencoder_losses(label, lam)
+            for p in parts
+        ]
+        return Losses(*(sum(terms) for terms in zip(*losses, strict=True)))
 
     def condition_losses(self, image: torch.Tensor, label: torch.Tensor, gamma: float = 2.0) -> Losses:
         """Pre-training of the condition network (004 section 2.3): CE + gamma * Dice of CFENet's own
@@ -186,10 +235,26 @@ class LatentSegmenter(nn.Module):
         seg = self.segmentation_loss(self.condition_head(z_image, features), label, gamma).mean()
         return Losses(seg, seg, torch.zeros((), device=seg.device))
 
-    def freeze_condition(self) -> None:
-        """Freeze CFENet for the diffusion training that follows its pre-training."""
-        for module in (self.image_encoder, self.condition_head):
+    def autoencoder_losses(self, label: torch.Tensor, lam: float = 1e-5) -> Losses:
+        """The mask autoencoder alone (002 Eq. 3): L_AE = L_BCE + L_DICE + lam * ||w||^2. BCE (Eq. 1)
+        is the cross-entropy of the softmax over classes (the same for two classes), Dice is Eq. 2,
+        and w are the label encoder's and decoder's weights."""
+        logits = self.label_decoder(self.encode_label(label))
+        reconstruction = self.segmentation_loss(logits, label, 1.0).mean()  # Eq. 1 + Eq. 2
+        weights = [p for m in (self.label_encoder, self.label_decoder) for p in m.parameters() if p.ndim > 1]
+        decay = lam * sum(w.pow(2).sum() for w in weights)  # Eq. 3's regulariser
+        return Losses(reconstruction + decay, reconstruction, torch.zeros((), device=logits.device))
+
+    def freeze(self, part: str) -> None:
+        """Freeze a pre-trained part for the diffusion training that follows."""
+        if part not in self.pretrain_parts:
+            raise ValueError(f"{part!r} is not a pre-trained part of this model ({', '.join(self.pretrain_parts)})")
+        names = {"condition": ("image_encoder", "condition_head"), "autoencoder": ("label_encoder", "label_decoder")}
+        for module in (getattr(self, name) for name in names[part]):
             module.requires_grad_(False)
+
+    def freeze_condition(self) -> None:
+        self.freeze("condition")
 
     def decode(self, z: torch.Tensor, cond: dict) -> torch.Tensor:
         """Class logits of a clean latent (003 Eq. 13)."""
@@ -219,19 +284,29 @@ class LatentSegmenter(nn.Module):
         timesteps: str = "uniform",
         last_stage_t: str = "zero",
         text: TextEmbedding | None = None,
+        importance: ImportanceTimesteps | None = None,
     ) -> Losses:
         """003 Algorithm 1, one batch: L = CE + gamma * Dice + lambda * ||target - output||^2 (Eq. 18).
 
         `timesteps="staged"` moves t and weights the two terms per stage (004 section 2.2, Eq. 1):
         L = lambda * alpha * L_noise + beta * (CE + gamma * Dice). With two heads, L_noise is the eps
         head's error plus the x0 head's latent error, and the x0 head's latent is the one decoded.
+        `timesteps="importance"` draws t from `importance` (002 section 3.1), weights each sample's
+        loss by 1 / (T p(t)) and tells `importance` the unweighted losses.
+        With a pre-trained (frozen) mask autoencoder, the loss is the diffusion term alone (002:
+        MSE on the latent), and nothing is decoded.
         """
-        if timesteps not in ("uniform", "staged"):
-            raise ValueError(f"timesteps must be 'uniform' or 'staged', got {timesteps!r}")
+        if timesteps not in TIMESTEP_RULES:
+            raise ValueError(f"timesteps must be one of {', '.join(TIMESTEP_RULES)}, got {timesteps!r}")
+        if (timesteps == "importance") != (importance is not None):
+            raise ValueError("timesteps='importance' needs an ImportanceTimesteps, and only it takes one")
         cond = self.conditioning(image, text)  # line 3
         z0 = self.encode_label(label)  # line 4
-        t = uniform_timesteps(z0.shape[0], self.schedule.num_timesteps, z0.device, generator)  # line 5
-        alpha = beta = torch.ones(z0.shape[0], device=z0.device)
+        weight = alpha = beta = torch.ones(z0.shape[0], device=z0.device)
+        if importance is not None:
+            t, weight = importance.sample(z0.shape[0], z0.device, generator)
+        else:
+            t = uniform_timesteps(z0.shape[0], self.schedule.num_timesteps, z0.device, generator)  # line 5
         if timesteps == "staged":
             t, alpha, beta = staged_timesteps(t, self.stages, last_stage_t)
         noise = randn(z0.shape, generator, z0)  # line 6
@@ -248,9 +323,14 @@ class LatentSegmenter(nn.Module):
             out = self.denoiser(z_t, t, cond)
             diff = mse(out, self.schedule.target(self.config.prediction_type, z0, t, noise))  # Eq. 17
             z_dn = self.estimate_x0(out, z_t, t)  # lines 8-9, Eq. 12
-        seg = self.segmentation_loss(self.decode(z_dn, cond), label, gamma)  # Eq. 13-16
-        total = (beta * seg + lam * alpha * diff).mean()  # Eq. 18; 004 Eq. 1 when staged
-        return Losses(total, seg.mean(), diff.mean())
+        if self.config.label_autoencoder == "pretrained":
+            seg = torch.zeros_like(diff)  # the decoder is frozen: 002 trains on the latent alone
+        else:
+            seg = self.segmentation_loss(self.decode(z_dn, cond), label, gamma)  # Eq. 13-16
+        per_sample = beta * seg + lam * alpha * diff  # Eq. 18; 004 Eq. 1 when staged
+        if importance is not None:
+            importance.update(t, per_sample)
+        return Losses((weight * per_sample).mean(), seg.mean(), diff.mean())
 
     @torch.no_grad()
     def sample(

@@ -18,6 +18,8 @@ per sample gives several samples per image and an uncertainty map.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
@@ -100,17 +102,62 @@ class TextDiffSegmenter(nn.Module):
         if self.config.text_fusion == "none" and text is not None:
             raise ValueError("this model was trained without text; it takes no prompt or text file")
 
+    def cache_features(self, max_megabytes: float) -> None:
+        """Keep each training image's backbone features, computed once with noise seeded by the
+        image's content (fixed noise per image, as Baranchuk et al. train their pixel classifiers).
+        The backbone is frozen, so only the head then runs per step; images must repeat exactly
+        (augmentation off, the patch the whole image) for the cache to be hit."""
+        self._cache: dict[bytes, list[list[torch.Tensor]]] = {}
+        self._cache_bytes, self._cache_limit = 0, max_megabytes * 2**20
+
+    def _features(self, x: torch.Tensor, generator: torch.Generator | None) -> list[list[torch.Tensor]]:
+        if not (self.training and hasattr(self, "_cache")):
+            return self.features(x, generator)
+        per_sample = []
+        for xi in x.split(1):
+            key = hashlib.sha1(xi.detach().cpu().numpy().tobytes()).digest()
+            found = self._cache.get(key)
+            if found is None:
+                seeded = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+                found = self.features(xi, seeded)
+                size = sum(f.numel() * f.element_size() for per_t in found for f in per_t)
+                if self._cache_bytes + size <= self._cache_limit:
+                    self._cache[key] = found
+                    self._cache_bytes += size
+            per_sample.append(found)
+        return [
+            [torch.cat([s[i][j] for s in per_sample]) for j in range(len(self.config.feature_blocks))]
+            for i in range(len(self.config.feature_timesteps))
+        ]
+
     def logits(
         self, image: torch.Tensor, text: TextEmbedding | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """(B, C_in, H, W) image -> (B, num_classes, H, W) logits, one noise draw per t."""
         self.check_text(text)
         x, (h, w) = pad_to_multiple(image, self.multiple)
-        fused = []
-        for per_t in self.features(x, generator):
-            for fusion, feature in zip(self.fusions, per_t, strict=True):
-                fused.append(F.interpolate(fusion(feature, text), size=x.shape[2:], mode="bilinear"))
-        return self.classifier(torch.cat(fused, dim=1))[:, :, :h, :w]
+        fused = [
+            fusion(feature, text)
+            for per_t in self._features(x, generator)
+            for fusion, feature in zip(self.fusions, per_t, strict=True)
+        ]
+        return self.classify(fused, x.shape[2:])[:, :, :h, :w]
+
+    def classify(self, fused: list[torch.Tensor], size: torch.Size) -> torch.Tensor:
+        """The pixel classifier on the concatenation of the fused features, each upsampled
+        bilinearly to `size`. Computed without building that concatenation: bilinear upsampling
+        and the first 1x1 convolution are both linear per channel, so each block's share of the
+        first layer is applied at the block's own resolution, the shares of one resolution are
+        summed, and each sum is upsampled once (the same numbers, several times fewer operations)."""
+        first = self.classifier[0]
+        width = fused[0].shape[1]
+        by_size: dict[tuple, torch.Tensor] = {}
+        for k, feature in enumerate(fused):
+            share = F.conv2d(feature, first.weight[:, k * width : (k + 1) * width])
+            key = tuple(feature.shape[2:])
+            by_size[key] = by_size[key] + share if key in by_size else share
+        hidden = sum(F.interpolate(a, size=size, mode="bilinear") for a in by_size.values())
+        return self.classifier[1:](hidden + first.bias[:, None, None])
 
     def training_losses(
         self,
@@ -122,8 +169,11 @@ class TextDiffSegmenter(nn.Module):
         timesteps: str = "uniform",
         last_stage_t: str = "zero",
         text: TextEmbedding | None = None,
+        importance=None,
     ) -> Losses:
-        """CE + gamma * Dice of the head (the backbone and text encoder are frozen); no diffusion loss."""
+        """CE + gamma * Dice of the head (the backbone and text encoder are frozen); no diffusion loss.
+        The timestep options of `LatentSegmenter.training_losses` do not apply (the feature
+        timesteps are fixed), and `check_train_config` refuses them for this mode."""
         segmentation = dice_ce(self.logits(image, text, generator), label, gamma, self.dice).mean()
         return Losses(segmentation, segmentation, torch.zeros((), device=image.device))
 

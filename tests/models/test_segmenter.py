@@ -206,3 +206,106 @@ def test_text_changes_the_condition_and_is_required(fusion):
         model.conditioning(image)
     with pytest.raises(ValueError, match="trained without text"):
         tiny_model().conditioning(image, a)
+
+
+def test_mask_autoencoder_pretrains_then_the_diffusion_trains_on_the_latent_alone():
+    """002 section 2.1: the mask autoencoder learns alone (Eq. 3), is frozen, and the diffusion loss
+    is then the latent MSE without decoding."""
+    model = tiny_model(label_autoencoder="pretrained")
+    assert model.pretrain_parts == ("autoencoder",)
+    image, label = phantom_batch()
+    image, label = image.repeat(2, 1, 1, 1), label.repeat(2, 1, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = model.autoencoder_losses(label).segmentation.item()
+    for _ in range(40):
+        loss = model.pretrain_losses(image, label, ("autoencoder",))
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+    assert loss.segmentation.item() < 0.3 * first
+    assert loss.total.item() > loss.segmentation.item()  # + lambda ||w||^2
+    assert all(p.grad is None for p in model.denoiser.parameters())  # only the autoencoder trained
+    model.freeze("autoencoder")
+    frozen = {k: v.clone() for k, v in model.label_decoder.state_dict().items()}
+    opt.zero_grad(set_to_none=True)
+    losses = model.training_losses(image, label)
+    assert losses.segmentation.item() == 0.0 and torch.equal(losses.total, losses.diffusion)
+    losses.total.backward()
+    assert all(p.grad is None for m in (model.label_encoder, model.label_decoder) for p in m.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.denoiser.parameters())
+    opt.step()
+    assert all(torch.equal(v, model.label_decoder.state_dict()[k]) for k, v in frozen.items())
+    both = tiny_model(label_autoencoder="pretrained", condition="pretrained")
+    assert both.pretrain_parts == ("condition", "autoencoder")
+    summed = both.pretrain_losses(image, label, both.pretrain_parts)
+    torch.manual_seed(0)
+    parts = [both.condition_losses(image, label).total, both.autoencoder_losses(label).total]
+    assert summed.total.item() == pytest.approx(sum(p.item() for p in parts))
+    with pytest.raises(ValueError, match="cannot use decoder_skips"):
+        tiny_model(label_autoencoder="pretrained", decoder_skips=True)
+
+
+@pytest.mark.parametrize("dims,strides", [(2, [2, 2, 2, 2]), (3, [[1, 2, 2], 2, 2, [2, 1, 1]])])
+def test_downsample_encoders_give_the_learned_encoders_latent_grid(dims, strides):
+    """000 Table II zeta_2 / zeta_3: plain downsampling in place of the image / label encoder."""
+    shape = (2, 1) + ((32, 48) if dims == 2 else (12, 32, 24))
+    image = torch.randn(shape)
+    label = torch.randint(0, 3, shape)
+    learned = tiny_model(dims, strides=strides)
+    plain = tiny_model(dims, strides=strides, image_encoder="downsample", label_encoder="downsample")
+    assert plain.conditioning(image)["z_image"].shape == learned.conditioning(image)["z_image"].shape
+    z = plain.encode_label(label)
+    assert z.shape == learned.encode_label(label).shape
+    assert z.mean().abs() < 1e-4 and (z.std(unbiased=False) - 1).abs() < 1e-3  # standardized (003 Eq. 10)
+    assert sum(p.numel() for p in plain.image_encoder.parameters()) == 8 * 1 + 8  # one 1x1 convolution
+    overfit_losses = overfit(tiny_model(image_encoder="downsample", label_encoder="downsample"), steps=40)
+    assert sum(overfit_losses[-5:]) / 5 < 0.7 * sum(overfit_losses[:5]) / 5
+    with pytest.raises(ValueError, match="image_encoder must be one of learned, downsample"):
+        tiny_model(image_encoder="pooling")
+    with pytest.raises(ValueError, match="cannot be used with decoder_skips or condition=pretrained"):
+        tiny_model(image_encoder="downsample", decoder_skips=True)
+
+
+def test_importance_timesteps_weight_the_loss_and_learn_from_it():
+    from latentseg.diffusion import ImportanceTimesteps
+
+    model = tiny_model()
+    image, label = phantom_batch()
+    importance = ImportanceTimesteps(1000, bins=2, history=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        model.training_losses(
+            image.repeat(4, 1, 1, 1),
+            label.repeat(4, 1, 1, 1),
+            generator=g,
+            timesteps="importance",
+            importance=importance,
+        )
+    assert importance.counts.sum().item() == 16 and importance.warm
+    assert importance.losses.min() > 0
+    with pytest.raises(ValueError, match="needs an ImportanceTimesteps"):
+        model.training_losses(image, label, timesteps="importance")
+
+
+def test_text_in_the_denoiser_levels_uses_the_tokens():
+    from latentseg.text import TextEmbedding
+
+    model = untrained_but_not_zero(tiny_model(text_fusion="attention", text_dim=12, text_in_denoiser=True))
+    assert len(model.denoiser.text_attention) == 2  # one per denoiser level
+    image, label = phantom_batch()
+    g = torch.Generator().manual_seed(0)
+    text = TextEmbedding(torch.randn(1, 3, 12, generator=g), torch.tensor([[False, False, True]]), torch.zeros(1, 12))
+    cond = model.conditioning(image, text)
+    assert torch.equal(cond["text_tokens"], text.tokens) and torch.equal(cond["text_padding"], text.padding)
+    z_t, t = torch.randn(1, 4, 2, 2, generator=g), torch.tensor([500])
+    before = model.denoiser(z_t, t, cond)
+    changed = dict(cond, text_tokens=cond["text_tokens"] + torch.randn(1, 3, 12, generator=g))
+    # the fused z_image is the same in both, so any difference comes from the levels' attention
+    assert not torch.allclose(model.denoiser.forward_heads(z_t, t, changed)[0], before)
+    padded = dict(cond, text_tokens=torch.cat([cond["text_tokens"][:, :2], torch.randn(1, 1, 12)], 1))
+    assert torch.allclose(model.denoiser(z_t, t, padded), before, atol=1e-6)  # padding is masked
+    losses = model.training_losses(image, label, text=text)
+    losses.total.backward()
+    assert all(p.grad is not None for p in model.denoiser.text_attention.parameters())
+    with pytest.raises(ValueError, match="needs text_fusion=attention"):
+        tiny_model(text_fusion="concat", text_dim=12, text_in_denoiser=True)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -132,6 +133,43 @@ def test_only_the_head_trains_and_text_changes_the_output(tiny_unet):
         model.sample(image, 1)
     with pytest.raises(ValueError, match="trained without text"):
         _head(tiny_unet, "none").sample(image, 1, text=text)
+
+
+def test_classifier_equals_concatenating_the_upsampled_features(tiny_unet):
+    """`classify` is the classifier on torch.cat of every bilinearly upsampled block, done cheaper."""
+    model = _head(tiny_unet, "none")
+    g = torch.Generator().manual_seed(0)
+    fused = [torch.randn(2, 8, n, n, generator=g) for n in (4, 8, 8, 16, 32, 4)]
+    concatenated = torch.cat([F.interpolate(f, size=(32, 32), mode="bilinear") for f in fused], dim=1)
+    first = model.classifier[0]
+    model.classifier[0] = torch.nn.Conv2d(48, first.out_channels, 1)
+    expected = model.classifier(concatenated)
+    assert torch.allclose(model.classify(fused, torch.Size((32, 32))), expected, atol=1e-5)
+
+
+def test_feature_cache_reuses_each_images_features(tiny_unet, monkeypatch):
+    model = _head(tiny_unet, "none")
+    model.cache_features(max_megabytes=100)
+    calls = []
+    original = model.features.forward
+    monkeypatch.setattr(model.features, "forward", lambda x, g=None: calls.append(len(x)) or original(x, g))
+    images = torch.randn(3, 1, 16, 16)
+    label = torch.zeros(2, 1, 16, 16, dtype=torch.long)
+    model.train()
+    first = model.logits(images[:2])
+    assert model.logits(images[:2]).equal(first) and calls == [1, 1]  # one pass per new image, then none
+    model.logits(images[1:])
+    assert calls == [1, 1, 1]
+    model.training_losses(images[[2, 0]], label).total.backward()  # cached features still train the head
+    assert calls == [1, 1, 1] and model.classifier[0].weight.grad is not None
+    model.eval()
+    model.logits(images[:1])  # inference always draws fresh noise
+    assert calls == [1, 1, 1, 1]
+    small = _head(tiny_unet, "none")
+    small.cache_features(max_megabytes=1e-6)  # over the limit: computed every time, not kept
+    small.train()
+    small.logits(images[:1])
+    assert small._cache == {}
 
 
 def test_pretrain_ddpm_learns_and_writes_a_loadable_unet(tmp_path):

@@ -1,0 +1,250 @@
+"""`latentseg serve`: a local web page (Gradio) to try a model on one case without code.
+
+Upload a PNG / JPEG image or a NIfTI volume, pick the prompt when the model takes one, choose the
+sampling steps, samples and fusion, and see the mask over the image, the uncertainty map, the
+area or volume of each class and, for 3D, any slice. The label map downloads in the input's
+format with the input's geometry (it is what `latentseg predict` writes for the same seed).
+
+Safety: the server binds to 127.0.0.1 unless told otherwise; uploads are copied into a private
+temporary folder, segmented there and the folder deleted; only the upload Gradio itself stored is
+read (a path from anywhere else is refused), and every file name on the server is chosen here,
+never taken from the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentseg.checkpoint import CONFIG_FILE, FINGERPRINT_FILE, check_model_dir
+from latentseg.config import Config
+from latentseg.data.io import read_image, read_label, split_suffix
+from latentseg.errors import LatentSegError
+from latentseg.fusion import FUSIONS
+from latentseg.infer import predict
+
+log = logging.getLogger("latentseg.serve")
+ACCEPTED = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz")
+
+
+@dataclass
+class Result:
+    """What one segmentation shows: the arrays to draw and the label file to download."""
+
+    image: np.ndarray  # (C, *S) raw intensities
+    label: np.ndarray  # (*S) class ids
+    uncertainty: np.ndarray  # (*S) the samples' standard deviation, as written (PNG: scaled)
+    spacing: tuple[float, ...]
+    download: Path
+    class_names: dict[int, str]
+
+    @property
+    def is_3d(self) -> bool:
+        return self.label.ndim == 3
+
+
+def upload_root() -> Path:
+    """Where Gradio stores uploads (its cache); nothing outside it is ever opened."""
+    try:
+        from gradio.utils import get_upload_folder
+
+        return Path(get_upload_folder()).resolve()
+    except ImportError:  # the same rule, for a Gradio that moved it
+        return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+
+
+def checked_upload(path: str | Path | None, max_bytes: int, root: Path | None = None) -> tuple[Path, str]:
+    """The uploaded file and its image suffix, or a clear error."""
+    if not path:
+        raise LatentSegError("upload an image (PNG, JPEG) or a NIfTI volume first")
+    path = Path(path).resolve()
+    root = (root or upload_root()).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise LatentSegError("only files uploaded through this page can be segmented")
+    _, suffix = split_suffix(path)
+    if suffix.lower() not in ACCEPTED:
+        raise LatentSegError(f"{path.name}: not a PNG, JPEG or NIfTI file ({', '.join(ACCEPTED)})")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise LatentSegError(
+            f"{path.name}: {size / 2**20:.1f} MB is over this server's limit of {max_bytes / 2**20:.0f} MB"
+        )
+    return path, suffix.lower()
+
+
+def safe_stem(name: str) -> str:
+    """A download name from the client's file name: letters, digits, '-' and '_' only."""
+    stem = split_suffix(Path(name))[0]
+    cleaned = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem).strip("_")
+    return cleaned[:64] or "case"
+
+
+def segment_file(
+    model_dir: Path,
+    upload: str | Path | None,
+    downloads: Path,
+    prompt: str | None = None,
+    steps: int | None = None,
+    samples: int | None = None,
+    fusion: str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    max_bytes: int = 512 * 2**20,
+    upload_folder: Path | None = None,
+) -> Result:
+    """Segment one uploaded file exactly as `latentseg predict` would; raises LatentSegError."""
+    source, suffix = checked_upload(upload, max_bytes, upload_folder)
+    with tempfile.TemporaryDirectory(prefix="latentseg-serve-") as work:
+        inputs, outputs = Path(work) / "input", Path(work) / "output"
+        inputs.mkdir()
+        name = f"case{suffix}"  # our name, not the client's
+        shutil.copyfile(source, inputs / name)
+        try:
+            predict(
+                model_dir, inputs, outputs, steps, samples, seed, device, overlays=False, progress=True,
+                fusion=fusion, prompt=prompt,
+            )  # fmt: skip
+        except LatentSegError as err:  # name the upload, not the server's temporary path
+            raise LatentSegError(str(err).replace(str(inputs / name), source.name)) from None
+        image, meta = read_image(inputs / name)
+        label, _ = read_label(outputs / name)
+        uncertainty, _ = read_image(outputs / f"case_std{suffix}")
+        downloads.mkdir(parents=True, exist_ok=True)
+        download = Path(tempfile.mkdtemp(dir=downloads)) / f"{safe_stem(Path(source).name)}_label{suffix}"
+        shutil.copyfile(outputs / name, download)
+    fingerprint = _read_json(model_dir / FINGERPRINT_FILE)
+    names = {int(k): str(v) for k, v in (fingerprint.get("labels") or {}).items()}
+    return Result(image, label, uncertainty[0], tuple(meta.spacing), download, names)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _normalised(a: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    return np.clip((a - lo) / (hi - lo + 1e-8), 0, 1)
+
+
+def render(result: Result, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(overlay, heat map) as (H, W, 3) uint8 pictures; for 3D, slice `index` of the last axis."""
+    import matplotlib
+
+    image, label, unc = result.image, result.label, result.uncertainty
+    if result.is_3d:
+        k = label.shape[-1] // 2 if index is None else int(np.clip(index, 0, label.shape[-1] - 1))
+        image, label, unc = image[..., k], label[..., k], unc[..., k]
+    grey = np.moveaxis(_normalised(image), 0, -1) if image.shape[0] == 3 else _normalised(image[0])[..., None]
+    rgb = np.repeat(grey, 3 // grey.shape[-1], axis=-1)
+    colours = np.asarray(matplotlib.colormaps["tab10"].colors)[(label - 1) % 10]
+    alpha = 0.45 * (label > 0)[..., None]
+    overlay = rgb * (1 - alpha) + colours * alpha
+    heat = matplotlib.colormaps["magma"](unc / (unc.max() + 1e-8))[..., :3]
+    return (overlay * 255).astype(np.uint8), (heat * 255).astype(np.uint8)
+
+
+def class_sizes(result: Result) -> list[list[Any]]:
+    """Rows of (class, voxels, area in mm^2 or volume in mm^3) for every predicted class."""
+    unit = float(np.prod(result.spacing))
+    rows = []
+    for value, count in zip(*np.unique(result.label, return_counts=True), strict=True):
+        if value == 0:
+            continue
+        name = result.class_names.get(int(value), str(int(value)))
+        rows.append([name, int(count), round(count * unit, 2)])
+    return rows
+
+
+def build_app(model_dir: str | Path, device: str = "auto", max_upload_mb: float = 512.0):
+    """The Gradio page for one model."""
+    try:
+        import gradio as gr
+    except ImportError as err:
+        raise LatentSegError("latentseg serve needs Gradio: pip install 'latentseg[serve]'") from err
+
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    config = Config.load(model_dir / CONFIG_FILE)
+    max_bytes = int(max_upload_mb * 2**20)
+    downloads = Path(tempfile.mkdtemp(prefix="latentseg-downloads-"))
+    m, s = config.model, config.sample
+    takes_text = m.text_fusion != "none"  # a description per case, or a prompt
+    size_unit = "mm³" if m.spatial_dims == 3 else "mm²"
+
+    def run(upload, prompt, steps, samples, fusion, seed, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        empty = (None, None, None, gr.update(visible=False), None)
+        try:
+            result = segment_file(
+                model_dir, upload, downloads, prompt or None, int(steps), int(samples), fusion, int(seed), device,
+                max_bytes,
+            )  # fmt: skip
+        except LatentSegError as err:
+            return (*empty, f"**Could not segment this file.** {err}", None)
+        except Exception as err:  # keep serving whatever one request did
+            log.exception("segmentation failed")
+            return (*empty, f"**Segmentation failed:** {type(err).__name__}: {err}", None)
+        overlay, heat = render(result)
+        depth = result.label.shape[-1] if result.is_3d else 1
+        slider = gr.update(visible=result.is_3d, minimum=0, maximum=max(depth - 1, 1), value=depth // 2, step=1)
+        sizes = class_sizes(result) or [["(nothing found)", 0, 0.0]]
+        return overlay, heat, sizes, slider, str(result.download), "Done.", result
+
+    def reslice(result, index):
+        if result is None:
+            return None, None
+        return render(result, index)
+
+    with gr.Blocks(title="latentseg", delete_cache=(600, 3600)) as app:
+        gr.Markdown(f"# latentseg\nModel: `{model_dir.name}` ({m.spatial_dims}D, {m.mode})")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Image (PNG, JPEG) or NIfTI volume", file_types=list(ACCEPTED), elem_id="upload")
+                if m.prompt == "class":
+                    prompt = gr.Dropdown(m.prompt_names, value=m.prompt_names[0], label="Target", elem_id="prompt")
+                else:
+                    what = "Target (any words)" if m.prompt == "text" else "Description of the case"
+                    prompt = gr.Textbox(label=what, visible=takes_text, elem_id="prompt")
+                steps = gr.Slider(1, 50, value=s.steps, step=1, label="Sampling steps")
+                samples = gr.Slider(1, 20, value=s.num_samples, step=1, label="Samples")
+                fusion = gr.Radio(list(FUSIONS), value=s.fusion, label="Fusion")
+                seed = gr.Number(value=0, precision=0, label="Seed")
+                button = gr.Button("Segment", variant="primary", elem_id="segment")
+            with gr.Column():
+                message = gr.Markdown(elem_id="message")
+                overlay = gr.Image(label="Mask over the image", elem_id="overlay", format="png")
+                heat = gr.Image(label="Uncertainty (standard deviation of the samples)", elem_id="uncertainty")
+                slice_index = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
+                sizes = gr.Dataframe(headers=["class", "voxels", size_unit], label="Size of each class")
+                download = gr.File(label="Label map (input's format and geometry)", elem_id="download")
+        state = gr.State()
+        button.click(
+            run,
+            [upload, prompt, steps, samples, fusion, seed],
+            [overlay, heat, sizes, slice_index, download, message, state],
+        )
+        slice_index.change(reslice, [state, slice_index], [overlay, heat])
+    app.downloads_folder = downloads
+    return app
+
+
+def serve(
+    model_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    device: str = "auto",
+    max_upload_mb: float = 512.0,
+) -> None:
+    """Start the page and block until interrupted."""
+    app = build_app(model_dir, device, max_upload_mb)
+    try:
+        app.queue().launch(server_name=host, server_port=port, max_file_size=f"{max_upload_mb}mb", show_error=True)
+    finally:
+        shutil.rmtree(app.downloads_folder, ignore_errors=True)
