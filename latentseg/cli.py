@@ -166,9 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset folder (nnU-Net, MSD, or images/ + masks/); repeat to train on several, sampled equally",
     )
     p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument(
-        "--config", help="YAML file of settings, or a preset: ldseg, textdiffseg3d, universal, unisegdiff"
-    )
+    p.add_argument("--config", help="YAML file of settings, or a preset: ldseg, textdiffseg3d, universal, unisegdiff")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument(
         "--mode",
