@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -53,12 +52,9 @@ class Result:
 
 def upload_root() -> Path:
     """Where Gradio stores uploads (its cache); nothing outside it is ever opened."""
-    try:
-        from gradio.utils import get_upload_folder
+    from gradio.utils import get_upload_folder
 
-        return Path(get_upload_folder()).resolve()
-    except ImportError:  # the same rule, for a Gradio that moved it
-        return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+    return Path(get_upload_folder()).resolve()
 
 
 def checked_upload(path: str | Path | None, max_bytes: int, root: Path | None = None) -> tuple[Path, str]:
@@ -120,13 +116,9 @@ def segment_file(
         downloads.mkdir(parents=True, exist_ok=True)
         download = Path(tempfile.mkdtemp(dir=downloads)) / f"{safe_stem(Path(source).name)}_label{suffix}"
         shutil.copyfile(outputs / name, download)
-    fingerprint = _read_json(model_dir / FINGERPRINT_FILE)
+    fingerprint = json.loads((model_dir / FINGERPRINT_FILE).read_text())
     names = {int(k): str(v) for k, v in (fingerprint.get("labels") or {}).items()}
     return Result(image, label, uncertainty[0], tuple(meta.spacing), download, names)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
 
 
 def _normalised(a: np.ndarray) -> np.ndarray:

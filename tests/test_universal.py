@@ -14,6 +14,11 @@ from latentseg.errors import LatentSegError
 from tests.conftest import TINY_2D, TINY_3D
 
 
+def predict_one_sample(model, images, output, prompt) -> int:
+    return main(["predict", "--model", str(model), "--input", images, "--output", str(output), "--samples", "1",
+                 "--prompt", prompt])  # fmt: skip
+
+
 def test_label_map_and_target_names(tmp_path):
     path = tmp_path / "map.yaml"
     path.write_text("ACDC: {1: right ventricle, 3: left ventricle}\n")
@@ -135,24 +140,7 @@ def test_universal_preset_pretrains_the_mask_autoencoder_and_samples_t_by_loss(t
     # the autoencoder's steps have no diffusion loss; the diffusion's have no segmentation loss
     assert history["diff"][0] == 0 and history["seg"][-1] == 0 and history["diff"][-1] > 0
     images = str(data2d["test"] / "images")
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(out),
-                "--input",
-                images,
-                "--output",
-                str(tmp_path / "p"),
-                "--samples",
-                "1",
-                "--prompt",
-                "organ",
-            ]
-        )
-        == 0
-    )
+    assert predict_one_sample(out, images, tmp_path / "p", "organ") == 0
 
 
 def test_presets_and_the_3d_text_preset(tmp_path, data3d, capsys):
@@ -180,22 +168,5 @@ def test_presets_and_the_3d_text_preset(tmp_path, data3d, capsys):
     args = ["train", "--config", "textdiffseg3d", "--data", str(data3d["train"]), "--out", str(out), *TINY_3D]
     assert main([*args, "data.patch_size=[32,32,32]", "model.text_in_denoiser=true"]) == 0
     images = str(data3d["test"] / "imagesTr")
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(out),
-                "--input",
-                images,
-                "--output",
-                str(tmp_path / "p"),
-                "--samples",
-                "1",
-                "--prompt",
-                "the lesion in the upper left",
-            ]
-        )
-        == 0
-    )
+    assert predict_one_sample(out, images, tmp_path / "p", "the lesion in the upper left") == 0
     assert len(list((tmp_path / "p").glob("*.nii.gz"))) >= 2

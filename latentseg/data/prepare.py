@@ -149,8 +149,12 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     }
     train = [s for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
     val = [s for s in samples if (s["dataset"], s["case_id"]) in set(val_ids)]
-    by_dataset = {}
-    for spec in specs:
-        found = sorted({int(v) for s in samples if s["dataset"] == spec.name for v in np.unique(s["label"])})
-        by_dataset[spec.name] = spec.labels or {i: str(i) for i in found}
-    return TrainingData(train, val, fingerprint, by_dataset)
+    return TrainingData(train, val, fingerprint, {spec.name: _label_names(spec, samples) for spec in specs})
+
+
+def _label_names(spec: DatasetSpec, samples: list[dict[str, Any]]) -> dict[int, str]:
+    """A dataset's declared label names, or its label values found in the data as names."""
+    if spec.labels:
+        return spec.labels
+    values = {int(v) for s in samples if s["dataset"] == spec.name for v in np.unique(s["label"])}
+    return {i: str(i) for i in sorted(values)}

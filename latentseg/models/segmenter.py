@@ -253,9 +253,6 @@ class LatentSegmenter(nn.Module):
         for module in (getattr(self, name) for name in names[part]):
             module.requires_grad_(False)
 
-    def freeze_condition(self) -> None:
-        self.freeze("condition")
-
     def decode(self, z: torch.Tensor, cond: dict) -> torch.Tensor:
         """Class logits of a clean latent (003 Eq. 13)."""
         return self.label_decoder(z, cond.get("image_features"))

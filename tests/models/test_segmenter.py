@@ -181,7 +181,7 @@ def test_pretrained_condition_network_trains_then_freezes():
         loss.total.backward()
         opt.step()
     assert loss.total.item() < 0.5 * first
-    model.freeze_condition()
+    model.freeze("condition")
     frozen = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
     opt.zero_grad(set_to_none=True)
     model.training_losses(image, label, timesteps="staged").total.backward()
