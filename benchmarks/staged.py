@@ -37,6 +37,13 @@ STAGED_EVALUATIONS = [(f"staged20_{f}", {"num_samples": 20, "fusion": f}) for f 
 # the last step with the x0 head (not 004's choice; see latentseg.diffusion.staged)
 X0_FINAL = {"num_samples": 20, "fusion": "staple", "staged_final_head": "x0"}
 X0_FINAL_MEAN = {"num_samples": 20, "fusion": "mean", "staged_final_head": "x0"}
+# staged-11: 9 middle steps (interval 33.3 instead of 004's 30), so 1 + 9 + 1 = 11 network calls
+ELEVEN = {"staged_middle_steps": 9}
+STAGED11_EVALUATIONS = [
+    ("staged11_staple", {"num_samples": 20, "fusion": "staple"} | ELEVEN),
+    ("staged11_x0final_staple", X0_FINAL | ELEVEN),
+    ("staged11_x0final_mean", X0_FINAL_MEAN | ELEVEN),
+]
 # (training settings, [(label, predict settings)])
 METHODS: dict[str, tuple[list[str], list[tuple[str, dict]]]] = {
     "uniform_eps_ddim100": (
@@ -58,7 +65,12 @@ METHODS: dict[str, tuple[list[str], list[tuple[str, dict]]]] = {
     # the whole of UniSegDiff: also CFENet pre-trained (30% of the minutes), frozen, injected by DCA
     "unisegdiff": (
         [*TWO_HEADS, "train.last_stage_t=zero", "model.condition=pretrained"],
-        [*STAGED_EVALUATIONS, ("staged20_x0final_staple", X0_FINAL), ("staged20_x0final_mean", X0_FINAL_MEAN)],
+        [
+            *STAGED_EVALUATIONS,
+            ("staged20_x0final_staple", X0_FINAL),
+            ("staged20_x0final_mean", X0_FINAL_MEAN),
+            *STAGED11_EVALUATIONS,
+        ],
     ),
     # CFENet as a UNet (skips into its decoder): its bottleneck need not hold the mask
     "unisegdiff_unet_cfenet": (
@@ -89,7 +101,7 @@ def count_network_calls(model_dir: Path, options: dict) -> dict:
         options["num_samples"],
         options.get("steps", config.sample.steps),
         sampler=config.sample.sampler,
-        middle_steps=config.sample.staged_middle_steps,
+        middle_steps=options.get("staged_middle_steps", config.sample.staged_middle_steps),
     )
     return calls
 

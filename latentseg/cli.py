@@ -109,6 +109,7 @@ def _predict(args: argparse.Namespace, prompt: str | None, output: Path) -> None
         text_file=args.text_file,
         allow_missing_text=args.allow_missing_text,
         staged_final_head=args.staged_final_head,
+        staged_middle_steps=args.staged_middle_steps,
     )
     print(f"wrote {len(written)} files to {output}")
 
@@ -210,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--staged-final-head",
         choices=["eps", "x0"],
         help="staged: the head of the last step (004: eps; x0 where the eps head is the weaker one)",
+    )
+    p.add_argument(
+        "--staged-middle-steps",
+        type=int,
+        help="staged: DDIM steps between the thresholds with each head (004: 10, so 12 network calls; 9 gives 11)",
     )
     p.add_argument(
         "--prompt", help="text models: what to segment, for every input (e.g. 'the lesion in the upper left')"

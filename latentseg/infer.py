@@ -212,6 +212,8 @@ def sampling_problems(s: SampleConfig, denoiser_heads: int, num_samples: int | N
         problems.append(f"--sampler must be ddim or staged, got {s.sampler!r}")
     if s.staged_final_head not in ("eps", "x0"):
         problems.append(f"--staged-final-head must be eps or x0, got {s.staged_final_head!r}")
+    if s.staged_middle_steps < 1:
+        problems.append(f"--staged-middle-steps must be >= 1, got {s.staged_middle_steps}")
     if s.sampler == "staged" and denoiser_heads != 2:
         problems.append("--sampler staged needs a model trained with model.denoiser_heads=2")
     if s.sampler == "staged" and num_samples is not None and num_samples % 2:
@@ -280,6 +282,7 @@ def predict(
     text_file: str | Path | None = None,
     allow_missing_text: bool = False,
     staged_final_head: str | None = None,
+    staged_middle_steps: int | None = None,
 ) -> list[Path]:
     """Segment every case under `input_path` and write, per case, `CASE` (labels), `CASE_prob`
     (fused probabilities), `CASE_std` (the samples' standard deviation), `CASE_entropy` (entropy of
@@ -300,6 +303,8 @@ def predict(
     config.sample.fusion = fusion or config.sample.fusion
     config.sample.sampler = sampler or config.sample.sampler
     config.sample.staged_final_head = staged_final_head or config.sample.staged_final_head
+    if staged_middle_steps is not None:
+        config.sample.staged_middle_steps = staged_middle_steps
     prep = preprocessing_of(fingerprint, config)
     mask_values = fingerprint.get("mask_values") or []
     steps = steps or config.sample.steps

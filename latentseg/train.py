@@ -30,7 +30,7 @@ from latentseg.checkpoint import MODEL_FILE, load_train_state, save_checkpoint
 from latentseg.config import Config
 from latentseg.data.prepare import prepare_training_data
 from latentseg.data.targets import ClassIds, read_label_map, select_target, target_names, target_tasks
-from latentseg.data.transforms import train_transforms
+from latentseg.data.transforms import flip_word_pairs, train_transforms
 from latentseg.diffusion import ImportanceTimesteps
 from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
 from latentseg.errors import LatentSegError
@@ -75,7 +75,9 @@ def batches(
         replacement=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    transform = Compose([select_target, train_transforms(config.data.patch_size, config.data)])
+    # a prompt names a structure (not a side of the image): flips leave it as it is
+    describes = config.model.prompt == "none"
+    transform = Compose([select_target, train_transforms(config.data.patch_size, config.data, swap_text=describes)])
     transform.set_random_state(seed=seed + 100_003 * world.rank)
     dataset = Dataset([data[i] for i in draws], transform)
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=False)
@@ -172,6 +174,10 @@ def check_train_config(config: Config) -> None:
             problems.append(f"train.importance_*: {err}")
     if t.last_stage_t not in ("zero", "sampled"):
         problems.append(f"train.last_stage_t must be zero or sampled, got {t.last_stage_t!r}")
+    try:
+        flip_word_pairs(config.data.text_flip_words)  # the axes are checked once the data is read
+    except ValueError as err:
+        problems.append(str(err))
     for key in ("condition_pretrain_fraction", "autoencoder_pretrain_fraction"):
         if not 0 <= getattr(t, key) < 1:
             problems.append(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
@@ -210,6 +216,10 @@ def train(
     backbone = _textdiff_backbone(config) if config.model.mode == "textdiff" and not resume else None
     check_train_config(config)
     data = prepare_training_data(data_dirs, config)
+    try:
+        flip_word_pairs(config.data.text_flip_words, m.spatial_dims)
+    except ValueError as err:
+        raise LatentSegError(str(err)) from None
     if backbone is not None:
         _check_backbone_fits(backbone, config)
     if m.prompt != "none":

@@ -163,7 +163,7 @@ def run_predict(model, inputs, out, *extra) -> int:
     return main(["predict", "--model", str(model), "--input", str(inputs), "--output", str(out), *extra])
 
 
-def test_staged_two_head_model_with_staple_fusion(data2d, tmp_path):
+def test_staged_two_head_model_with_staple_fusion(data2d, tmp_path, capsys):
     """UniSegDiff end to end: CFENet pre-trained then frozen, staged training and sampling, fusion."""
     model = tmp_path / "model"
     staged = ["model.denoiser_heads=2", "train.timesteps=staged", "sample.sampler=staged", "model.condition=pretrained"]
@@ -174,8 +174,11 @@ def test_staged_two_head_model_with_staple_fusion(data2d, tmp_path):
         label = np.asarray(Image.open(out / "phantom_000.png"))
         assert label.shape == (64, 64) and label.max() <= 2
         assert (out / "phantom_000_std.png").is_file()
-    args = ["--sampler", "staged", "--staged-final-head", "x0", "--samples", "2"]
+    args = ["--sampler", "staged", "--staged-final-head", "x0", "--samples", "2", "--staged-middle-steps", "9"]
     assert run_predict(model, data2d["test"] / "images", tmp_path / "x0final", *args) == 0
+    assert run_predict(model, data2d["test"] / "images", tmp_path / "none", "--staged-middle-steps", "0") == 2
+    assert "--staged-middle-steps must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_text_guided_model_reads_case_text_or_a_prompt(data2d, tmp_path, capsys):

@@ -1,16 +1,21 @@
 """Training augmentation as MONAI dictionary transforms acting on "image" and "label"
-(000 section III-B: flips, rotations, intensity scaling and shifts)."""
+(000 section III-B: flips, rotations, intensity scaling and shifts), and on a case's "text":
+a flip swaps the words that name the two sides of the flipped axis, so that "the lesion in the
+upper left" still describes the flipped image."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 from monai.transforms import (
     Compose,
     EnsureTyped,
+    Flipd,
     RandCropByPosNegLabeld,
-    RandFlipd,
+    RandomizableTransform,
     RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -19,10 +24,64 @@ from monai.transforms import (
 
 from latentseg.config import DataConfig
 
+WordPairs = dict[int, list[tuple[str, str]]]
 
-def train_transforms(patch_size: Sequence[int], config: DataConfig) -> Compose:
+
+def flip_word_pairs(entries: Sequence[str], spatial_dims: int | None = None) -> WordPairs:
+    """Parse `data.text_flip_words` entries "AXIS:word/word" (e.g. "1:left/right") into
+    {axis: [(word, word), ...]}; a malformed entry or an axis beyond `spatial_dims` is a ValueError."""
+    pairs: WordPairs = {}
+    for entry in entries:
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*([^\s/]+)\s*/\s*([^\s/]+)\s*", str(entry))
+        if not match:
+            raise ValueError(f"data.text_flip_words: {entry!r} is not AXIS:word/word, e.g. '1:left/right'")
+        axis, first, second = int(match[1]), match[2].lower(), match[3].lower()
+        if spatial_dims is not None and axis >= spatial_dims:
+            raise ValueError(f"data.text_flip_words: {entry!r} names axis {axis} of {spatial_dims}D images")
+        pairs.setdefault(axis, []).append((first, second))
+    return pairs
+
+
+def swap_words(text: str, pairs: Sequence[tuple[str, str]]) -> str:
+    """`text` with each word of `pairs` replaced by its partner (whole words, any case:
+    "Upper-left" -> "Lower-left" for ("upper", "lower"))."""
+    mapping = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+    if not mapping or not text:
+        return text
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, mapping)) + r")\b", re.IGNORECASE)
+
+    def partner(match: re.Match) -> str:
+        word, other = match[0], mapping[match[0].lower()]
+        if word.isupper() and len(word) > 1:
+            return other.upper()
+        return other.capitalize() if word[0].isupper() else other
+
+    return pattern.sub(partner, text)
+
+
+class RandFlipTextd(RandomizableTransform):
+    """With probability `prob`, flip `keys` along spatial `axis` and swap the side words of that
+    axis in the sample's "text" (absent or empty text is left alone)."""
+
+    def __init__(self, keys: Sequence[str], axis: int, pairs: Sequence[tuple[str, str]], prob: float = 0.5):
+        RandomizableTransform.__init__(self, prob)
+        self.flip = Flipd(keys, spatial_axis=axis)
+        self.pairs = list(pairs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.randomize(None)
+        if not self._do_transform:
+            return dict(data)
+        out = self.flip(data)
+        if out.get("text"):
+            out["text"] = swap_words(out["text"], self.pairs)
+        return out
+
+
+def train_transforms(patch_size: Sequence[int], config: DataConfig, swap_text: bool = True) -> Compose:
     """Pad, crop (a share of patches centred on foreground, as nnU-Net), flip, rotate in-plane,
-    jitter intensity."""
+    jitter intensity. With `swap_text`, flips swap `config.text_flip_words` in the "text" (off for
+    prompts that name a structure: a mirrored left ventricle is still the left ventricle)."""
     keys = ["image", "label"]
     fg = config.foreground_fraction
     steps: list = [
@@ -30,7 +89,8 @@ def train_transforms(patch_size: Sequence[int], config: DataConfig) -> Compose:
         RandCropByPosNegLabeld(keys, "label", patch_size, pos=fg, neg=1 - fg, num_samples=1),
     ]
     if config.flips:
-        steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(len(patch_size))]
+        words = flip_word_pairs(config.text_flip_words, len(patch_size)) if swap_text else {}
+        steps += [RandFlipTextd(keys, axis, words.get(axis, []), prob=0.5) for axis in range(len(patch_size))]
     if config.rotation_degrees > 0:
         angle = math.radians(config.rotation_degrees)
         # in the plane of the first two axes: range_x in 2D, a rotation about the last axis in 3D

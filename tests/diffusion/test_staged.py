@@ -45,6 +45,10 @@ def test_staged_sample_with_oracle_heads_lands_on_x0_in_12_calls():
     assert [b for b, _ in calls] == [3] + [6] * 11  # the branches share one batch after the first jump
     assert [t for _, t in calls] == [999, *middle_timesteps(Stages(600, 300), 10)]
     assert result.latent_evaluations == 23
+    calls.clear()  # staged-11: nine middle steps (interval 33.3)
+    eleven = staged_sample(oracle, torch.randn(3, 4, 8, 8, generator=g), sched, Stages(600, 300), 9, 5, generator=g)
+    assert eleven.network_calls == len(calls) == 11
+    assert [t for _, t in calls] == [999, *middle_timesteps(Stages(600, 300), 9)]
     assert result.samples.shape == (2 * 5 * 3, 4, 8, 8)
     samples = result.samples.reshape(10, 3, 4, 8, 8)
     # at t = 0 a sample is x0 plus noise of std sqrt(1 - alpha-bar_0) = 0.01, with fresh noise per draw

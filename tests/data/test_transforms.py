@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from latentseg.config import load_config
+from latentseg.data.phantoms import make_phantom
+from latentseg.data.transforms import flip_word_pairs, swap_words, train_transforms
+from latentseg.errors import LatentSegError
+from latentseg.train import check_train_config
+
+PAIRS = [("upper", "lower"), ("left", "right")]
+
+
+def test_swap_words_whole_words_in_any_case():
+    assert swap_words("the lesion in the upper left", PAIRS) == "the lesion in the lower right"
+    assert swap_words("Upper-left and LEFT, Right.", PAIRS) == "Lower-right and RIGHT, Left."
+    assert swap_words("leftover uppermost bright", PAIRS) == "leftover uppermost bright"
+    assert swap_words("", PAIRS) == "" and swap_words("upper", []) == "upper"
+
+
+def test_flip_word_pairs_parse_and_refuse():
+    assert flip_word_pairs(["0:upper/lower", " 1 : Left / Right "]) == {0: [("upper", "lower")], 1: [("left", "right")]}
+    for bad in ["upper/lower", "0:upper", "x:a/b", "0:a/b/c"]:
+        with pytest.raises(ValueError, match="AXIS:word/word"):
+            flip_word_pairs([bad])
+    with pytest.raises(ValueError, match="axis 2 of 2D"):
+        flip_word_pairs(["2:front/back"], spatial_dims=2)
+    with pytest.raises(LatentSegError, match="AXIS:word/word"):
+        check_train_config(load_config(None, ["data.text_flip_words=[upper-lower]"]))
+
+
+def _quadrant(mask: np.ndarray) -> str:
+    """Where the mask's centre of mass sits, in the phantom's words (axis 0 rows, axis 1 columns)."""
+    rows, cols = np.nonzero(mask)
+    vertical = "upper" if rows.mean() < mask.shape[0] / 2 else "lower"
+    return f"{vertical} {'left' if cols.mean() < mask.shape[1] / 2 else 'right'}"
+
+
+def test_flips_keep_the_sentence_true_of_the_image():
+    """Ambiguous phantoms: after every random flip the sentence still names the target's quadrant
+    (relative to the image centre, which is near the organ's)."""
+    config = load_config(None, ["data.rotation_degrees=0", "data.intensity_augmentation=false"])
+    phantom = make_phantom(2, 64, seed=3, ambiguous=True)
+    target = phantom.label == 2
+    assert phantom.text.endswith(f"{_quadrant(target)} of the organ")
+    sample = {"image": phantom.image, "label": phantom.label[None].astype(np.float32), "text": phantom.text}
+    transform = train_transforms([64, 64], config.data)
+    transform.set_random_state(seed=0)
+    texts = set()
+    for _ in range(24):
+        (out,) = transform(dict(sample))
+        label = np.asarray(out["label"])[0]
+        assert out["text"].endswith(f"{_quadrant(label == 2)} of the organ"), out["text"]
+        texts.add(out["text"])
+    assert len(texts) == 4  # every flip combination occurred
+
+    plain = train_transforms([64, 64], config.data, swap_text=False)  # prompts: words stay
+    plain.set_random_state(seed=0)
+    assert {plain(dict(sample))[0]["text"] for _ in range(8)} == {phantom.text}
