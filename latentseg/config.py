@@ -65,6 +65,9 @@ class ModelConfig:
     text_in_denoiser: bool = False  # attention fusion: every denoiser encoder level also attends to the tokens
     # UniSegDiff (004 section 2.1-2.2): 2 = one denoiser encoder with an eps head and an x0 head
     denoiser_heads: int = 1
+    # two heads: also decode the eps head's x0 estimate (t <= stage_high, where sampling uses that head)
+    # and add its segmentation loss, as 003 trains its eps denoiser; 004 decodes the x0 head only
+    eps_head_seg_loss: bool = False
     stage_high: int = 600  # t > stage_high: rapid segmentation stage (x0); staged sampling jumps 999 -> high-1
     stage_low: int = 300  # t <= stage_low: denoising refinement stage (eps); staged sampling ends there
     # universal prompted segmentation (002): none | class (a learned embedding per target name) |

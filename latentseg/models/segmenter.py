@@ -324,6 +324,10 @@ class LatentSegmenter(nn.Module):
             seg = torch.zeros_like(diff)  # the decoder is frozen: 002 trains on the latent alone
         else:
             seg = self.segmentation_loss(self.decode(z_dn, cond), label, gamma)  # Eq. 13-16
+            if self.config.denoiser_heads == 2 and self.config.eps_head_seg_loss:
+                z_eps = self.schedule.split("eps", eps_hat, z_t, t)[0]
+                used = (t <= self.stages.high).float()  # above it, sampling takes the x0 head
+                seg = seg + used * self.segmentation_loss(self.decode(z_eps, cond), label, gamma)
         per_sample = beta * seg + lam * alpha * diff  # Eq. 18; 004 Eq. 1 when staged
         if importance is not None:
             importance.update(t, per_sample)

@@ -143,6 +143,22 @@ def test_two_head_staged_training_decreases_the_loss():
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
 
 
+def test_eps_head_seg_loss_trains_the_eps_head_through_the_decoder():
+    """Without the noise term (lambda = 0) only the segmentation loss moves the heads: 004 decodes the
+    x0 head alone; `eps_head_seg_loss` also decodes the eps head's estimate, below stage_high only."""
+    image, label = phantom_batch()
+    image, label = image.repeat(8, 1, 1, 1), label.repeat(8, 1, 1, 1)
+
+    def eps_head_grad(option: bool) -> float:
+        model = untrained_but_not_zero(tiny_model(denoiser_heads=2, eps_head_seg_loss=option))
+        model.training_losses(image, label, lam=0.0, generator=torch.Generator().manual_seed(0)).total.backward()
+        grads = [p.grad for p in model.denoiser.heads[0].parameters()]
+        return sum(float(g.abs().sum()) for g in grads if g is not None)
+
+    assert eps_head_grad(False) == 0
+    assert eps_head_grad(True) > 0  # some of the 8 drawn t are <= stage_high (600)
+
+
 def test_one_head_per_sample_loss_equals_monai_dice_ce():
     from monai.losses import DiceCELoss
 
