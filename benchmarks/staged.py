@@ -7,7 +7,10 @@ Methods, each trained for the same wall-clock minutes on the same split:
   sampling (20 masks) fused by STAPLE; the same samples are also fused by their mean;
 - staged_sampled_t: as staged, but t <= low kept as drawn (the issue's alternative);
 - unisegdiff: as staged, with the condition network pre-trained for segmentation, frozen and
-  injected by dual cross-attention (004 section 2.3).
+  injected by dual cross-attention (004 section 2.3);
+- unisegdiff_eps_seg: as unisegdiff, with `model.eps_head_seg_loss` (the eps head's estimate is
+  decoded into the segmentation loss too, as 003 trains its eps denoiser; not in 004).
+Evaluations named staged11_* take 9 middle steps (11 network calls), staged20_* 004's 10 (12).
 
 Per method: mean foreground Dice, sequential network calls and latents evaluated per case
 (counted on the denoiser), and the training epoch where validation Dice first reaches 98% of
@@ -71,6 +74,11 @@ METHODS: dict[str, tuple[list[str], list[tuple[str, dict]]]] = {
             ("staged20_x0final_mean", X0_FINAL_MEAN),
             *STAGED11_EVALUATIONS,
         ],
+    ),
+    # as unisegdiff, with the eps head's estimate also decoded into the segmentation loss (not 004)
+    "unisegdiff_eps_seg": (
+        [*TWO_HEADS, "train.last_stage_t=zero", "model.condition=pretrained", "model.eps_head_seg_loss=true"],
+        [*STAGED11_EVALUATIONS, ("staged20_staple", STAGED_EVALUATIONS[0][1])],
     ),
     # CFENet as a UNet (skips into its decoder): its bottleneck need not hold the mask
     "unisegdiff_unet_cfenet": (
