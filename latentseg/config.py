@@ -110,7 +110,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    max_minutes: float = 0.0  # stop after this many minutes even before `steps` (0: no limit); LR follows time
+    # stop after this many minutes of training even before `steps` (0: no limit; validation is not
+    # counted); the learning rate follows this clock
+    max_minutes: float = 0.0
     batch_size: int = 8
     lr: float = 1e-3
     min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio

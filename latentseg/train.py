@@ -329,9 +329,10 @@ def _train(
     )
     t0 = time.time()
     budget = config.train.max_minutes * 60
+    not_training = 0.0  # seconds spent validating: outside the budget, so samplers of any cost train alike
 
     def elapsed() -> float:
-        return elapsed_before + time.time() - t0
+        return elapsed_before + time.time() - t0 - not_training
 
     def checkpoint(step: int) -> None:
         if not world.is_main:
@@ -387,7 +388,9 @@ def _train(
                 history[key].append(round(stats[key], 5))
         validating = config.train.val_every and (step % config.train.val_every == 0 or last)
         if world.is_main and val_set and validating and not pretraining:
+            v0 = time.time()
             dice = validate(model, val_set, config, encoder)
+            not_training += time.time() - v0
             history["val_step"].append(step)
             history["val_dice"].append(round(dice, 4))
             how = "staged" if config.sample.sampler == "staged" else f"DDIM-{config.sample.steps}"

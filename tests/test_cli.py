@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -136,6 +137,29 @@ def test_time_budget_stops_training_early(data2d, tmp_path):
     log = json.loads((out / "training_log.json").read_text())
     assert 0 < log["step"][-1] < 100000
     assert 0.6 <= log["train_seconds"] < 30
+
+
+def test_validation_time_is_outside_the_budget(data2d, tmp_path, monkeypatch):
+    """A 1.5 s validation after the first step does not use up a 1.2 s training budget."""
+    import latentseg.train
+
+    calls = []
+
+    def slow_first_validation(*args, **kwargs) -> float:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)
+        return 0.5
+
+    monkeypatch.setattr(latentseg.train, "validate", slow_first_validation)
+    settings = [s for s in TINY_2D if not s.startswith(("train.steps", "train.val_every"))]
+    settings += ["train.steps=100000", "train.max_minutes=0.02", "train.val_every=1"]
+    t0 = time.time()
+    assert main(["train", "--data", str(data2d["train"]), "--out", str(tmp_path / "m"), *settings]) == 0
+    wall = time.time() - t0
+    log = json.loads((tmp_path / "m" / "training_log.json").read_text())
+    assert log["step"][-1] >= 2 and len(calls) == log["step"][-1]
+    assert 1.2 <= log["train_seconds"] < wall - 1.5
 
 
 def test_batches_draw_every_dataset_equally_often():
