@@ -97,10 +97,9 @@ class DataConfig:
     mask_values: list = field(default_factory=list)  # stored value per class for 2D masks, e.g. [0, 255]
     foreground_fraction: float = 0.3333  # share of patches centred on a foreground voxel (nnU-Net)
     flips: bool = True
-    # words a flip of an axis swaps in a case's description ("AXIS:word/word"; axis 0 is image rows)
-    text_flip_words: list = field(
-        default_factory=lambda: ["0:upper/lower", "0:top/bottom", "0:above/below", "1:left/right"]
-    )
+    # words a flip of an axis swaps in a case's description, "AXIS:word/word" entries; "auto": 2D
+    # rows upper/lower and columns left/right, 3D the RAS axes (see latentseg.data.transforms); []: none
+    text_flip_words: list = field(default_factory=lambda: ["auto"])
     rotation_degrees: float = 15.0  # random in-plane rotations up to this angle (0: off)
     intensity_augmentation: bool = True
     allow_missing_text: bool = False  # text models: cases without a description get "no description"

@@ -166,7 +166,9 @@ def test_presets_and_the_3d_text_preset(tmp_path, data3d, capsys):
         load_config("textdiffseg")
     out = tmp_path / "model"
     args = ["train", "--config", "textdiffseg3d", "--data", str(data3d["train"]), "--out", str(out), *TINY_3D]
-    assert main([*args, "data.patch_size=[32,32,32]", "model.text_in_denoiser=true"]) == 0
+    phantom_words = "data.text_flip_words=[0:upper/lower,1:left/right]"  # not RAS: see README
+    assert main([*args, "data.patch_size=[32,32,32]", "model.text_in_denoiser=true", phantom_words]) == 0
+    assert json.loads((out / "config.json").read_text())["data"]["text_flip_words"] == ["0:upper/lower", "1:left/right"]
     images = str(data3d["test"] / "imagesTr")
     assert predict_one_sample(out, images, tmp_path / "p", "the lesion in the upper left") == 0
     assert len(list((tmp_path / "p").glob("*.nii.gz"))) >= 2

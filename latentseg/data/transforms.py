@@ -27,9 +27,24 @@ from latentseg.config import DataConfig
 WordPairs = dict[int, list[tuple[str, str]]]
 
 
+# "auto": 2D images are shown with axis 0 as rows (top to bottom) and axis 1 as columns; 3D volumes
+# are read reoriented to RAS (data.resample), so axis 0 runs right-left, 1 back-front, 2 foot-head
+AUTO_FLIP_WORDS = {
+    2: ["0:upper/lower", "0:top/bottom", "0:above/below", "1:left/right"],
+    3: ["0:left/right", "1:anterior/posterior", "1:front/back", "2:superior/inferior", "2:upper/lower"]
+    + ["2:top/bottom", "2:above/below", "2:cranial/caudal"],
+}
+
+
 def flip_word_pairs(entries: Sequence[str], spatial_dims: int | None = None) -> WordPairs:
     """Parse `data.text_flip_words` entries "AXIS:word/word" (e.g. "1:left/right") into
-    {axis: [(word, word), ...]}; a malformed entry or an axis beyond `spatial_dims` is a ValueError."""
+    {axis: [(word, word), ...]}; ["auto"] is `AUTO_FLIP_WORDS` for `spatial_dims` (nothing is checked
+    while the dimensionality is unknown). A malformed entry or an axis beyond `spatial_dims` is a
+    ValueError."""
+    if list(entries) == ["auto"]:
+        if spatial_dims not in AUTO_FLIP_WORDS:
+            return {}
+        entries = AUTO_FLIP_WORDS[spatial_dims]
     pairs: WordPairs = {}
     for entry in entries:
         match = re.fullmatch(r"\s*(\d+)\s*:\s*([^\s/]+)\s*/\s*([^\s/]+)\s*", str(entry))

@@ -24,6 +24,9 @@ def test_flip_word_pairs_parse_and_refuse():
             flip_word_pairs([bad])
     with pytest.raises(ValueError, match="axis 2 of 2D"):
         flip_word_pairs(["2:front/back"], spatial_dims=2)
+    assert flip_word_pairs(["auto"], 2)[1] == [("left", "right")]
+    assert ("superior", "inferior") in flip_word_pairs(["auto"], 3)[2]  # RAS: axis 2 runs foot to head
+    assert flip_word_pairs(["auto"]) == {} and flip_word_pairs([], 2) == {}
     with pytest.raises(LatentSegError, match="AXIS:word/word"):
         check_train_config(load_config(None, ["data.text_flip_words=[upper-lower]"]))
 
