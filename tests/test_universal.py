@@ -156,6 +156,7 @@ def test_presets_and_the_3d_text_preset(tmp_path, data3d, capsys):
     )
     assert (c.train.lr, c.train.weight_decay) == (1e-4, 1e-5)
     u = load_config("unisegdiff")
+    assert u.model.eps_head_seg_loss and u.model.condition == "pretrained"
     assert (u.model.denoiser_heads, u.sample.sampler, u.sample.num_samples, u.sample.fusion) == (
         2,
         "staged",
