@@ -7,7 +7,8 @@
 
 Variants (000 Table II): `text_fusion` none (the text-free model), attention (000 Eq. 2) and concat
 (zeta_1); with attention, image_downsample (zeta_2: `model.image_encoder=downsample`) and
-label_downsample (zeta_3: `model.label_encoder=downsample`). Dice and NSD (mean foreground and per
+label_downsample (zeta_3: `model.label_encoder=downsample`). Training flips swap the sentence's
+side words (`data.text_flip_words`), so a flipped sample's sentence stays true. Dice and NSD (mean foreground and per
 class; on phantoms class 2 is the target lesion) from `latentseg evaluate`. Writes
 benchmarks/results/text.json.
 Run: python -m benchmarks.text [--datasets ambiguous,monuseg] [--variants none,attention,concat,...]
