@@ -28,7 +28,7 @@ WordPairs = dict[int, list[tuple[str, str]]]
 
 
 # "auto": 2D images are shown with axis 0 as rows (top to bottom) and axis 1 as columns; 3D volumes
-# are read reoriented to RAS (data.resample), so axis 0 runs right-left, 1 back-front, 2 foot-head
+# are read reoriented to RAS+ (data.resample): axis 0 runs left to right, 1 back to front, 2 foot to head
 AUTO_FLIP_WORDS = {
     2: ["0:upper/lower", "0:top/bottom", "0:above/below", "1:left/right"],
     3: ["0:left/right", "1:anterior/posterior", "1:front/back", "2:superior/inferior", "2:upper/lower"]
