@@ -78,7 +78,7 @@ METHODS: dict[str, tuple[list[str], list[tuple[str, dict]]]] = {
     # as unisegdiff, with the eps head's estimate also decoded into the segmentation loss (not 004)
     "unisegdiff_eps_seg": (
         [*TWO_HEADS, "train.last_stage_t=zero", "model.condition=pretrained", "model.eps_head_seg_loss=true"],
-        [*STAGED11_EVALUATIONS, ("staged20_staple", STAGED_EVALUATIONS[0][1])],
+        [*STAGED11_EVALUATIONS, STAGED_EVALUATIONS[0]],
     ),
     # CFENet as a UNet (skips into its decoder): its bottleneck need not hold the mask
     "unisegdiff_unet_cfenet": (
