@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import signal
 import sys
+import tempfile
+import threading
+import traceback
 from pathlib import Path
 
-from latentseg.errors import LatentSegError
+from latentseg.data.io import DEFAULT_MAX_VOXELS
+from latentseg.errors import LatentSegError, one_line
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^63), got {value}")
+    return value
+
+
+def _phantom_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"must be >= 16 voxels, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -38,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             config.model.mode = args.mode
         if args.backbone:
             config.model.backbone = args.backbone
-    model_dir = train(args.data, args.out, config, resume=args.resume)
+    model_dir = train(args.data, args.out, config, resume=args.resume, legacy_state=args.legacy_state)
     if world_from_environment().is_main:  # under torchrun, one line for the run rather than one per process
         print(f"model written to {model_dir}")
 
@@ -110,6 +144,9 @@ def _predict(args: argparse.Namespace, prompt: str | None, output: Path) -> None
         allow_missing_text=args.allow_missing_text,
         staged_final_head=args.staged_final_head,
         staged_middle_steps=args.staged_middle_steps,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        max_voxels=args.max_voxels,
     )
     print(f"wrote {len(written)} files to {output}")
 
@@ -145,8 +182,8 @@ def cmd_phantoms(args: argparse.Namespace) -> None:
 def cmd_check_dataset(args: argparse.Namespace) -> None:
     from latentseg.data.datasets import discover_dataset, load_dataset
 
-    spec = discover_dataset(args.path)
-    samples, problems = load_dataset(spec)
+    spec = discover_dataset(args.path, args.allow_outside_paths)
+    samples, problems = load_dataset(spec, args.max_voxels)
     for line in spec.warnings:
         print(f"warning: {line}")
     if problems:
@@ -154,9 +191,17 @@ def cmd_check_dataset(args: argparse.Namespace) -> None:
     print(f"{args.path}: {len(samples)} cases, {spec.layout} layout, no problems found")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"latentseg: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentseg", description=__doc__)
+    parser = Parser(prog="latentseg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--debug", action="store_true", help="print the full trace of an internal error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on a dataset folder")
@@ -169,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--config", help="YAML file of settings, or a preset: ldseg, textdiffseg3d, universal, unisegdiff")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument(
+        "--legacy-state",
+        action="store_true",
+        help="--resume from a train_state.pt of latentseg < 0.2 (read with torch.load(weights_only=True))",
+    )
     p.add_argument(
         "--mode",
         choices=["ldseg", "textdiff"],
@@ -187,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_pretrain_ddpm)
 
@@ -197,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for the outputs (not the input folder)")
     p.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model's, 2)")
     p.add_argument("--samples", type=_positive_int, help="samples per case (default: the model's, 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument(
         "--fusion", choices=["mean", "vote", "staple"], help="how samples become one mask (default: the model's, mean)"
@@ -225,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--text-file", help="text models: a CSV filename,text with one sentence per input")
     p.add_argument("--allow-missing-text", action="store_true", help="inputs without a sentence get 'no description'")
+    p.add_argument("--max-voxels", type=_positive_int, help="largest image accepted (default: the model's)")
+    done = p.add_mutually_exclusive_group()
+    done.add_argument(
+        "--continue", dest="resume", action="store_true", help="skip the cases whose outputs are all present"
+    )
+    done.add_argument("--overwrite", action="store_true", help="replace existing outputs (refused by default)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="score predictions against references (summary.json)")
@@ -245,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dims", type=int, choices=(2, 3), default=2)
     p.add_argument("--cases", type=_positive_int, default=20)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=_phantom_size, default=128)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--ambiguous", action="store_true", help="two similar lesions; the text names the target")
     p.set_defaults(func=cmd_phantoms)
 
@@ -255,28 +311,92 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=_positive_int, default=7860)
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest accepted upload")
+    p.add_argument("--max-upload-mb", type=_positive_float, default=512.0, help="largest accepted upload")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-dataset", help="report every problem of a dataset folder")
     p.add_argument("path")
+    p.add_argument("--max-voxels", type=_positive_int, default=DEFAULT_MAX_VOXELS, help="largest image accepted")
+    p.add_argument(
+        "--allow-outside-paths", action="store_true", help="accept files that lead out of the dataset folder"
+    )
     p.set_defaults(func=cmd_check_dataset)
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that every `finally` cleans up as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def os_error_message(err: OSError) -> str:
+    """`PATH: what happened` for an OS error (permissions, a missing folder, a full disk, ...)."""
+    what = err.strerror or one_line(err)
+    if err.errno == errno.ENOSPC:
+        what = "no space left on device (nothing was left half-written; free some space and rerun)"
+    path = err.filename if err.filename is not None else None
+    return f"{path}: {what}" if path else what
+
+
+def report_internal_error(err: BaseException, debug: bool) -> str:
+    """One line for a bug; the trace goes to a log file (and to stderr with --debug)."""
+    trace = "".join(traceback.format_exception(err))
+    if debug:
+        print(trace, file=sys.stderr, end="")
+    where = "--debug prints it"
+    try:
+        fd, path = tempfile.mkstemp(prefix="latentseg-error-", suffix=".log")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(trace)
+        where = f"full trace in {path}; --debug prints it"
+    except OSError:
+        pass
+    return f"internal error, {type(err).__name__}: {one_line(err)} ({where})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `latentseg` command: every failure ends as `latentseg: error: ...` lines and a non-zero exit."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         args.func(args)
     except LatentSegError as err:
-        for line in str(err).splitlines():  # one line per problem
-            print(f"latentseg: error: {line}", file=sys.stderr)
+        _print_errors(str(err).splitlines())
         return 2
+    except Terminated:
+        _print_errors([])
+        print("latentseg: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
+        _print_errors([])
         print("latentseg: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        _print_errors([os_error_message(err)])
+        return 1
+    except Exception as err:  # noqa: BLE001 (a bug still gets one line)
+        _print_errors([report_internal_error(err, args.debug)])
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _print_errors(lines: list[str]) -> None:
+    from latentseg.progress import close_all
+
+    close_all()
+    for line in lines:  # one line per problem
+        print(f"latentseg: error: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

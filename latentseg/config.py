@@ -9,149 +9,182 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from latentseg.errors import LatentSegError, one_line
+from latentseg.schema import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenFraction,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    Seed,
+    problems,
+)
 
 
 @dataclass
 class ModelConfig:
     """The LDSeg networks and the diffusion they are trained with (003 section IV-B)."""
 
-    spatial_dims: int = 2  # set from the data by `train`
-    in_channels: int = 1  # set from the data by `train`
-    num_classes: int = 2  # set from the data by `train` (background included)
-    latent_channels: int = 4  # k, channels of z_label
-    image_latent_channels: int = 16  # channels of z_image
-    num_downsamplings: int = 4  # 003 section IV-B; fewer along coarse or short axes (planned from the data)
-    strides: list = field(default_factory=list)  # per stage, an int or one per axis; empty: planned by `train`
+    spatial_dims: Literal[2, 3] = 2  # set from the data by `train`
+    in_channels: PositiveInt = 1  # set from the data by `train`
+    num_classes: Annotated[int, Range(2)] = 2  # set from the data by `train` (background included)
+    latent_channels: PositiveInt = 4  # k, channels of z_label
+    image_latent_channels: PositiveInt = 16  # channels of z_image
+    num_downsamplings: Annotated[int, Range(1, 8)] = (
+        4  # 003 section IV-B; fewer along coarse or short axes (planned from the data)
+    )
+    strides: list[int | list[PositiveInt]] = field(
+        default_factory=list
+    )  # per stage, an int or one per axis; empty: planned by `train`
     # widths per resolution, full resolution first (encoders start with a strided convolution,
     # so their first entry is unused; the decoder's is used only with decoder_skips)
-    image_encoder_channels: list = field(default_factory=lambda: [8, 16, 32, 64, 128])
-    label_encoder_channels: list = field(default_factory=lambda: [4, 8, 16, 32, 64])
-    decoder_channels: list = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    image_encoder_channels: list[PositiveInt] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    label_encoder_channels: list[PositiveInt] = field(default_factory=lambda: [4, 8, 16, 32, 64])
+    decoder_channels: list[PositiveInt] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     decoder_skips: bool = False  # feed the image encoder's features to the label decoder (thin structures)
-    attention_stages: int = 2  # image encoder stages ending in self-attention
-    num_heads: int = 4
-    denoiser_channels: list = field(default_factory=lambda: [64, 128])
-    denoiser_strides: list = field(default_factory=list)  # empty: planned from the latent grid by `train`
-    prediction_type: str = "x0"  # eps | x0 | v
-    schedule: str = "linear"  # linear | cosine
-    num_timesteps: int = 1000
-    x0_estimate: str = "exact"  # exact: invert Eq. 11 | paper: z_t - eps_hat (003 Eq. 12 as printed)
+    attention_stages: NonNegativeInt = 2  # image encoder stages ending in self-attention
+    num_heads: PositiveInt = 4
+    denoiser_channels: list[PositiveInt] = field(default_factory=lambda: [64, 128])
+    denoiser_strides: list[int | list[PositiveInt]] = field(
+        default_factory=list
+    )  # empty: planned from the latent grid by `train`
+    prediction_type: Literal["eps", "x0", "v"] = "x0"  # eps | x0 | v
+    schedule: Literal["linear", "cosine"] = "linear"  # linear | cosine
+    num_timesteps: Annotated[int, Range(2, 100_000)] = 1000
+    x0_estimate: Literal["exact", "paper"] = (
+        "exact"  # exact: invert Eq. 11 | paper: z_t - eps_hat (003 Eq. 12 as printed)
+    )
     restandardize: bool = False  # re-standardize the latent after every sampling step
     # learned: the image encoder trains end to end with the rest (003) | pretrained: CFENet (004 section
     # 2.3), the image encoder plus a UNet decoder trained for segmentation first, then frozen, its
     # features injected into every denoiser encoder level by dual cross-attention
-    condition: str = "learned"
+    condition: Literal["learned", "pretrained"] = "learned"
     # CFENet's decoder: without skips its bottleneck (the only features at the latent's resolution,
     # which is where the denoiser works) must hold the whole mask; with skips it is a UNet
     condition_head_skips: bool = False
     # joint: label encoder and decoder train end to end with the rest (003) | pretrained: 002's
     # two-stage mask autoencoder, trained alone first (Eq. 3: BCE + Dice + weight decay), then frozen
     # while the diffusion trains with the MSE on the latent alone
-    label_autoencoder: str = "joint"
+    label_autoencoder: Literal["joint", "pretrained"] = "joint"
     # 000 Table II ablations: learned networks | downsample (average pooling + a 1x1 convolution)
-    image_encoder: str = "learned"
-    label_encoder: str = "learned"
+    image_encoder: Literal["learned", "downsample"] = "learned"
+    label_encoder: Literal["learned", "downsample"] = "learned"
     # text guidance (000 section II-B): none | attention (Eq. 2: image-latent voxels attend to the
     # tokens of a frozen text encoder) | concat (the pooled sentence embedding joins the image latent)
-    text_fusion: str = "none"
+    text_fusion: Literal["none", "attention", "concat"] = "none"
     text_encoder: str = "all-MiniLM-L6-v2"  # a local folder or a cached hub name; default: shipped copy
-    text_dim: int = 0  # set by `train` from the text encoder
-    text_max_length: int = 64  # tokens; longer text is truncated with a warning
+    text_dim: NonNegativeInt = 0  # set by `train` from the text encoder
+    text_max_length: Annotated[int, Range(1, 512)] = 64  # tokens; longer text is truncated with a warning
     text_in_denoiser: bool = False  # attention fusion: every denoiser encoder level also attends to the tokens
     # UniSegDiff (004 section 2.1-2.2): 2 = one denoiser encoder with an eps head and an x0 head
-    denoiser_heads: int = 1
+    denoiser_heads: Literal[1, 2] = 1
     # two heads: also decode the eps head's x0 estimate (t <= stage_high, where sampling uses that head)
     # and add its segmentation loss, as 003 trains its eps denoiser; 004 decodes the x0 head only
     eps_head_seg_loss: bool = False
-    stage_high: int = 600  # t > stage_high: rapid segmentation stage (x0); staged sampling jumps 999 -> high-1
-    stage_low: int = 300  # t <= stage_low: denoising refinement stage (eps); staged sampling ends there
+    stage_high: PositiveInt = 600  # t > stage_high: rapid segmentation stage (x0); staged sampling jumps 999 -> high-1
+    stage_low: PositiveInt = 300  # t <= stage_low: denoising refinement stage (eps); staged sampling ends there
     # universal prompted segmentation (002): none | class (a learned embedding per target name) |
     # text (the text encoder's embedding of the name). Each (case, target) is a binary task and the
     # prompt joins the image latent through `text_fusion` (attention unless set)
-    prompt: str = "none"
-    prompt_names: list = field(default_factory=list)  # set by `train`: the target names, in id order
+    prompt: Literal["none", "class", "text"] = "none"
+    prompt_names: list[str] = field(default_factory=list)  # set by `train`: the target names, in id order
     # ldseg: the latent diffusion segmenter above (003, with 000 / 004 options) | textdiff (001): a
     # frozen pretrained DDPM UNet's decoder features at a few noise levels, fused with the text by
     # cross-attention per block, and a pixel classifier; only the attention and classifier train
-    mode: str = "ldseg"
+    mode: Literal["ldseg", "textdiff"] = "ldseg"
     backbone: str = ""  # textdiff: the diffusers UNet2DModel folder trained on (e.g. by `pretrain-ddpm`)
     backbone_config: dict = field(default_factory=dict)  # textdiff: that UNet's config, set by `train`
-    feature_blocks: list = field(default_factory=lambda: [6, 8, 12, 16])  # decoder block ids, 001 section 3
-    feature_timesteps: list = field(default_factory=lambda: [50, 150, 250])  # 001 section 2.1
-    feature_channels: int = 32  # textdiff: width of each block's features after projection
+    feature_blocks: list[NonNegativeInt] = field(
+        default_factory=lambda: [6, 8, 12, 16]
+    )  # decoder block ids, 001 section 3
+    feature_timesteps: list[NonNegativeInt] = field(default_factory=lambda: [50, 150, 250])  # 001 section 2.1
+    feature_channels: PositiveInt = 32  # textdiff: width of each block's features after projection
 
 
 @dataclass
 class DataConfig:
-    patch_size: list = field(default_factory=list)  # empty: 256^2 in 2D, 96^3 in 3D, shrunk to the images
+    patch_size: list[PositiveInt] = field(default_factory=list)  # empty: 256^2 in 2D, 96^3 in 3D, shrunk to the images
     split: str = "random"  # random | dataset | fold:I/K | path/to/split.csv (see latentseg.data.splits)
-    val_fraction: float = 0.1
-    spacing: list = field(default_factory=list)  # target spacing for 3D; empty: the training median
+    val_fraction: OpenFraction = 0.1
+    spacing: list[PositiveFloat] = field(default_factory=list)  # target spacing for 3D; empty: the training median
     resample: bool = True  # 3D: reorient to RAS and resample to `spacing`
     crop_foreground: bool = True  # crop to the image's non-zero region (nnU-Net)
-    mask_values: list = field(default_factory=list)  # stored value per class for 2D masks, e.g. [0, 255]
-    foreground_fraction: float = 0.3333  # share of patches centred on a foreground voxel (nnU-Net)
+    mask_values: list[NonNegativeInt] = field(
+        default_factory=list
+    )  # stored value per class for 2D masks, e.g. [0, 255]
+    foreground_fraction: Fraction = 0.3333  # share of patches centred on a foreground voxel (nnU-Net)
     flips: bool = True
     # words a flip of an axis swaps in a case's description, "AXIS:word/word" entries; "auto": 2D
     # rows upper/lower and columns left/right, 3D the RAS axes (see latentseg.data.transforms); []: none
-    text_flip_words: list = field(default_factory=lambda: ["auto"])
-    rotation_degrees: float = 15.0  # random in-plane rotations up to this angle (0: off)
+    text_flip_words: list[str] = field(default_factory=lambda: ["auto"])
+    rotation_degrees: Annotated[float, Range(0, 180)] = 15.0  # random in-plane rotations up to this angle (0: off)
     intensity_augmentation: bool = True
     allow_missing_text: bool = False  # text models: cases without a description get "no description"
     label_map: str = ""  # model.prompt: YAML {dataset folder: {label id: shared name}}; default: own names
+    # largest image accepted, in voxels, checked from the file's header before its data is read
+    max_voxels: PositiveInt = 2**29
+    # dataset.json paths (`../`) and symlinks that lead out of the dataset folder are refused unless set
+    allow_outside_paths: bool = False
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: PositiveInt = 2000
     # stop after this many minutes of training even before `steps` (0: no limit; validation is not
     # counted); the learning rate follows this clock
-    max_minutes: float = 0.0
-    batch_size: int = 8
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 1e-4
-    gamma_dice: float = 2.0  # 003 Eq. 16
-    lambda_noise: float = 1.0  # 003 Eq. 18
+    max_minutes: NonNegativeFloat = 0.0
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 1e-3
+    min_lr_ratio: Fraction = 0.05  # cosine decay to lr * min_lr_ratio
+    warmup_steps: NonNegativeInt = 50
+    weight_decay: NonNegativeFloat = 1e-4
+    gamma_dice: NonNegativeFloat = 2.0  # 003 Eq. 16
+    lambda_noise: NonNegativeFloat = 1.0  # 003 Eq. 18
     # uniform (003 Algorithm 1) | staged (004 section 2.2, with alpha:beta per stage) | importance
     # (002 section 3.1: t drawn in proportion to its recent loss, see latentseg.diffusion.timesteps)
-    timesteps: str = "uniform"
-    importance_bins: int = 50  # importance: timesteps grouped into this many intervals (num_timesteps: per t)
-    importance_history: int = 10  # importance: losses remembered per interval before it leaves uniform
-    last_stage_t: str = "zero"  # staged: t <= stage_low is set to 0 (004) | "sampled": kept as drawn
-    condition_pretrain_fraction: float = 0.3  # model.condition=pretrained: share of the run that trains CFENet
-    autoencoder_pretrain_fraction: float = 0.3  # model.label_autoencoder=pretrained: share that trains it
-    autoencoder_weight_decay: float = 1e-5  # lambda of 002 Eq. 3
+    timesteps: Literal["uniform", "staged", "importance"] = "uniform"
+    importance_bins: PositiveInt = 50  # importance: timesteps grouped into this many intervals (num_timesteps: per t)
+    importance_history: PositiveInt = 10  # importance: losses remembered per interval before it leaves uniform
+    last_stage_t: Literal["zero", "sampled"] = (
+        "zero"  # staged: t <= stage_low is set to 0 (004) | "sampled": kept as drawn
+    )
+    condition_pretrain_fraction: OpenFraction = 0.3  # model.condition=pretrained: share of the run that trains CFENet
+    autoencoder_pretrain_fraction: OpenFraction = 0.3  # model.label_autoencoder=pretrained: share that trains it
+    autoencoder_weight_decay: NonNegativeFloat = 1e-5  # lambda of 002 Eq. 3
     # textdiff: keep each training image's frozen-backbone features (fixed noise per image), up to
     # this many MB (0: off; computed anew each step). Hits only when images repeat exactly: turn off
     # data.flips / rotation_degrees / intensity_augmentation and make the patch the whole image
-    feature_cache_mb: float = 0.0
-    val_every: int = 500  # steps between validations (0: never)
-    val_cases: int = 8
-    checkpoint_every: int = 500
-    log_every: int = 25
-    seed: int = 0
+    feature_cache_mb: NonNegativeFloat = 0.0
+    val_every: NonNegativeInt = 500  # steps between validations (0: never)
+    val_cases: NonNegativeInt = 8
+    checkpoint_every: PositiveInt = 500
+    log_every: PositiveInt = 25
+    seed: Seed = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda means each rank's LOCAL_RANK GPU)
-    distributed_timeout_minutes: float = 30.0  # torchrun: a rank waiting longer than this for another fails
+    distributed_timeout_minutes: PositiveFloat = 30.0  # torchrun: a rank waiting longer than this for another fails
 
 
 @dataclass
 class SampleConfig:
-    steps: int = 2  # DDIM steps K (003 section V-B: 2 suffice)
-    num_samples: int = 4
-    sampler: str = "ddim"  # ddim (DDPM when steps is None) | staged (004 section 2.2; needs denoiser_heads=2)
-    staged_middle_steps: int = 10  # staged: DDIM steps from stage_high-1 to stage_low-1 with each head
-    staged_final_head: str = "eps"  # staged: the head of the last step from stage_low-1 (004: eps) | x0
-    fusion: str = "mean"  # mean | vote | staple (004 section 2.4)
-    eta: float = 0.0
-    overlap: float = 0.5  # sliding-window overlap
-    sw_batch_size: int = 1
+    steps: PositiveInt = 2  # DDIM steps K (003 section V-B: 2 suffice)
+    num_samples: PositiveInt = 4
+    sampler: Literal["ddim", "staged"] = (
+        "ddim"  # ddim (DDPM when steps is None) | staged (004 section 2.2; needs denoiser_heads=2)
+    )
+    staged_middle_steps: PositiveInt = 10  # staged: DDIM steps from stage_high-1 to stage_low-1 with each head
+    staged_final_head: Literal["eps", "x0"] = (
+        "eps"  # staged: the head of the last step from stage_low-1 (004: eps) | x0
+    )
+    fusion: Literal["mean", "vote", "staple"] = "mean"  # mean | vote | staple (004 section 2.4)
+    eta: Fraction = 0.0
+    overlap: OpenFraction = 0.5  # sliding-window overlap
+    sw_batch_size: PositiveInt = 1
 
 
 @dataclass
@@ -164,6 +197,17 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def problems(self) -> list[str]:
+        """Every setting outside its type or range, one line each (`train.lr must be > 0, got -1.0`)."""
+        return [line for name, section in _sections(self).items() for line in problems(section, f"{name}.")]
+
+    def validate(self, source: str = "config") -> Config:
+        """The config itself, or a LatentSegError listing every bad setting, each naming `source`."""
+        found = self.problems()
+        if found:
+            raise LatentSegError("\n".join(f"{source}: {line}" for line in found))
+        return self
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
         config = cls()
@@ -172,7 +216,7 @@ class Config:
                 raise LatentSegError(f"{source}: section {section!r} must be a mapping")
             for key, value in values.items():
                 _set(config, f"{section}.{key}", value, source, parse=False)
-        return config
+        return config.validate(source)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2))
@@ -181,8 +225,10 @@ class Config:
     def load(cls, path: Path) -> Config:
         try:
             raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise LatentSegError(f"{path}: cannot read the config: {one_line(err)}") from err
+        if not isinstance(raw, dict):
+            raise LatentSegError(f"{path}: a config must hold a JSON object of sections, got {type(raw).__name__}")
         return cls.from_dict(raw, str(path))
 
 
@@ -288,3 +334,4 @@ def apply_overrides(config: Config, overrides: list[str]) -> None:
             raise LatentSegError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         _set(config, key.strip(), value.strip(), "override", parse=True)
+    config.validate("override" if overrides else "config")

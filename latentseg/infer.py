@@ -5,6 +5,7 @@ the input's grid and written in the input's own format."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,10 +20,10 @@ from monai.inferers import sliding_window_inference
 from latentseg.checkpoint import load_model
 from latentseg.config import Config, SampleConfig
 from latentseg.data.datasets import Case, discover_inputs, load_image, read_text_table
-from latentseg.data.io import ImageMeta, output_name, write_label, write_map
+from latentseg.data.io import ImageMeta, file_format, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
 from latentseg.data.targets import ClassIds
-from latentseg.errors import LatentSegError
+from latentseg.errors import LatentSegError, one_line
 from latentseg.fusion import FUSIONS, check_fusion, entropy_map, fuse, uncertainty_map
 from latentseg.models import LatentSegmenter
 from latentseg.overlay import save_overlay
@@ -224,8 +225,74 @@ def sampling_problems(s: SampleConfig, denoiser_heads: int, num_samples: int | N
 def _check_output_dir(output: Path, input_path: Path, cases: list[Case]) -> None:
     inputs = {p.resolve() for c in cases for p in c.image_paths}
     input_dir = input_path.resolve() if input_path.is_dir() else input_path.resolve().parent
+    if output.exists() and not output.is_dir():
+        raise LatentSegError(f"{output}: exists and is not a folder; give --output a folder")
     if output.resolve() == input_dir or output.resolve() in {p.parent for p in inputs}:
         raise LatentSegError(f"{output}: the output directory is the input directory; refusing to overwrite inputs")
+
+
+OUTPUT_SUFFIXES = ("", "_prob", "_std", "_entropy")
+
+
+def output_names(case: Case, overlay: bool = True) -> list[str]:
+    """The files `predict` writes for a case, the label map last."""
+    ending = ".nii.gz" if file_format(case.image_paths[0]) == "nifti" else ".png"
+    names = [f"{case.case_id}{suffix}{ending}" for suffix in OUTPUT_SUFFIXES[1:]]
+    if overlay:
+        names.append(f"{case.case_id}_overlay.png")
+    return [*names, f"{case.case_id}{ending}"]
+
+
+def check_output_clashes(cases: list[Case], overlay: bool = True) -> None:
+    """Two inputs whose outputs share a name (`x.png` and `x_prob.png`) are refused before
+    anything is written."""
+    owner: dict[str, Case] = {}
+    for case in cases:
+        for name in output_names(case, overlay):
+            other = owner.setdefault(name, case)
+            if other is not case:
+                raise LatentSegError(
+                    f"{case.image_paths[0]}: its output {name} would overwrite the one of {other.image_paths[0]}; "
+                    f"rename one of them"
+                )
+
+
+def plan_outputs(cases: list[Case], output: Path, overlay: bool, resume: bool, overwrite: bool) -> list[Case]:
+    """The cases to run: with `resume`, the finished ones (all outputs present) are skipped; an
+    existing output is otherwise refused unless `overwrite`."""
+    todo = []
+    for case in cases:
+        present = [name for name in output_names(case, overlay) if (output / name).exists()]
+        if resume and len(present) == len(output_names(case, overlay)):
+            continue
+        if present and not (resume or overwrite):
+            raise LatentSegError(
+                f"{output / present[0]}: exists (an earlier run?); rerun with --continue to skip finished cases "
+                f"or --overwrite to replace them"
+            )
+        todo.append(case)
+    return todo
+
+
+STAGING_PREFIX = ".latentseg-partial-"
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Staging folders left by a killed run (their process is gone) are removed."""
+    for folder in output.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_input(case: Case, image: np.ndarray, meta: ImageMeta, config: Config) -> None:
@@ -283,6 +350,9 @@ def predict(
     allow_missing_text: bool = False,
     staged_final_head: str | None = None,
     staged_middle_steps: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_voxels: int | None = None,
 ) -> list[Path]:
     """Segment every case under `input_path` and write, per case, `CASE` (labels), `CASE_prob`
     (fused probabilities), `CASE_std` (the samples' standard deviation), `CASE_entropy` (entropy of
@@ -293,8 +363,11 @@ def predict(
     `filename,text`) or from a text.csv beside the inputs.
     A case that fails (unreadable, NaN, wrong dimensionality, ...) is skipped and the others go
     on; the failures are raised together at the end. A case's files are staged in a temporary
-    folder and moved into `output_dir` only once all of them are written.
+    folder and moved into `output_dir` only once all of them are written (the label map last).
+    Existing outputs are refused unless `overwrite`; `resume` skips the cases already finished.
     """
+    if not 0 <= seed < 2**63:
+        raise LatentSegError(f"--seed must be in [0, 2^63), got {seed}")
     if steps is not None and steps < 1:
         raise LatentSegError(f"--steps must be >= 1, got {steps}")
     if num_samples is not None and num_samples < 1:
@@ -313,19 +386,27 @@ def predict(
     if problems:  # settings that would fail on every case are refused before the first one
         raise LatentSegError("\n".join(problems))
     input_path, output_dir = Path(input_path), Path(output_dir)
-    cases = discover_inputs(input_path)
+    cases = discover_inputs(input_path, config.model.in_channels)
     _check_output_dir(output_dir, input_path, cases)
+    check_output_clashes(cases, overlays)
     texts = _case_texts(model, cases, prompt, text_file, allow_missing_text)
 
     written: list[Path] = []
     failures: list[str] = []
     created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".latentseg-partial-", dir=output_dir))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LatentSegError(
+            f"{output_dir}: cannot create the output folder ({err.strerror or one_line(err)})"
+        ) from err
+    remove_stale_staging(output_dir)
+    cases = plan_outputs(cases, output_dir, overlays, resume, overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=output_dir))
     try:
         for case in progress_bar(cases, desc="predict", unit="case", disable=not progress):
             try:
-                image, meta = load_image(case)
+                image, meta = load_image(case, max_voxels or config.data.max_voxels)
                 _check_input(case, image, meta, config)
                 pred = predict_image(
                     model, config, prep, image, meta, num_samples, steps, seed, texts.get(case.case_id)
@@ -337,8 +418,9 @@ def predict(
                 for leftover in staging.iterdir():
                     leftover.unlink()
                 continue
-            for path in sorted(staging.iterdir()):
-                written.append(path.replace(output_dir / path.name))
+            staged = {path.name: path for path in staging.iterdir()}
+            for name in output_names(case, overlays):  # the label map last: it marks a finished case
+                written.append(staged[name].replace(output_dir / name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(output_dir.iterdir()):

@@ -12,3 +12,9 @@ def progress_bar(*args, **kwargs) -> tqdm:
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", 30.0)
     return tqdm(*args, **kwargs)
+
+
+def close_all() -> None:
+    """End every open bar's line, so that an error message that follows starts on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -237,6 +237,8 @@ def serve(
     """Start the page and block until interrupted."""
     app = build_app(model_dir, device, max_upload_mb)
     try:
-        app.queue().launch(server_name=host, server_port=port, max_file_size=f"{max_upload_mb}mb", show_error=True)
+        app.queue().launch(
+            server_name=host, server_port=port, max_file_size=int(max_upload_mb * 2**20), show_error=True
+        )
     finally:
         shutil.rmtree(app.downloads_folder, ignore_errors=True)

@@ -67,7 +67,8 @@ class TextEncoder:
         local = Path(path).is_dir()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModel.from_pretrained(path, local_files_only=True)
+            # safetensors only: a pytorch_model.bin is a pickle, and nothing is unpickled
+            model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError) as err:
             where = "folder" if local else "name (not in the local Hugging Face cache; nothing is downloaded)"
             raise LatentSegError(f"text encoder {name!r}: cannot load this {where}: {one_line(err)}") from err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,17 +24,24 @@ from monai.data import DataLoader, Dataset
 from monai.metrics import compute_dice
 from monai.transforms import Compose
 from monai.utils import set_determinism
-from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
-from latentseg.checkpoint import MODEL_FILE, load_train_state, save_checkpoint
+from latentseg.checkpoint import (
+    LEGACY_STATE_FILE,
+    REQUIRED,
+    STATE_FILE,
+    TrainState,
+    load_train_state,
+    save_checkpoint,
+    weights,
+)
 from latentseg.config import Config
 from latentseg.data.prepare import prepare_training_data
 from latentseg.data.targets import ClassIds, read_label_map, select_target, target_names, target_tasks
 from latentseg.data.transforms import flip_word_pairs, train_transforms
 from latentseg.diffusion import ImportanceTimesteps
 from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
-from latentseg.errors import LatentSegError
+from latentseg.errors import LatentSegError, one_line
 from latentseg.infer import predict_array, sampling_problems
 from latentseg.models import LatentSegmenter, build_model
 from latentseg.models.segmenter import TIMESTEP_RULES, Losses, check_model_config
@@ -196,14 +204,17 @@ def train(
     config: Config,
     resume: bool = False,
     progress: bool = True,
+    legacy_state: bool = False,
 ) -> Path:
     """Train an LDSeg model on one or more dataset folders; returns the model directory.
 
     Under torchrun (RANK / WORLD_SIZE set) this is one of the training processes; see
-    `latentseg.distributed`.
+    `latentseg.distributed`. `legacy_state` lets `resume` read a `train_state.pt` of latentseg < 0.2
+    (with `torch.load(weights_only=True)`).
     """
     data_dirs = [Path(d) for d in (data_dirs if isinstance(data_dirs, list) else [data_dirs])]
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, resume)
     m = config.model
     if m.prompt != "none" and m.text_fusion == "none":
         m.text_fusion = "attention"  # 002: the prompt needs a way into the image latent
@@ -231,14 +242,43 @@ def train(
     world, device = setup(config.train.device, config.train.distributed_timeout_minutes)
     if not world.is_main:
         log.setLevel(logging.WARNING)
+    created = not out_dir.exists()
     try:
-        return _train(data, out_dir, config, resume, progress and world.is_main, encoder, world, device, backbone)
+        out_dir.mkdir(parents=True, exist_ok=True)  # a folder that cannot be written fails now, not in an hour
+        return _train(
+            data, out_dir, config, resume, progress and world.is_main, encoder, world, device, backbone, legacy_state
+        )
     except (RuntimeError, torch.distributed.DistError) as err:
         if world.distributed and _is_lost_peer(err):
             raise LatentSegError(lost_peer_message(world, err, out_dir)) from err
         raise
+    except BaseException:
+        if created and world.is_main:
+            remove_incomplete(out_dir)
+        raise
     finally:
         teardown(world)
+
+
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """`--out` must be a folder that holds no model (or, with `resume`, the model to continue)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LatentSegError(f"{out_dir}: exists and is not a folder; choose another --out")
+    held = [name for name in (*REQUIRED, STATE_FILE, LEGACY_STATE_FILE) if (out_dir / name).exists()]
+    if resume and not out_dir.is_dir():
+        raise LatentSegError(f"{out_dir}: no model to resume (the folder does not exist)")
+    if not resume and held:
+        raise LatentSegError(
+            f"{out_dir}: already holds a model ({', '.join(held)}); continue it with --resume, "
+            f"or choose another --out (nothing is overwritten)"
+        )
+
+
+def remove_incomplete(out_dir: Path) -> None:
+    """A model folder this run created but could not complete (a full disk, a crash before the
+    first checkpoint) is removed rather than left half-written."""
+    if out_dir.is_dir() and not all((out_dir / name).is_file() for name in REQUIRED):
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _is_lost_peer(err: BaseException) -> bool:
@@ -294,7 +334,16 @@ def _check_backbone_fits(unet: torch.nn.Module, config: Config) -> None:
 
 
 def _train(
-    data, out_dir: Path, config: Config, resume: bool, progress: bool, encoder, world: World, device, backbone=None
+    data,
+    out_dir: Path,
+    config: Config,
+    resume: bool,
+    progress: bool,
+    encoder,
+    world: World,
+    device,
+    backbone=None,
+    legacy_state: bool = False,
 ) -> Path:
     train_set, val_set = data.train, data.val[: config.train.val_cases]
     set_determinism(config.train.seed)  # the same initial weights on every rank
@@ -307,13 +356,17 @@ def _train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     history: dict[str, Any] = {"step": [], "loss": [], "seg": [], "diff": [], "val_step": [], "val_dice": []}
     start, elapsed_before = 0, 0.0
+    saved = None
     if resume:  # every rank reads the one checkpoint, whatever the number of processes that wrote it
-        state = load_train_state(out_dir)
-        model.load_state_dict(load_file(str(out_dir / MODEL_FILE)))
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
+        saved = load_train_state(out_dir, legacy_state)
+        try:
+            model.load_state_dict(saved.model)
+            optimizer.load_state_dict(saved.optimizer)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise LatentSegError(f"{out_dir}: the training state does not match config.json ({one_line(err)})") from err
+        start, history = saved.step, saved.history
         elapsed_before = history.get("train_seconds", 0.0)
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(saved.torch_rng)
     if world.distributed:  # each rank draws its own noise and timesteps
         torch.manual_seed(config.train.seed + start + 100_003 * world.rank)
     fp = data.fingerprint
@@ -338,12 +391,8 @@ def _train(
         if not world.is_main:
             return
         history["train_seconds"] = elapsed()
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "history": history,
-            "torch_rng": torch.get_rng_state(),
-        }
+        extra = importance.state() if importance is not None else {}
+        state = TrainState(weights(model), optimizer.state_dict(), step, history, torch.get_rng_state(), extra)
         save_checkpoint(out_dir, model, config, fp, state)
         log.info("step %d: checkpoint written to %s (rank %d of %d)", step, out_dir, world.rank, world.size)
 
@@ -355,6 +404,8 @@ def _train(
     importance = None
     if t.timesteps == "importance":  # 002 section 3.1; the loss history restarts with each run
         importance = ImportanceTimesteps(config.model.num_timesteps, t.importance_bins, t.importance_history)
+        if saved is not None and saved.extra:
+            importance.load_state(saved.extra)
     parts = getattr(model, "pretrain_parts", ())
     fractions = {"condition": t.condition_pretrain_fraction, "autoencoder": t.autoencoder_pretrain_fraction}
     losses_fn = wrap(TrainingLosses(model, config, importance), world, find_unused_parameters=bool(parts))

@@ -8,10 +8,9 @@ import time
 
 import nibabel as nib
 import numpy as np
-import torch
 from PIL import Image
 
-from latentseg.checkpoint import load_model, save_checkpoint
+from latentseg.checkpoint import load_model, read_train_state, save_checkpoint
 from latentseg.cli import main
 from latentseg.data.datasets import discover_inputs, load_image
 from latentseg.infer import predict_image, preprocessing_of
@@ -23,7 +22,7 @@ def test_2d_train_predict_evaluate(model2d, data2d, tmp_path):
         "config.json",
         "model.safetensors",
         "fingerprint.json",
-        "train_state.pt",
+        "train_state.safetensors",
         "training_log.json",
     }
     log = json.loads((model2d / "training_log.json").read_text())
@@ -95,8 +94,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(model2d, data2d, tmp_
 def test_resume_continues_from_the_saved_step(model2d, data2d, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(model2d, run)
-    state_before = torch.load(run / "train_state.pt", weights_only=False)
-    assert state_before["step"] == 30
+    assert read_train_state(run / "train_state.safetensors").step == 30
     assert main(["train", "--data", str(data2d["train"]), "--out", str(run), "--resume", "train.steps=35"]) == 0
     log = json.loads((run / "training_log.json").read_text())
     assert log["step"][-1] == 35 and log["step"][:6] == [5, 10, 15, 20, 25, 30]

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from latentseg.checkpoint import read_train_state
 from latentseg.cli import main
 from latentseg.config import Config
 from latentseg.distributed import World, world_from_environment
@@ -30,6 +31,7 @@ WORKER = """
 import os, sys
 from safetensors.torch import save_file
 import latentseg.train as train_module
+from latentseg.checkpoint import read_train_state
 from latentseg.cli import main
 
 seen = {}
@@ -138,7 +140,7 @@ def test_two_processes_train_identical_weights_and_one_checkpoint(tmp_path, data
 
     # the checkpoint continues in one process, as any single-process checkpoint does
     assert main(["train", "--data", str(data2d["train"]), "--out", str(out), "--resume", "train.steps=8"]) == 0
-    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 8
+    assert read_train_state(out / "train_state.safetensors").step == 8
 
 
 def test_torchrun_stops_when_a_worker_is_killed(tmp_path, data2d):
@@ -146,7 +148,7 @@ def test_torchrun_stops_when_a_worker_is_killed(tmp_path, data2d):
     args = ["-m", "latentseg", "train", "--data", str(data2d["train"]), "--out", str(out), *LONG_RUN]
     proc = subprocess.Popen(_torchrun(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(out / "train_state.pt", proc, 180)
+        _wait_for(out / "train_state.safetensors", proc, 180)
         workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
@@ -171,7 +173,7 @@ def test_survivor_reports_lost_peer(tmp_path, data2d):
         cmd = [sys.executable, "-m", "latentseg", "train", "--data", str(data2d["train"]), "--out", str(out), *LONG_RUN]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
-        _wait_for(out / "train_state.pt", procs[0], 180)
+        _wait_for(out / "train_state.safetensors", procs[0], 180)
         procs[1].kill()
         killed = time.time()
         _, stderr = procs[0].communicate(timeout=60)

@@ -4,7 +4,10 @@ Chromium (skipped where Chromium, ChromeDriver or Selenium are missing; `.ci/run
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -106,6 +109,25 @@ def _browser():
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
+def _start_server(model_dir) -> tuple[subprocess.Popen, int]:
+    """`latentseg serve` as a user starts it, with its defaults, on a free port; waits for the page."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "latentseg", "serve", "--model", str(model_dir), "--port", str(port)]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"latentseg serve exited with {server.returncode}: {server.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
+                if page.status == 200:
+                    return server, port
+        except OSError:
+            time.sleep(1)
+    server.kill()
+    pytest.fail("latentseg serve did not answer within 180 s")
+
+
 def test_page_in_a_real_browser(model2d, data2d, data3d, tmp_path):
     """Upload a phantom, segment it, see the overlay, download the mask: it equals `latentseg
     predict`'s for the same seed. A 3D volume given to this 2D model shows a message, and the page
@@ -114,12 +136,8 @@ def test_page_in_a_real_browser(model2d, data2d, data3d, tmp_path):
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from latentseg.serve import build_app
-
     browser = _browser()
-    app = build_app(model2d)
-    port = _free_port()
-    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    server, port = _start_server(model2d)
     try:
         wait = WebDriverWait(browser, 120)
         browser.get(f"http://127.0.0.1:{port}/")
@@ -149,6 +167,8 @@ def test_page_in_a_real_browser(model2d, data2d, data3d, tmp_path):
         assert (tmp_path / "serve.png").stat().st_size > 10_000
     finally:
         browser.quit()
-        app.close()
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=60)
+    assert server.returncode == 0 and "closing server" in output, output  # SIGTERM stops it cleanly
     predict(model2d, case.parent, tmp_path / "ref", None, None, seed=0, overlays=False, progress=False)
     assert np.array_equal(read_label(downloaded)[0], read_label(tmp_path / "ref" / case.name)[0])

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from latentseg.data.io import ImageMeta, is_image_file, read_image, read_label, split_suffix
+from latentseg.data.io import DEFAULT_MAX_VOXELS, ImageMeta, is_image_file, read_image, read_label, split_suffix
 from latentseg.errors import LatentSegError, one_line
 
 TEXT_TABLES = ("text.csv", "text_annotations.csv")
@@ -85,13 +87,44 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _int_keys(mapping: Any, path: Path, key: str) -> dict[int, str]:
+    """{int(k): str(v)} of a dataset.json mapping whose keys are channel or label numbers."""
+    if not isinstance(mapping, dict):
+        raise LatentSegError(f"{path}: {key} must be an object, got {type(mapping).__name__}")
+    out = {}
+    for k, v in mapping.items():
+        if not str(k).strip().isdigit():
+            raise LatentSegError(f"{path}: {key} key {k!r} is not a non-negative integer")
+        out[int(k)] = str(v)
+    return out
+
+
+def _nnunet_labels(labels: Any, path: Path) -> dict[int, str]:
+    """nnU-Net's `labels` (name -> id; a list of ids is a region, left to nnU-Net) as id -> name."""
+    if not isinstance(labels, dict):
+        raise LatentSegError(f"{path}: labels must be an object of name: id, got {type(labels).__name__}")
+    out = {}
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not (isinstance(value, str) and value.strip().isdigit()):
+                raise LatentSegError(f"{path}: labels[{name!r}] must be a non-negative integer id, got {value!r}")
+        out[int(value)] = str(name)
+    return out
+
+
 def _nnunet(root: Path, meta: dict[str, Any]) -> DatasetSpec:
+    path = root / "dataset.json"
     missing = [k for k in ("channel_names", "labels", "file_ending") if k not in meta]
     if missing:
-        raise LatentSegError(f"{root / 'dataset.json'}: missing {', '.join(missing)} (nnU-Net v2 format)")
+        raise LatentSegError(f"{path}: missing {', '.join(missing)} (nnU-Net v2 format)")
     ending = meta["file_ending"]
-    channels = sorted(int(k) for k in meta["channel_names"])
-    labels = {int(v): str(k) for k, v in meta["labels"].items() if not isinstance(v, (list, tuple))}
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise LatentSegError(f"{path}: file_ending must be a suffix such as '.nii.gz', got {ending!r}")
+    names = _int_keys(meta["channel_names"], path, "channel_names")
+    channels = sorted(names)
+    labels = _nnunet_labels(meta["labels"], path)
     problems = []
     label_files = sorted((root / "labelsTr").glob(f"*{ending}"))
     cases = []
@@ -107,23 +140,48 @@ def _nnunet(root: Path, meta: dict[str, Any]) -> DatasetSpec:
             problems.append(f"{img}: image without a label file in labelsTr")
     expected = meta.get("numTraining")
     if isinstance(expected, int) and expected != len(cases):
-        problems.append(f"{root / 'dataset.json'}: numTraining is {expected} but labelsTr holds {len(cases)} cases")
-    names = {int(k): str(v) for k, v in meta["channel_names"].items()}
+        problems.append(f"{path}: numTraining is {expected} but labelsTr holds {len(cases)} cases")
     return DatasetSpec(root, "nnunet", cases, labels, len(channels), problems, channel_names=names)
 
 
+def _msd_entry(entry: Any, index: int, path: Path) -> tuple[str, str]:
+    if not isinstance(entry, dict):
+        raise LatentSegError(f"{path}: training[{index}] must be an object with image and label, got {entry!r}")
+    missing = [k for k in ("image", "label") if not isinstance(entry.get(k), str) or not entry.get(k)]
+    if missing:
+        raise LatentSegError(f"{path}: training[{index}] has no {' or '.join(missing)} path")
+    return entry["image"], entry["label"]
+
+
 def _msd(root: Path, meta: dict[str, Any]) -> DatasetSpec:
+    path = root / "dataset.json"
     cases, problems = [], []
-    for entry in meta["training"]:
-        image, label = root / entry["image"], root / entry["label"]
+    for index, entry in enumerate(meta["training"]):
+        image_name, label_name = _msd_entry(entry, index, path)
+        image, label = root / image_name, root / label_name
         case_id = split_suffix(image)[0]
         problems += [f"{p}: missing file for case {case_id}" for p in (image, label) if not p.is_file()]
         cases.append(Case(case_id, [image], label))
-    raw_labels = meta.get("labels", {})
-    labels = {int(k): str(v) for k, v in raw_labels.items()} if raw_labels else {}
+    labels = _int_keys(meta.get("labels") or {}, path, "labels")
     modality = meta.get("modality") or meta.get("channel_names") or {}
-    names = {int(k): str(v) for k, v in modality.items()}
+    names = _int_keys(modality, path, "modality")
     return DatasetSpec(root, "msd", cases, labels, len(modality) or None, problems, channel_names=names)
+
+
+def outside_paths(root: Path, cases: list[Case]) -> list[str]:
+    """Case files that lead out of the dataset folder (a `../` path or a symlink), one line each."""
+    base = root.resolve()
+    problems = []
+    for case in cases:
+        for p in [*case.image_paths, *([case.label_path] if case.label_path else [])]:
+            target = p.resolve()
+            if not target.is_relative_to(base):
+                how = "a symlink" if p.is_symlink() or any(q.is_symlink() for q in p.parents) else "a path"
+                problems.append(
+                    f"{p}: {how} that leads out of the dataset folder (to {target}); "
+                    f"set data.allow_outside_paths=true if this is intended"
+                )
+    return problems
 
 
 def _image_files(folder: Path, warnings: list[str]) -> dict[str, Path]:
@@ -146,8 +204,9 @@ def _folder2d(root: Path) -> DatasetSpec:
     return DatasetSpec(root, "folder2d", cases, {}, None, problems, warnings)
 
 
-def discover_dataset(root: str | Path) -> DatasetSpec:
-    """List the labelled cases of a dataset folder (nnU-Net, MSD or 2D images/masks)."""
+def discover_dataset(root: str | Path, allow_outside_paths: bool = False) -> DatasetSpec:
+    """List the labelled cases of a dataset folder (nnU-Net, MSD or 2D images/masks). Files that
+    lead out of the folder are problems unless `allow_outside_paths`."""
     root = Path(root)
     if not root.is_dir():
         raise LatentSegError(f"{root}: dataset folder not found")
@@ -162,13 +221,17 @@ def discover_dataset(root: str | Path) -> DatasetSpec:
         )
     if not spec.cases:
         raise LatentSegError(f"{root}: no labelled cases found ({spec.layout} layout)")
+    if not allow_outside_paths:
+        spec.problems += outside_paths(root, spec.cases)
     _attach_text(root, spec.cases)
     return spec
 
 
-def discover_inputs(path: str | Path) -> list[Case]:
+def discover_inputs(path: str | Path, num_channels: int | None = None) -> list[Case]:
     """Cases to predict: one file, a folder of files, or a dataset root (its `imagesTs/` or
-    `images/`). nnU-Net channel files `CASE_XXXX` are grouped into one multi-channel case."""
+    `images/`). Files named as nnU-Net channels (`CASE_0000`, `CASE_0001`, ...) are grouped into
+    one multi-channel case only when every case has the channels 0..k-1 and k is the model's
+    channel count (`num_channels`); otherwise every file is a case of its own."""
     path = Path(path)
     if path.is_file():
         return [Case(split_suffix(path)[0], [path])]
@@ -178,19 +241,52 @@ def discover_inputs(path: str | Path) -> list[Case]:
     files = sorted(p for p in folder.iterdir() if is_image_file(p))
     if not files:
         raise LatentSegError(f"{folder}: no NIfTI or image files to predict")
-    stems = [split_suffix(p)[0] for p in files]
-    channel_files = all(len(s) > 5 and s[-5] == "_" and s[-4:].isdigit() for s in stems)
-    groups: dict[str, list[Path]] = {}
-    for p, stem in zip(files, stems, strict=True):
-        groups.setdefault(stem[:-5] if channel_files else stem, []).append(p)
-    cases = [Case(case_id, paths) for case_id, paths in groups.items()]
+    groups = _channel_groups(files, num_channels)
+    cases = [Case(case_id, paths) for case_id, paths in groups.items()] if groups else _single_file_cases(files)
     _attach_text(path, cases)
     return cases
 
 
-def load_image(case: Case) -> tuple[np.ndarray, ImageMeta]:
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _channel_groups(files: list[Path], num_channels: int | None) -> dict[str, list[Path]] | None:
+    """{case: channel files in order} when the files form an nnU-Net channel layout, else None."""
+    groups: dict[str, dict[int, Path]] = {}
+    for p in files:
+        match = CHANNEL_SUFFIX.match(split_suffix(p)[0])
+        if match is None:
+            return None
+        groups.setdefault(match["case"], {})[int(match["channel"])] = p
+    counts = {len(channels) for channels in groups.values()}
+    complete = all(sorted(channels) == list(range(len(channels))) for channels in groups.values())
+    if not complete or len(counts) != 1:
+        return None
+    (k,) = counts
+    if num_channels is not None and k != num_channels:
+        return None
+    if num_channels is None and k > 1 and len(groups) < 2:  # one case of k "channels" is more likely k slices
+        return None
+    return {case: [channels[c] for c in sorted(channels)] for case, channels in groups.items()}
+
+
+def _single_file_cases(files: list[Path]) -> list[Case]:
+    """One case per file; two files with one name (`a.png`, `a.jpg`) are refused, naming both."""
+    seen: dict[str, Path] = {}
+    for p in files:
+        case_id = split_suffix(p)[0]
+        if case_id in seen:
+            raise LatentSegError(
+                f"{p}: has the same case name {case_id!r} as {seen[case_id].name}; their outputs would collide "
+                f"(rename one)"
+            )
+        seen[case_id] = p
+    return [Case(case_id, [p]) for case_id, p in seen.items()]
+
+
+def load_image(case: Case, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
     """All channels of a case as (C, *S) float32, checked for NaN/Inf and matching grids."""
-    arrays, metas = zip(*(read_image(p) for p in case.image_paths), strict=True)
+    arrays, metas = zip(*(read_image(p, max_voxels) for p in case.image_paths), strict=True)
     for p, m in zip(case.image_paths[1:], metas[1:], strict=True):
         if m.spatial_shape != metas[0].spatial_shape:
             raise LatentSegError(
@@ -214,25 +310,48 @@ def _check_channels(case: Case, image: np.ndarray, meta: ImageMeta, num_channels
     raise LatentSegError(f"{case.image_paths[0]}: expected {num_channels} channel(s), found {image.shape[0]}")
 
 
-def load_case(case: Case, num_classes: int | None = None, num_channels: int | None = None) -> dict[str, Any]:
+SPACING_TOLERANCE = 1e-3  # relative; image and label grids further apart than this are refused
+
+
+def load_case(
+    case: Case, num_classes: int | None = None, num_channels: int | None = None, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> dict[str, Any]:
     """A training sample {"image", "label", "text", "case_id", "meta"}, with every check applied."""
-    image, meta = load_image(case)
+    image, meta = load_image(case, max_voxels)
     _check_channels(case, image, meta, num_channels)
     if case.label_path is None:
         raise LatentSegError(f"case {case.case_id}: no label file")
-    label, lmeta = read_label(case.label_path)
+    label, lmeta = read_label(case.label_path, max_voxels)
     if lmeta.spatial_shape != meta.spatial_shape:
         raise LatentSegError(
             f"{case.label_path}: label shape {lmeta.spatial_shape} differs from image shape {meta.spatial_shape}"
         )
-    if meta.affine is not None and lmeta.affine is not None and not np.allclose(meta.affine, lmeta.affine, atol=1e-3):
-        raise LatentSegError(f"{case.label_path}: label affine differs from the image affine")
+    _check_same_grid(case.label_path, meta, lmeta)
     if num_classes is not None and label.max(initial=0) >= num_classes:
         bad = sorted(int(v) for v in np.unique(label) if v >= num_classes)
         raise LatentSegError(
             f"{case.label_path}: label values {bad} are outside 0..{num_classes - 1} (the declared labels)"
         )
     return {"image": image, "label": label[None], "text": case.text, "case_id": case.case_id, "meta": meta}
+
+
+def _check_same_grid(label_path: Path, meta: ImageMeta, lmeta: ImageMeta) -> None:
+    """The label must lie on the image's grid: the same affine and the same header spacing, within
+    a tolerance (a header's pixdim can disagree with its affine)."""
+    spacing_differs = not np.allclose(meta.spacing, lmeta.spacing, rtol=SPACING_TOLERANCE, atol=1e-6)
+    detail = f" (spacing {_fmt(lmeta.spacing)} against {_fmt(meta.spacing)})" if spacing_differs else ""
+    if meta.affine is not None and lmeta.affine is not None:
+        scale = max(1.0, float(np.abs(meta.affine[:3, 3]).max()))
+        if not np.allclose(meta.affine, lmeta.affine, atol=SPACING_TOLERANCE * scale):
+            raise LatentSegError(f"{label_path}: label affine differs from the image affine{detail}")
+    if spacing_differs:
+        raise LatentSegError(
+            f"{label_path}: label spacing {_fmt(lmeta.spacing)} differs from the image's {_fmt(meta.spacing)}"
+        )
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
 def num_classes_of(spec: DatasetSpec) -> int | None:
@@ -249,9 +368,30 @@ def infer_mask_values(values: set[int]) -> list[int]:
     return [] if ordered == list(range(len(ordered))) else ordered
 
 
+def mixed_encodings(values_by_case: dict[str, set[int]]) -> str | None:
+    """A problem line when some masks are stored 0/255 and others as small class ids (0/1/2...),
+    which would otherwise train as 2 + K classes; None when the encodings agree."""
+    binary = sorted(c for c, v in values_by_case.items() if 255 in v and v <= {0, 255})
+    ids = sorted(c for c, v in values_by_case.items() if v - {0} and max(v) < 255)
+    if not binary or not ids:
+        return None
+    example_ids = sorted(values_by_case[ids[0]])
+    return (
+        f"mixed mask encodings: {', '.join(binary[:3])}{' ...' if len(binary) > 3 else ''} "
+        f"({len(binary)} masks) store 0/255, {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''} "
+        f"({len(ids)} masks) store class ids {example_ids}; re-save one group, or set data.mask_values"
+    )
+
+
 def _apply_mask_values(samples: list[dict[str, Any]], spec: DatasetSpec, problems: list[str]) -> None:
-    values = set().union(*(np.unique(s["label"]).tolist() for s in samples)) if samples else set()
+    per_case = {s["case_id"]: set(np.unique(s["label"]).tolist()) for s in samples}
+    values = set().union(*per_case.values()) if samples else set()
     if not spec.mask_values:
+        mixed = mixed_encodings({str(_label_file(spec, c)): v for c, v in per_case.items()})
+        if mixed:
+            problems.append(f"{spec.root}: {mixed}")
+            samples.clear()
+            return
         spec.mask_values = infer_mask_values(values)
     if not spec.mask_values:
         return
@@ -267,7 +407,12 @@ def _apply_mask_values(samples: list[dict[str, Any]], spec: DatasetSpec, problem
             s["label"] = mapped
 
 
-def load_dataset(spec: DatasetSpec) -> tuple[list[dict[str, Any]], list[str]]:
+def _label_file(spec: DatasetSpec, case_id: str) -> str:
+    case = next((c for c in spec.cases if c.case_id == case_id), None)
+    return case.label_path.name if case is not None and case.label_path is not None else case_id
+
+
+def load_dataset(spec: DatasetSpec, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[list[dict[str, Any]], list[str]]:
     """Every case loaded and checked; all problems are collected, one line each, not just the first.
     Empty masks are allowed and noted in `spec.warnings`."""
     problems = list(spec.problems)
@@ -278,7 +423,7 @@ def load_dataset(spec: DatasetSpec) -> tuple[list[dict[str, Any]], list[str]]:
         if any(str(p) in bad_paths for p in [*case.image_paths, case.label_path]):
             continue
         try:
-            samples.append(load_case(case, declared, spec.num_channels))
+            samples.append(load_case(case, declared, spec.num_channels, max_voxels))
         except LatentSegError as err:
             problems.append(str(err))
     if declared is None:
@@ -287,7 +432,18 @@ def load_dataset(spec: DatasetSpec) -> tuple[list[dict[str, Any]], list[str]]:
     dims = {s["meta"].spatial_dims for s in samples}
     if len(dims) > 1:
         problems.append(f"{spec.root}: cases mix 2D and 3D images")
-    channels = {s["image"].shape[0] for s in samples}
-    if len(channels) > 1:
-        problems.append(f"{spec.root}: cases have different channel counts {sorted(channels)}")
+    problems += _channel_count_problems(spec, samples)
     return samples, problems
+
+
+def _channel_count_problems(spec: DatasetSpec, samples: list[dict[str, Any]]) -> list[str]:
+    """Cases whose channel count differs from the most common one, each named."""
+    counts = Counter(s["image"].shape[0] for s in samples)
+    if len(counts) < 2:
+        return []
+    usual = counts.most_common(1)[0][0]
+    odd = [s for s in samples if s["image"].shape[0] != usual]
+    return [
+        f"{s['meta'].path}: {s['image'].shape[0]} channel(s) where the other {counts[usual]} cases have {usual}"
+        for s in odd
+    ]

@@ -24,6 +24,9 @@ IMAGE2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 FileFormat = Literal["nifti", "image2d"]
 
 
+DEFAULT_MAX_VOXELS = 2**29  # 512 x 512 x 2048; `data.max_voxels` / `--max-voxels` change it
+
+
 @dataclass
 class ImageMeta:
     path: Path
@@ -32,10 +35,21 @@ class ImageMeta:
     spacing: tuple[float, ...]
     affine: np.ndarray | None = None  # NIfTI only
     header: Any = None  # NIfTI only: the nibabel header, copied onto outputs
+    file_shape: tuple[int, ...] | None = None  # NIfTI only: the spatial shape stored (H, W, 1 for a 2D slice)
 
     @property
     def spatial_dims(self) -> int:
         return len(self.spatial_shape)
+
+
+def check_size(path: Path, shape: tuple[int, ...], max_voxels: int) -> None:
+    """Refuse an image whose header claims more voxels than allowed, before its data is read."""
+    voxels = int(np.prod([int(v) for v in shape], dtype=object))
+    if voxels > max_voxels:
+        raise LatentSegError(
+            f"{path}: the header claims {' x '.join(str(int(v)) for v in shape)} = {voxels:,} values, over the "
+            f"limit of {max_voxels:,} (raise it with data.max_voxels or --max-voxels if the image is real)"
+        )
 
 
 def file_format(path: Path) -> FileFormat:
@@ -63,64 +77,94 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES + IMAGE2D_SUFFIXES)
 
 
-def _load_nifti(path: Path) -> tuple[np.ndarray, ImageMeta]:
+def _load_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for truncated or corrupt files
         raise LatentSegError(f"{path}: cannot read this NIfTI file ({type(err).__name__}: {one_line(err)})") from err
-    spatial = data.shape[:3] if data.ndim >= 3 else data.shape
+    check_size(path, img.shape, max_voxels)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # noqa: BLE001
+        raise LatentSegError(f"{path}: cannot read this NIfTI file ({type(err).__name__}: {one_line(err)})") from err
+    stored = data.shape[:3] if data.ndim >= 3 else data.shape
+    spatial = stored[:2] if len(stored) == 3 and stored[2] == 1 else stored  # an H x W x 1 file is a 2D slice
+    if len(spatial) == 2 and data.ndim >= 3:
+        data = data[:, :, 0]
     spacing = tuple(float(z) for z in img.header.get_zooms()[: len(spatial)])
-    return data, ImageMeta(path, "nifti", tuple(spatial), spacing, img.affine.copy(), img.header.copy())
+    meta = ImageMeta(path, "nifti", tuple(spatial), spacing, img.affine.copy(), img.header.copy(), tuple(stored))
+    return data, meta
 
 
-def _load_2d(path: Path) -> tuple[np.ndarray, ImageMeta]:
+GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _grey_or_rgb(img: Image.Image) -> Image.Image:
+    """Grey stays grey (alpha dropped), a palette of greys is grey, anything else becomes RGB."""
+    if img.mode in GREY_MODES:
+        return img
+    if img.mode == "LA":
+        return img.convert("L")
+    if img.mode in ("P", "PA"):
+        palette = np.asarray(img.convert("RGB"))
+        return img.convert("L") if _is_grey(palette) else img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _is_grey(rgb: np.ndarray) -> bool:
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
+
+
+def _load_2d(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
     try:
         with Image.open(path) as img:
+            check_size(path, img.size, max_voxels)  # from the header, before the pixels are decoded
             img.load()
-            if img.mode in ("RGBA", "P", "LA", "CMYK", "YCbCr"):
-                img = img.convert("RGB")
-            data = np.asarray(img)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+            data = np.asarray(_grey_or_rgb(img))
+    except Image.DecompressionBombError as err:
+        raise LatentSegError(f"{path}: refused, the header claims too many pixels ({one_line(err)})") from err
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise LatentSegError(f"{path}: cannot read this image ({one_line(err)})") from err
     return data, ImageMeta(path, "image2d", tuple(data.shape[:2]), (1.0, 1.0))
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
+def read_image(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
     """An image as float32 (C, *spatial) plus its metadata.
 
-    NIfTI: 3D volumes, or 4D with channels last. 2D images: grey or RGB (alpha dropped).
+    NIfTI: 2D (also stored as H x W x 1), 3D volumes, or 4D with channels last. 2D images: grey
+    (a palette of greys included) or RGB; alpha is dropped. An image whose header claims more than
+    `max_voxels` values is refused before its data is read.
     """
     path = Path(path)
     if not path.is_file():
         raise LatentSegError(f"{path}: file not found")
     if file_format(path) == "nifti":
-        data, meta = _load_nifti(path)
-        if data.ndim == 4:
+        data, meta = _load_nifti(path, max_voxels)
+        if data.ndim == meta.spatial_dims + 1:
             data = np.moveaxis(data, -1, 0)
-        elif data.ndim in (2, 3):
+        elif data.ndim == meta.spatial_dims:
             data = data[None]
         else:
             raise LatentSegError(f"{path}: expected a 2D, 3D or 4D NIfTI image, got shape {data.shape}")
     else:
-        data, meta = _load_2d(path)
+        data, meta = _load_2d(path, max_voxels)
         data = data[None] if data.ndim == 2 else np.moveaxis(data, -1, 0)
     return np.ascontiguousarray(data, dtype=np.float32), meta
 
 
-def read_label(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
+def read_label(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
     """A label map as int64 (*spatial). Rejects non-integer values and colour masks."""
     path = Path(path)
     if not path.is_file():
         raise LatentSegError(f"{path}: file not found")
     if file_format(path) == "nifti":
-        data, meta = _load_nifti(path)
-        if data.ndim == 4 and data.shape[-1] == 1:
+        data, meta = _load_nifti(path, max_voxels)
+        if data.ndim == meta.spatial_dims + 1 and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim != len(meta.spatial_shape):
             raise LatentSegError(f"{path}: a label map must have one channel, got shape {data.shape}")
     else:
-        data, meta = _load_2d(path)
+        data, meta = _load_2d(path, max_voxels)
         if data.ndim == 3:
             if not (np.all(data[..., 0] == data[..., 1]) and np.all(data[..., 0] == data[..., 2])):
                 raise LatentSegError(f"{path}: a label map must be greyscale, this one has colours")
@@ -153,6 +197,8 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _write_nifti(path: Path, data: np.ndarray, meta: ImageMeta, dtype: type) -> None:
+    if meta.file_shape is not None and meta.file_shape != meta.spatial_shape:  # back to H x W x 1
+        data = data.reshape(*meta.file_shape, *data.shape[meta.spatial_dims :])
     header = meta.header.copy()
     header.set_data_dtype(dtype)
     img = nib.Nifti1Image(data.astype(dtype), meta.affine, header=header)

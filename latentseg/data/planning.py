@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from latentseg.errors import LatentSegError
+
 DEFAULT_PATCH = {2: 256, 3: 96}
 MIN_FEATURE = 4  # an axis is halved only while it keeps at least this many voxels
 
@@ -21,7 +23,7 @@ def plan_patch(requested: Sequence[int], shapes: Sequence[Sequence[int]], dims: 
     """The configured patch (or 256^2 / 96^3), shrunk per axis to the median image size."""
     if requested:
         if len(requested) != dims:
-            raise ValueError(f"patch_size {list(requested)} must have {dims} entries for {dims}D data")
+            raise LatentSegError(f"data.patch_size {list(requested)} must have {dims} entries for {dims}D data")
         patch = [int(p) for p in requested]
     else:
         patch = [DEFAULT_PATCH[dims]] * dims

@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from latentseg.config import Config
+from latentseg.config import Config, DataConfig
 from latentseg.data.datasets import DatasetSpec, discover_dataset, load_dataset, num_classes_of
 from latentseg.data.planning import (
+    MIN_FEATURE,
     median_shape,
     plan_denoiser_strides,
     plan_patch,
@@ -36,13 +37,13 @@ class TrainingData:
     labels_by_dataset: dict[str, dict[int, str]]  # each dataset's own label names (background included)
 
 
-def load_datasets(data_dirs: list[Path], mask_values: list[int]) -> tuple[list[DatasetSpec], list[dict[str, Any]]]:
+def load_datasets(data_dirs: list[Path], data: DataConfig) -> tuple[list[DatasetSpec], list[dict[str, Any]]]:
     """Every case of every dataset loaded and checked; all problems reported together."""
     specs, samples, problems = [], [], []
     for root in data_dirs:
-        spec = discover_dataset(root)
-        spec.mask_values = list(mask_values)
-        found, trouble = load_dataset(spec)
+        spec = discover_dataset(root, data.allow_outside_paths)
+        spec.mask_values = list(data.mask_values)
+        found, trouble = load_dataset(spec, data.max_voxels)
         for s in found:
             s["dataset"] = spec.name
         specs.append(spec)
@@ -94,6 +95,11 @@ def plan_network(config: Config, shapes: list[tuple[int, ...]], spacing: list[fl
     patch = plan_patch(config.data.patch_size, shapes, dims)
     if not m.strides:
         m.strides = plan_strides(patch, spacing, m.num_downsamplings)
+        if not m.strides:
+            raise LatentSegError(
+                f"data.patch_size {patch} is too small for the network: an axis needs at least "
+                f"{2 * MIN_FEATURE} voxels to be downsampled once (median image {median_shape(shapes)})"
+            )
         n = len(m.strides)
         for name in ("image_encoder_channels", "label_encoder_channels", "decoder_channels"):
             setattr(m, name, getattr(m, name)[: n + 1])
@@ -106,7 +112,7 @@ def plan_network(config: Config, shapes: list[tuple[int, ...]], spacing: list[fl
 
 def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData:
     """Load, check, configure, split by patient and preprocess; fills the data-decided settings."""
-    specs, samples = load_datasets(data_dirs, config.data.mask_values)
+    specs, samples = load_datasets(data_dirs, config.data)
     if len({spec.name for spec in specs}) < len(specs):
         raise LatentSegError(f"two datasets share a folder name ({', '.join(spec.name for spec in specs)})")
     _check_compatible(specs, samples, same_labels=config.model.prompt == "none")  # prompts: labels differ

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ from monai.transforms import (
 )
 
 from latentseg.data.io import ImageMeta
+from latentseg.errors import LatentSegError
+from latentseg.schema import PositiveFloat, check_mapping
 
 CT_NAMES = ("ct", "computed tomography")
 
@@ -66,9 +68,9 @@ class NormalizeChannelsd(MapTransform):
 class Preprocessing:
     """What is done to every image before the network sees it; saved in `fingerprint.json`."""
 
-    spatial_dims: int
-    spacing: list[float] | None = None  # target spacing; None keeps the input's grid
-    orientation: str | None = "RAS"  # applies to 3D inputs only
+    spatial_dims: Literal[2, 3]
+    spacing: list[PositiveFloat] | None = None  # target spacing; None keeps the input's grid
+    orientation: Literal["RAS"] | None = "RAS"  # applies to 3D inputs only
     crop_foreground: bool = True
     ct_channels: dict[str, dict[str, float]] = field(default_factory=dict)  # channel -> lo, hi, mean, std
 
@@ -76,7 +78,10 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Preprocessing:
+    def from_dict(cls, raw: dict[str, Any], source: str = "preprocessing") -> Preprocessing:
+        problems = check_preprocessing(raw, source)
+        if problems:
+            raise LatentSegError("\n".join(problems))
         return cls(**raw)
 
     def transform(self, keys: tuple[str, ...] = ("image",)) -> Compose:
@@ -94,9 +99,24 @@ class Preprocessing:
         return Compose(steps)
 
 
+def check_preprocessing(raw: Any, source: str) -> list[str]:
+    """Problems of a saved `Preprocessing` (types, keys, CT statistics), each naming `source`."""
+    problems = check_mapping(raw, Preprocessing, source, required=("spatial_dims",))
+    for channel, stats in (raw.get("ct_channels") or {}).items() if not problems else ():
+        ok = isinstance(stats, dict) and all(
+            isinstance(stats.get(k), (int, float)) for k in ("lo", "hi", "mean", "std")
+        )
+        if not ok or not str(channel).isdigit():
+            problems.append(f"{source}: ct_channels[{channel!r}] must map a channel number to lo, hi, mean, std")
+    return problems
+
+
 def to_meta_tensor(array: np.ndarray, meta: ImageMeta) -> MetaTensor:
     """A channel-first array carrying the file's affine (identity for 2D images)."""
     affine = meta.affine if meta.affine is not None else np.eye(meta.spatial_dims + 1)
+    if affine.shape[0] != meta.spatial_dims + 1:  # a 2D NIfTI slice: its in-plane part
+        keep = [*range(meta.spatial_dims), affine.shape[0] - 1]
+        affine = affine[np.ix_(keep, keep)]
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=torch.as_tensor(affine))
 
 

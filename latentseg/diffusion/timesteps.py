@@ -85,3 +85,12 @@ class ImportanceTimesteps:
             else:
                 self.losses[b, self.counts[b]] = loss
             self.counts[b] += 1
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The loss history, for a checkpoint (`load_state` restores it)."""
+        return {"importance/losses": self.losses.clone(), "importance/counts": self.counts.clone()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        losses, counts = state.get("importance/losses"), state.get("importance/counts")
+        if losses is not None and counts is not None and losses.shape == self.losses.shape:
+            self.losses, self.counts = losses.double().clone(), counts.long().clone()

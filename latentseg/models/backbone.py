@@ -54,13 +54,17 @@ def load_backbone(path: str | Path) -> nn.Module:
     if not (folder / CONFIG_NAME).is_file():
         raise LatentSegError(f"{folder}: not a diffusers UNet2DModel folder (no {CONFIG_NAME})")
     try:
-        kind = json.loads((folder / CONFIG_NAME).read_text()).get("_class_name")
-    except json.JSONDecodeError as err:
+        raw = json.loads((folder / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LatentSegError(f"{folder / CONFIG_NAME}: not valid JSON ({one_line(err)})") from err
+    kind = raw.get("_class_name") if isinstance(raw, dict) else None
     if kind != "UNet2DModel":
         raise LatentSegError(f"{folder}: holds a {kind or 'model of unknown class'}, not a diffusers UNet2DModel")
     try:
-        unet = UNet2DModel.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
+        # safetensors only: a diffusion_pytorch_model.bin is a pickle, and nothing is unpickled
+        unet = UNet2DModel.from_pretrained(
+            str(folder), local_files_only=True, low_cpu_mem_usage=False, use_safetensors=True
+        )
     except (OSError, ValueError, RuntimeError) as err:
         raise LatentSegError(f"{folder}: cannot load the UNet2DModel ({one_line(err)[:300]})") from err
     return unet.eval()
