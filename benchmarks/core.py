@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from statistics import median
 
@@ -25,7 +26,7 @@ import torch
 
 from benchmarks.unet_baseline import make_unet, predict_unet, predict_unet_image, train_unet
 from latentseg.checkpoint import load_model
-from latentseg.config import ModelConfig, load_config
+from latentseg.config import ModelConfig, SampleConfig, load_config
 from latentseg.data.datasets import discover_dataset, load_case
 from latentseg.data.phantoms import write_phantom_dataset
 from latentseg.data.prepare import prepare_training_data
@@ -34,7 +35,7 @@ from latentseg.demo import DEMOS
 from latentseg.infer import predict_array, predict_image, preprocessing_of
 from latentseg.metrics import label_metrics
 from latentseg.models import LatentSegmenter
-from latentseg.train import train
+from latentseg.training import train
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "work" / "core"
@@ -92,7 +93,7 @@ def sweep_steps(model_dir: Path, test: list[dict], restandardize: bool = False, 
     for k in steps:
         t0 = time.time()
         preds = [
-            predict_image(model, config, prep, s["image"], s["meta"], config.sample.num_samples, k, seed=0).label
+            predict_image(model, config, prep, s["image"], s["meta"], replace(config.sample, steps=k), seed=0).label
             for s in test
         ]
         key = "ddpm1000" if k is None else f"ddim{k}"
@@ -136,8 +137,8 @@ def time_inference(dims: int, size: int, reps: int) -> dict:
     roi = [size] * dims
     runs = {
         "unet": lambda: predict_unet(unet, image, roi),
-        "latentseg_ddim2_1sample": lambda: predict_array(model, image, roi, num_samples=1, steps=2),
-        "latentseg_ddim2_4samples": lambda: predict_array(model, image, roi, num_samples=4, steps=2),
+        "latentseg_ddim2_1sample": lambda: predict_array(model, image, roi, SampleConfig(steps=2, num_samples=1)),
+        "latentseg_ddim2_4samples": lambda: predict_array(model, image, roi, SampleConfig(steps=2, num_samples=4)),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():  # warm-up

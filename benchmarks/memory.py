@@ -37,7 +37,8 @@ def make_model(out: Path, patch: list[int]) -> None:
     config.data.patch_size = patch
     config.model.strides = [[2, 2, 2]] * 4
     model = LatentSegmenter(config.model)
-    fingerprint = {"preprocessing": Preprocessing(3, spacing=None, crop_foreground=False).to_dict()}
+    labels = {"0": "background", "1": "1", "2": "2"}
+    fingerprint = {"labels": labels, "preprocessing": Preprocessing(3, spacing=None, crop_foreground=False).to_dict()}
     save_checkpoint(out, model, config, fingerprint)
 
 

@@ -29,7 +29,7 @@ from latentseg.data.prepare import prepare_training_data
 from latentseg.data.preprocess import Preprocessing
 from latentseg.infer import predict
 from latentseg.metrics import evaluate
-from latentseg.train import train
+from latentseg.training import train
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent.parent / "shared" / "data"

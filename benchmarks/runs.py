@@ -5,6 +5,7 @@ result.json, so runs may go in parallel processes)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -15,14 +16,16 @@ from pathlib import Path
 import torch
 
 from benchmarks.realdata import DATASETS, SHARED, link_test_files, write_split
-from latentseg.config import load_config
+from latentseg.config import SampleConfig, load_config
 from latentseg.data.datasets import discover_inputs
 from latentseg.data.phantoms import write_phantom_dataset
 from latentseg.data.splits import patient_of
 from latentseg.demo import DEMOS
 from latentseg.infer import predict
 from latentseg.metrics import evaluate
-from latentseg.train import train
+from latentseg.training import train
+
+SAMPLE_FIELDS = {f.name for f in dataclasses.fields(SampleConfig)}
 
 
 @dataclass
@@ -123,13 +126,12 @@ def train_and_score(
         result["branches"] = previous["branches"]
     for label, options in evaluations:
         pred = work / f"pred_{label}"
-        opts = {k: v for k, v in options.items() if k not in ("steps", "num_samples")}
+        sampling = {k: v for k, v in options.items() if k in SAMPLE_FIELDS}
+        opts = {k: v for k, v in options.items() if k not in SAMPLE_FIELDS}
         if data.text_file is not None and config.model.text_fusion != "none":
             opts.setdefault("text_file", data.text_file)
         t0 = time.time()
-        predict(
-            model_dir, data.test_inputs, pred, options.get("steps"), options.get("num_samples"), progress=False, **opts
-        )
+        predict(model_dir, data.test_inputs, pred, sampling, progress=False, **opts)
         seconds = (time.time() - t0) / len(discover_inputs(data.test_inputs))
         summary = evaluate(pred, data.references)
         result["evaluations"][label] = {

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -104,13 +105,8 @@ def count_network_calls(model_dir: Path, options: dict) -> dict:
 
     model.denoiser.forward_heads = counted
     window = torch.randn(1, config.model.in_channels, *config.data.patch_size)
-    model.sample(
-        window,
-        options["num_samples"],
-        options.get("steps", config.sample.steps),
-        sampler=config.sample.sampler,
-        middle_steps=options.get("staged_middle_steps", config.sample.staged_middle_steps),
-    )
+    sample = {k: v for k, v in options.items() if k in ("num_samples", "steps", "staged_middle_steps")}
+    model.sample(window, replace(config.sample, **sample))
     return calls
 
 

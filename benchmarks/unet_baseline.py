@@ -13,7 +13,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from latentseg.config import Config
-from latentseg.train import batches
+from latentseg.training import batches
 
 
 def make_unet(

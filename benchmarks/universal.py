@@ -37,7 +37,7 @@ from latentseg.data.phantoms import write_phantom_dataset
 from latentseg.demo import DEMOS
 from latentseg.infer import predict
 from latentseg.metrics import evaluate
-from latentseg.train import train
+from latentseg.training import train
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "work" / "universal"
@@ -48,6 +48,7 @@ TARGETS = {"phantoms": {1: "organ", 2: "lesion"}, "isbi2012_em": {1: "cell inter
 COMMON = ["data.patch_size=[128,128]", "train.batch_size=8", "train.steps=1000000", "train.val_every=0"]
 COMMON += ["train.checkpoint_every=1000000", "train.log_every=50"]
 UNIVERSAL = {"universal_class": ["model.prompt=class"], "universal_text": ["model.prompt=text"]}
+SAMPLING = {"steps": 2, "num_samples": 4}
 
 
 def prepare_data() -> dict:
@@ -113,7 +114,7 @@ def run_specialist(dataset: str, data: dict, minutes: float) -> dict:
     model_dir, result = train_model(name, [data["roots"][dataset]], [f"data.split={data['split']}"], minutes)
     values = json.loads((model_dir / "fingerprint.json").read_text()).get("mask_values") or []
     pred = WORK / "runs" / name / "pred"
-    predict(model_dir, data["inputs"][TARGETS[dataset][1]], pred, 2, 4, progress=False, overlays=False)
+    predict(model_dir, data["inputs"][TARGETS[dataset][1]], pred, SAMPLING, progress=False, overlays=False)
     result["dice"] = {}
     for label_id, target in TARGETS[dataset].items():
         value = values[label_id] if values else label_id  # 0/255 datasets write 255
@@ -130,7 +131,7 @@ def run_universal(name: str, data: dict, minutes: float) -> dict:
     result["dice"] = {}
     for target, inputs in data["inputs"].items():
         pred = WORK / "runs" / name / f"pred_{target.replace(' ', '_')}"
-        predict(model_dir, inputs, pred, 2, 4, progress=False, overlays=False, prompt=target)
+        predict(model_dir, inputs, pred, SAMPLING, progress=False, overlays=False, prompt=target)
         result["dice"][target] = dice(pred, data["references"][target])
     return result
 

@@ -23,6 +23,7 @@ from latentseg.config import Config
 from latentseg.data.preprocess import check_preprocessing
 from latentseg.errors import LatentSegError, one_line
 from latentseg.models import build_model
+from latentseg.plan import PLAN_FILE, Plan, load_plan, user_settings
 from latentseg.schema import check_mapping
 
 CONFIG_FILE = "config.json"
@@ -56,14 +57,26 @@ def save_checkpoint(
     config: Config,
     fingerprint: dict[str, Any],
     train_state: TrainState | None = None,
+    plan: Plan | None = None,
 ) -> None:
-    """The model directory; the training state first, so a model file never outruns it."""
+    """The model directory; the training state first, so a model file never outruns it.
+
+    `config` is what `config.json` keeps: the user's settings when a `plan` (`plans.json`) holds
+    the derived ones, or a finished config (without a plan, as models before 0.2 were saved)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if train_state is not None:
         save_train_state(out_dir / STATE_FILE, train_state)
     replace_into(out_dir / MODEL_FILE, lambda tmp: save_file(weights(model), tmp))
     replace_into(out_dir / FINGERPRINT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(fingerprint, indent=2)))
-    replace_into(out_dir / CONFIG_FILE, lambda tmp: config.save(Path(tmp)))
+    if plan is not None:
+        replace_into(out_dir / PLAN_FILE, lambda tmp: plan.save(Path(tmp)))
+    settings = user_settings(config) if plan is not None else config.to_dict()
+    replace_into(out_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+
+
+def load_config(model_dir: Path) -> Config:
+    """A saved model's finished config: `config.json` with `plans.json` applied."""
+    return load_plan(model_dir, Config.load(model_dir / CONFIG_FILE))
 
 
 def check_model_dir(model_dir: Path) -> None:
@@ -112,7 +125,7 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> tup
     """The trained model in eval mode, its config and the dataset fingerprint."""
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
-    config = Config.load(model_dir / CONFIG_FILE)
+    config = load_config(model_dir)
     fingerprint = read_fingerprint(model_dir / FINGERPRINT_FILE)
     state = read_weights(model_dir / MODEL_FILE)
     try:

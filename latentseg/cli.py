@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from latentseg.checkpoint import CONFIG_FILE
     from latentseg.config import Config, apply_overrides, load_config
     from latentseg.distributed import world_from_environment
-    from latentseg.train import train
+    from latentseg.training import train
 
     if args.resume:  # the saved run's settings; only train.* may change (e.g. more steps)
         config = Config.load(Path(args.out) / CONFIG_FILE)
@@ -116,38 +116,40 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _check_class_prompts(model_dir: Path, prompts: list[str]) -> None:
-    from latentseg.checkpoint import CONFIG_FILE, check_model_dir
-    from latentseg.config import Config
-    from latentseg.data.targets import ClassIds
+    from latentseg.checkpoint import check_model_dir, load_config
+    from latentseg.prompts import text_input
 
     check_model_dir(model_dir)
-    config = Config.load(model_dir / CONFIG_FILE)
-    if config.model.prompt == "class":
-        ClassIds(config.model.prompt_names).encode(prompts)
+    config = load_config(model_dir)
+    text_input(config.model).check_names(config.model, prompts)
+
+
+def sample_overrides(args: argparse.Namespace) -> dict:
+    """The sampling settings given on the command line (None: the model's own)."""
+    return {
+        "steps": args.steps,
+        "num_samples": args.samples,
+        "sampler": args.sampler,
+        "fusion": args.fusion,
+        "staged_final_head": args.staged_final_head,
+        "staged_middle_steps": args.staged_middle_steps,
+    }
 
 
 def _predict(args: argparse.Namespace, prompt: str | None, output: Path) -> None:
-    from latentseg.infer import predict
+    from latentseg.infer import PredictOptions, predict
 
-    written = predict(
-        args.model,
-        args.input,
-        output,
-        args.steps,
-        args.samples,
-        args.seed,
-        args.device,
-        fusion=args.fusion,
-        sampler=args.sampler,
+    options = PredictOptions(
+        seed=args.seed,
+        device=args.device,
         prompt=prompt,
         text_file=args.text_file,
         allow_missing_text=args.allow_missing_text,
-        staged_final_head=args.staged_final_head,
-        staged_middle_steps=args.staged_middle_steps,
         resume=args.resume,
         overwrite=args.overwrite,
         max_voxels=args.max_voxels,
     )
+    written = predict(args.model, args.input, output, sample_overrides(args), options)
     print(f"wrote {len(written)} files to {output}")
 
 
@@ -198,12 +200,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"latentseg: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="latentseg", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    parser.add_argument("--debug", action="store_true", help="print the full trace of an internal error")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model on a dataset folder")
     p.add_argument(
         "--data",
@@ -228,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=500 model.latent_channels=8")
     p.set_defaults(func=cmd_train)
 
+
+def _add_pretrain_ddpm(sub) -> None:
     p = sub.add_parser("pretrain-ddpm", help="train an unconditional 2D DDPM UNet on images (no labels)")
     p.add_argument("--data", required=True, help="a folder of 2D images, or a dataset root (its images/)")
     p.add_argument("--out", required=True, help="folder for the diffusers UNet2DModel")
@@ -241,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_pretrain_ddpm)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="segment images with a trained model")
     p.add_argument("--model", required=True, help="model directory written by train")
     p.add_argument("--input", required=True, help="an image file or a folder of them")
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     done.add_argument("--overwrite", action="store_true", help="replace existing outputs (refused by default)")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score predictions against references (summary.json)")
     p.add_argument("--pred", required=True)
     p.add_argument("--ref", required=True)
@@ -291,12 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm (pixels for PNG)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="phantoms -> train -> predict -> evaluate, no data needed")
     p.add_argument("--out", default="latentseg-demo")
     p.add_argument("--dims", type=int, choices=(2, 3), default=2)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training settings, e.g. train.steps=200")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_phantoms(sub) -> None:
     p = sub.add_parser("phantoms", help="write a synthetic phantom dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--dims", type=int, choices=(2, 3), default=2)
@@ -306,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ambiguous", action="store_true", help="two similar lesions; the text names the target")
     p.set_defaults(func=cmd_phantoms)
 
+
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="a local web page to segment one uploaded case (Gradio)")
     p.add_argument("--model", required=True, help="model directory written by train")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -314,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=_positive_float, default=512.0, help="largest accepted upload")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_check_dataset(sub) -> None:
     p = sub.add_parser("check-dataset", help="report every problem of a dataset folder")
     p.add_argument("path")
     p.add_argument("--max-voxels", type=_positive_int, default=DEFAULT_MAX_VOXELS, help="largest image accepted")
@@ -321,6 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-outside-paths", action="store_true", help="accept files that lead out of the dataset folder"
     )
     p.set_defaults(func=cmd_check_dataset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="latentseg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--debug", action="store_true", help="print the full trace of an internal error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_pretrain_ddpm(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
+    _add_phantoms(sub)
+    _add_serve(sub)
+    _add_check_dataset(sub)
     return parser
 
 

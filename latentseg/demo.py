@@ -12,7 +12,7 @@ from latentseg.config import load_config
 from latentseg.data.phantoms import LABELS, write_phantom_dataset
 from latentseg.infer import predict
 from latentseg.metrics import evaluate, format_table
-from latentseg.train import train
+from latentseg.training import train
 
 # (train cases, test cases, phantom size, settings)
 DEMOS: dict[int, tuple[int, int, int, list[str]]] = {

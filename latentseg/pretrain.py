@@ -120,20 +120,12 @@ def pretrain_ddpm(
     start, step, running = time.time(), 0, []
     bar = progress_bar(total=steps, desc="pretrain-ddpm", unit="step", disable=not progress)
     while step < steps and not (max_minutes and time.time() - start >= max_minutes * 60):
-        picks = torch.randint(0, len(images), (batch_size,), generator=generator).tolist()
-        x0 = torch.stack([random_crop(images[i], size, generator) for i in picks]).to(dev)
-        t = uniform_timesteps(batch_size, schedule.num_timesteps, dev, generator)
-        noise = torch.randn(x0.shape, generator=generator).to(dev)
-        eps_hat = unet(schedule.q_sample(x0, t, noise), t).sample
-        loss = F.mse_loss(eps_hat, noise)  # the simple eps objective of DDPM
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
+        x0 = sample_crops(images, batch_size, size, generator).to(dev)
+        loss = ddpm_step(unet, optimizer, schedule, x0, generator)
         step += 1
-        running.append(loss.item())
+        running.append(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if step % 50 == 0 or step == steps:
             history["step"].append(step)
             history["loss"].append(round(sum(running) / len(running), 5))
@@ -143,3 +135,20 @@ def pretrain_ddpm(
     history["steps_done"] = step
     save_unet(unet.cpu(), out_dir, history)
     return out_dir
+
+
+def sample_crops(images: list[torch.Tensor], batch_size: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    picks = torch.randint(0, len(images), (batch_size,), generator=generator).tolist()
+    return torch.stack([random_crop(images[i], size, generator) for i in picks])
+
+
+def ddpm_step(unet, optimizer, schedule: DiffusionSchedule, x0: torch.Tensor, generator: torch.Generator) -> float:
+    """One step of the simple eps objective of DDPM; returns the loss."""
+    t = uniform_timesteps(x0.shape[0], schedule.num_timesteps, x0.device, generator)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    loss = F.mse_loss(unet(schedule.q_sample(x0, t, noise), t).sample, noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()

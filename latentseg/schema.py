@@ -80,7 +80,7 @@ def value_problem(value: Any, hint: Any) -> str | None:
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices or type(value) is not type(next(c for c in choices if c == value)):
-            return f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+            return f"must be one of {', '.join(str(c) for c in choices)}, got {value!r}"
         return None
     if origin in (Union, types.UnionType):
         options = get_args(hint)

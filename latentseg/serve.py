@@ -13,7 +13,6 @@ never taken from the client.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -23,12 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from latentseg.checkpoint import CONFIG_FILE, FINGERPRINT_FILE, check_model_dir
-from latentseg.config import Config
+from latentseg.checkpoint import FINGERPRINT_FILE, check_model_dir, load_config, read_fingerprint
 from latentseg.data.io import read_image, read_label, split_suffix
 from latentseg.errors import LatentSegError
 from latentseg.fusion import FUSIONS
-from latentseg.infer import predict
+from latentseg.infer import PredictOptions, predict
 
 log = logging.getLogger("latentseg.serve")
 ACCEPTED = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz")
@@ -88,15 +86,14 @@ def segment_file(
     upload: str | Path | None,
     downloads: Path,
     prompt: str | None = None,
-    steps: int | None = None,
-    samples: int | None = None,
-    fusion: str | None = None,
+    sample: dict | None = None,
     seed: int = 0,
     device: str = "auto",
     max_bytes: int = 512 * 2**20,
     upload_folder: Path | None = None,
 ) -> Result:
-    """Segment one uploaded file exactly as `latentseg predict` would; raises LatentSegError."""
+    """Segment one uploaded file exactly as `latentseg predict` would; raises LatentSegError.
+    `sample` overrides the model's sampling settings (steps, num_samples, fusion, ...)."""
     source, suffix = checked_upload(upload, max_bytes, upload_folder)
     with tempfile.TemporaryDirectory(prefix="latentseg-serve-") as work:
         inputs, outputs = Path(work) / "input", Path(work) / "output"
@@ -104,10 +101,8 @@ def segment_file(
         name = f"case{suffix}"  # our name, not the client's
         shutil.copyfile(source, inputs / name)
         try:
-            predict(
-                model_dir, inputs, outputs, steps, samples, seed, device, overlays=False, progress=True,
-                fusion=fusion, prompt=prompt,
-            )  # fmt: skip
+            options = PredictOptions(seed=seed, device=device, overlays=False, progress=True, prompt=prompt)
+            predict(model_dir, inputs, outputs, sample, options)
         except LatentSegError as err:  # name the upload, not the server's temporary path
             raise LatentSegError(str(err).replace(str(inputs / name), source.name)) from None
         image, meta = read_image(inputs / name)
@@ -116,7 +111,7 @@ def segment_file(
         downloads.mkdir(parents=True, exist_ok=True)
         download = Path(tempfile.mkdtemp(dir=downloads)) / f"{safe_stem(Path(source).name)}_label{suffix}"
         shutil.copyfile(outputs / name, download)
-    fingerprint = json.loads((model_dir / FINGERPRINT_FILE).read_text())
+    fingerprint = read_fingerprint(model_dir / FINGERPRINT_FILE)
     names = {int(k): str(v) for k, v in (fingerprint.get("labels") or {}).items()}
     return Result(image, label, uncertainty[0], tuple(meta.spacing), download, names)
 
@@ -155,29 +150,14 @@ def class_sizes(result: Result) -> list[list[Any]]:
     return rows
 
 
-def build_app(model_dir: str | Path, device: str = "auto", max_upload_mb: float = 512.0):
-    """The Gradio page for one model."""
-    try:
-        import gradio as gr
-    except ImportError as err:
-        raise LatentSegError("latentseg serve needs Gradio: pip install 'latentseg[serve]'") from err
-
-    model_dir = Path(model_dir)
-    check_model_dir(model_dir)
-    config = Config.load(model_dir / CONFIG_FILE)
-    max_bytes = int(max_upload_mb * 2**20)
-    downloads = Path(tempfile.mkdtemp(prefix="latentseg-downloads-"))
-    m, s = config.model, config.sample
-    takes_text = m.text_fusion != "none"  # a description per case, or a prompt
-    size_unit = "mm³" if m.spatial_dims == 3 else "mm²"
+def _segment_handler(gr, model_dir: Path, downloads: Path, device: str, max_bytes: int):
+    """The Segment button: one upload in, the page's outputs out; never lets an error escape."""
 
     def run(upload, prompt, steps, samples, fusion, seed, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         empty = (None, None, None, gr.update(visible=False), None)
+        sample = {"steps": int(steps), "num_samples": int(samples), "fusion": fusion}
         try:
-            result = segment_file(
-                model_dir, upload, downloads, prompt or None, int(steps), int(samples), fusion, int(seed), device,
-                max_bytes,
-            )  # fmt: skip
+            result = segment_file(model_dir, upload, downloads, prompt or None, sample, int(seed), device, max_bytes)
         except LatentSegError as err:
             return (*empty, f"**Could not segment this file.** {err}", None)
         except Exception as err:  # keep serving whatever one request did
@@ -189,40 +169,71 @@ def build_app(model_dir: str | Path, device: str = "auto", max_upload_mb: float 
         sizes = class_sizes(result) or [["(nothing found)", 0, 0.0]]
         return overlay, heat, sizes, slider, str(result.download), "Done.", result
 
-    def reslice(result, index):
-        if result is None:
-            return None, None
-        return render(result, index)
+    return run
 
+
+def _reslice(result, index):
+    if result is None:
+        return None, None
+    return render(result, index)
+
+
+PROMPT_LABELS = {"text": "Target (any words)", "none": "Description of the case"}
+
+
+def _prompt_box(gr, m):
+    """A dropdown of the model's targets (class prompts), or a text box (text prompts, descriptions)."""
+    if m.prompt == "class":
+        return gr.Dropdown(m.prompt_names, value=m.prompt_names[0], label="Target", elem_id="prompt")
+    return gr.Textbox(label=PROMPT_LABELS[m.prompt], visible=m.text_fusion != "none", elem_id="prompt")
+
+
+def _inputs(gr, config) -> list:
+    m, s = config.model, config.sample
+    upload = gr.File(label="Image (PNG, JPEG) or NIfTI volume", file_types=list(ACCEPTED), elem_id="upload")
+    prompt = _prompt_box(gr, m)
+    steps = gr.Slider(1, 50, value=s.steps, step=1, label="Sampling steps")
+    samples = gr.Slider(1, 20, value=s.num_samples, step=1, label="Samples")
+    fusion = gr.Radio(list(FUSIONS), value=s.fusion, label="Fusion")
+    seed = gr.Number(value=0, precision=0, label="Seed")
+    return [upload, prompt, steps, samples, fusion, seed]
+
+
+def _outputs(gr, config) -> list:
+    size_unit = "mm³" if config.model.spatial_dims == 3 else "mm²"
+    message = gr.Markdown(elem_id="message")
+    overlay = gr.Image(label="Mask over the image", elem_id="overlay", format="png")
+    heat = gr.Image(label="Uncertainty (standard deviation of the samples)", elem_id="uncertainty")
+    slice_index = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
+    sizes = gr.Dataframe(headers=["class", "voxels", size_unit], label="Size of each class")
+    download = gr.File(label="Label map (input's format and geometry)", elem_id="download")
+    return [overlay, heat, sizes, slice_index, download, message]
+
+
+def build_app(model_dir: str | Path, device: str = "auto", max_upload_mb: float = 512.0):
+    """The Gradio page for one model."""
+    try:
+        import gradio as gr
+    except ImportError as err:
+        raise LatentSegError("latentseg serve needs Gradio: pip install 'latentseg[serve]'") from err
+
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    config = load_config(model_dir)
+    downloads = Path(tempfile.mkdtemp(prefix="latentseg-downloads-"))
+    run = _segment_handler(gr, model_dir, downloads, device, int(max_upload_mb * 2**20))
     with gr.Blocks(title="latentseg", delete_cache=(600, 3600)) as app:
-        gr.Markdown(f"# latentseg\nModel: `{model_dir.name}` ({m.spatial_dims}D, {m.mode})")
+        gr.Markdown(f"# latentseg\nModel: `{model_dir.name}` ({config.model.spatial_dims}D, {config.model.mode})")
         with gr.Row():
             with gr.Column():
-                upload = gr.File(label="Image (PNG, JPEG) or NIfTI volume", file_types=list(ACCEPTED), elem_id="upload")
-                if m.prompt == "class":
-                    prompt = gr.Dropdown(m.prompt_names, value=m.prompt_names[0], label="Target", elem_id="prompt")
-                else:
-                    what = "Target (any words)" if m.prompt == "text" else "Description of the case"
-                    prompt = gr.Textbox(label=what, visible=takes_text, elem_id="prompt")
-                steps = gr.Slider(1, 50, value=s.steps, step=1, label="Sampling steps")
-                samples = gr.Slider(1, 20, value=s.num_samples, step=1, label="Samples")
-                fusion = gr.Radio(list(FUSIONS), value=s.fusion, label="Fusion")
-                seed = gr.Number(value=0, precision=0, label="Seed")
+                inputs = _inputs(gr, config)
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column():
-                message = gr.Markdown(elem_id="message")
-                overlay = gr.Image(label="Mask over the image", elem_id="overlay", format="png")
-                heat = gr.Image(label="Uncertainty (standard deviation of the samples)", elem_id="uncertainty")
-                slice_index = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
-                sizes = gr.Dataframe(headers=["class", "voxels", size_unit], label="Size of each class")
-                download = gr.File(label="Label map (input's format and geometry)", elem_id="download")
+                outputs = _outputs(gr, config)
         state = gr.State()
-        button.click(
-            run,
-            [upload, prompt, steps, samples, fusion, seed],
-            [overlay, heat, sizes, slice_index, download, message, state],
-        )
-        slice_index.change(reslice, [state, slice_index], [overlay, heat])
+        button.click(run, inputs, [*outputs, state])
+        slice_index = outputs[3]
+        slice_index.change(_reslice, [state, slice_index], outputs[:2])
     app.downloads_folder = downloads
     return app
 

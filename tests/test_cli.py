@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -81,13 +82,14 @@ def test_checkpoint_round_trip_gives_identical_predictions(model2d, data2d, tmp_
     model, config, fp = load_model(model2d)
     prep = preprocessing_of(fp, config)
     image, meta = load_image(discover_inputs(data2d["test"] / "images")[0])
-    before = predict_image(model, config, prep, image, meta, num_samples=3, steps=2, seed=5)
+    options = replace(config.sample, num_samples=3, steps=2)
+    before = predict_image(model, config, prep, image, meta, options, seed=5)
     save_checkpoint(tmp_path / "copy", model, config, fp)
     again, config2, fp2 = load_model(tmp_path / "copy")
-    after = predict_image(again, config2, preprocessing_of(fp2, config2), image, meta, 3, 2, seed=5)
+    after = predict_image(again, config2, preprocessing_of(fp2, config2), image, meta, options, seed=5)
     np.testing.assert_array_equal(before.probabilities, after.probabilities)
     np.testing.assert_array_equal(before.uncertainty, after.uncertainty)
-    other = predict_image(again, config2, prep, image, meta, 3, 2, seed=6)
+    other = predict_image(again, config2, prep, image, meta, options, seed=6)
     assert not np.array_equal(other.probabilities, after.probabilities)
 
 
@@ -139,7 +141,7 @@ def test_time_budget_stops_training_early(data2d, tmp_path):
 
 def test_validation_time_is_outside_the_budget(data2d, tmp_path, monkeypatch):
     """A 1.5 s validation after the first step does not use up a 1.2 s training budget."""
-    import latentseg.train
+    import latentseg.training
 
     calls = []
 
@@ -149,7 +151,7 @@ def test_validation_time_is_outside_the_budget(data2d, tmp_path, monkeypatch):
             time.sleep(1.5)
         return 0.5
 
-    monkeypatch.setattr(latentseg.train, "validate", slow_first_validation)
+    monkeypatch.setattr(latentseg.training, "validate", slow_first_validation)
     settings = [s for s in TINY_2D if not s.startswith(("train.steps", "train.val_every"))]
     settings += ["train.steps=100000", "train.max_minutes=0.02", "train.val_every=1"]
     t0 = time.time()
@@ -165,7 +167,7 @@ def test_batches_draw_every_dataset_equally_often():
     from collections import Counter
 
     from latentseg.config import load_config
-    from latentseg.train import batches
+    from latentseg.training import batches
 
     config = load_config(None, ["data.patch_size=[8,8]", "train.batch_size=4", "data.rotation_degrees=0"])
     samples = [
@@ -208,7 +210,7 @@ def test_text_guided_model_reads_case_text_or_a_prompt(data2d, tmp_path, capsys)
     model = tmp_path / "model"
     train_args = ["train", "--data", str(data2d["train"]), "--out", str(model), *TINY_2D, "model.text_fusion=attention"]
     assert main(train_args) == 0
-    config = json.loads((model / "config.json").read_text())
+    config = json.loads((model / "plans.json").read_text())  # what training derived
     assert config["model"]["text_dim"] == 384  # from the shipped all-MiniLM-L6-v2
     images = data2d["test"] / "images"
     # each case's sentence from the text.csv of the dataset root

@@ -19,7 +19,7 @@ from latentseg.cli import main
 from latentseg.config import Config
 from latentseg.distributed import World, world_from_environment
 from latentseg.errors import LatentSegError
-from latentseg.train import batches
+from latentseg.training import batches
 from tests.conftest import TINY_2D
 
 TINY_DDP = [*TINY_2D, "train.steps=6", "train.val_every=3", "train.checkpoint_every=2", "train.batch_size=2"]
@@ -30,7 +30,7 @@ LONG_RUN = [*TINY_2D, "train.steps=100000", "train.val_every=0", "train.checkpoi
 WORKER = """
 import os, sys
 from safetensors.torch import save_file
-import latentseg.train as train_module
+import latentseg.training as train_module
 from latentseg.checkpoint import read_train_state
 from latentseg.cli import main
 

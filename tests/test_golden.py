@@ -7,6 +7,7 @@ also prove that old models still load."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,8 @@ def test_same_checkpoint_gives_the_same_outputs(name):
     source = next(p for p in folder.iterdir() if p.name.startswith("input."))
     image, meta = load_image(Case("input", [source]))
     text = _text(model, config, sampling["prompt"])
-    pred = predict_image(
-        model, config, preprocessing_of(fingerprint, config), image, meta, sampling["samples"], sampling["steps"], 7, text
-    )
+    options = replace(config.sample, num_samples=sampling["samples"], steps=sampling["steps"])
+    pred = predict_image(model, config, preprocessing_of(fingerprint, config), image, meta, options, 7, text)
     for key in ("probabilities", "uncertainty", "entropy"):
         np.testing.assert_allclose(getattr(pred, key), expected[key], atol=1e-5, rtol=0, err_msg=f"{name}: {key}")
     assert np.array_equal(pred.label, expected["label"]), name

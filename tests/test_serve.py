@@ -39,9 +39,9 @@ def upload(uploads, source, name=None):
 
 def test_segment_file_matches_predict(model2d, data2d, uploads, tmp_path):
     case = data2d["test"] / "images" / "phantom_000.png"
-    result = segment_file(model2d, upload(uploads, case), tmp_path / "dl", steps=2, samples=2, seed=3,
-                          upload_folder=uploads)  # fmt: skip
-    predict(model2d, case.parent, tmp_path / "ref", 2, 2, seed=3, overlays=False, progress=False)
+    sample = {"steps": 2, "num_samples": 2}
+    result = segment_file(model2d, upload(uploads, case), tmp_path / "dl", sample=sample, seed=3, upload_folder=uploads)
+    predict(model2d, case.parent, tmp_path / "ref", sample, seed=3, overlays=False, progress=False)
     expected, _ = read_label(tmp_path / "ref" / "phantom_000.png")
     assert np.array_equal(read_label(result.download)[0], expected)
     assert np.array_equal(result.label, expected) and result.download.name == "phantom_000_label.png"
@@ -170,5 +170,5 @@ def test_page_in_a_real_browser(model2d, data2d, data3d, tmp_path):
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=60)
     assert server.returncode == 0 and "closing server" in output, output  # SIGTERM stops it cleanly
-    predict(model2d, case.parent, tmp_path / "ref", None, None, seed=0, overlays=False, progress=False)
+    predict(model2d, case.parent, tmp_path / "ref", seed=0, overlays=False, progress=False)
     assert np.array_equal(read_label(downloaded)[0], read_label(tmp_path / "ref" / case.name)[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def class_model(tmp_path_factory, data2d, label_map):
 
 
 def test_class_prompt_model_trains_on_binary_tasks(class_model):
-    config = json.loads((class_model / "config.json").read_text())["model"]
+    config = json.loads((class_model / "plans.json").read_text())["model"]  # what training derived
     assert config["prompt_names"] == ["lesion", "organ"] and config["num_classes"] == 2
     assert config["text_fusion"] == "attention"  # the prompt's way into the image latent
     fingerprint = json.loads((class_model / "fingerprint.json").read_text())
@@ -106,7 +107,10 @@ def test_prompt_lands_in_the_output(class_model, data2d):
     case = discover_inputs(data2d["test"] / "images")[0]
     image, meta = load_image(case)
     prep = Preprocessing.from_dict(fingerprint["preprocessing"])
-    masks = [predict_image(model, config, prep, image, meta, 1, 2, 0, torch.tensor([i])).probabilities for i in (0, 1)]
+    options = replace(config.sample, num_samples=1, steps=2)
+    masks = [
+        predict_image(model, config, prep, image, meta, options, 0, torch.tensor([i])).probabilities for i in (0, 1)
+    ]
     assert not np.allclose(masks[0], masks[1])
 
 

@@ -1,9 +1,13 @@
 """Diffusion maths: schedules, forward process, parameterizations and samplers. Owns no network."""
 
 from latentseg.diffusion.samplers import (
+    ChainSampler,
     DDIMSampler,
     DDPMSampler,
+    Denoise,
+    LatentSampler,
     StepOutput,
+    as_batch,
     ddim_jump,
     evenly_spaced_timesteps,
     make_sampler,
@@ -11,26 +15,47 @@ from latentseg.diffusion.samplers import (
     sample_loop,
 )
 from latentseg.diffusion.schedule import PREDICTION_TYPES, DiffusionSchedule, PredictionType
-from latentseg.diffusion.staged import StagedResult, Stages, middle_timesteps, staged_sample, staged_timesteps
-from latentseg.diffusion.timesteps import ImportanceTimesteps, uniform_timesteps
+from latentseg.diffusion.staged import (
+    StagedResult,
+    StagedSampler,
+    StagedTimesteps,
+    Stages,
+    middle_timesteps,
+    staged_timesteps,
+)
+from latentseg.diffusion.timesteps import (
+    ImportanceTimesteps,
+    TimestepDraw,
+    TimestepRule,
+    UniformTimesteps,
+    uniform_timesteps,
+)
 
 __all__ = [
+    "ChainSampler",
     "DDIMSampler",
     "DDPMSampler",
+    "Denoise",
     "DiffusionSchedule",
     "ImportanceTimesteps",
+    "LatentSampler",
     "PREDICTION_TYPES",
     "PredictionType",
-    "Stages",
     "StagedResult",
+    "StagedSampler",
+    "StagedTimesteps",
+    "Stages",
     "StepOutput",
+    "TimestepDraw",
+    "TimestepRule",
+    "UniformTimesteps",
+    "as_batch",
     "ddim_jump",
     "evenly_spaced_timesteps",
     "make_sampler",
-    "randn",
     "middle_timesteps",
+    "randn",
     "sample_loop",
-    "staged_sample",
     "staged_timesteps",
     "uniform_timesteps",
 ]

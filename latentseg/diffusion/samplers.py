@@ -9,7 +9,7 @@ computed as t - T // K. x0 is never clipped: latents are standardized, not bound
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -50,7 +50,8 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return randn(tuple(x.shape), generator, x)
 
 
-def _as_batch(t: int, x: torch.Tensor) -> torch.Tensor:
+def as_batch(t: int, x: torch.Tensor) -> torch.Tensor:
+    """Timestep t for every sample of x: a (B,) long tensor."""
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
@@ -70,8 +71,8 @@ def ddim_jump(
     """
     if s >= t:
         raise ValueError(f"a jump must go backwards in time, got t={t} -> s={s}")
-    ab_t = schedule.alpha_bar(_as_batch(t, x0), x0)
-    ab_s = schedule.alpha_bar(_as_batch(s, x0), x0)
+    ab_t = schedule.alpha_bar(as_batch(t, x0), x0)
+    ab_s = schedule.alpha_bar(as_batch(s, x0), x0)
     sigma = eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).sqrt()
     x_s = ab_s.sqrt() * x0 + (1 - ab_s - sigma**2).clamp_min(0).sqrt() * eps
     if eta > 0:
@@ -118,7 +119,7 @@ class DDIMSampler:
         # 1. previous timestep from the list (-1 = the clean end, alpha-bar = 1)
         s = self._prev[t]
         # 2. x0 and eps implied by the network output (003 Eq. 11 inverted; no clipping)
-        x0, eps = self.schedule.split(self.prediction_type, model_output, x_t, _as_batch(t, x_t))
+        x0, eps = self.schedule.split(self.prediction_type, model_output, x_t, as_batch(t, x_t))
         # 3. DDIM Eq. 12 to the previous timestep
         noise = _noise_like(x_t, generator) if self.eta > 0 and s >= 0 else None
         eta = self.eta if s >= 0 else 0.0
@@ -148,7 +149,7 @@ class DDPMSampler:
         x_t: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> StepOutput:
-        t_batch = _as_batch(t, x_t)
+        t_batch = as_batch(t, x_t)
         x0, _ = self.schedule.split(self.prediction_type, model_output, x_t, t_batch)
         mean, variance = self.schedule.posterior_mean_variance(x0, x_t, t_batch)
         if t == 0:  # Algorithm 2 line 4: no noise on the last step
@@ -158,6 +159,19 @@ class DDPMSampler:
 
 Sampler = DDIMSampler | DDPMSampler
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (z_t, t as a (B,) long tensor, the heads wanted) -> {head: output}; heads are "eps", "x0" or "v".
+# The conditioning is bound inside, repeated to match z_t's batch.
+Denoise = Callable[[torch.Tensor, torch.Tensor, tuple[str, ...]], dict[str, torch.Tensor]]
+
+
+class LatentSampler(Protocol):
+    """Draws `num_samples` clean latents per conditioning image: (num_samples * B, ...), sample-major."""
+
+    def sample(
+        self, denoise: Denoise, shape: tuple[int, ...], num_samples: int, generator: torch.Generator | None, like
+    ) -> torch.Tensor: ...
+
+    def problems(self, num_samples: int, heads: tuple[str, ...]) -> list[str]: ...
 
 
 def sample_loop(
@@ -179,7 +193,7 @@ def sample_loop(
     x = x_T
     last = sampler.timesteps[-1]
     for t in sampler.timesteps:
-        t_batch = _as_batch(t, x)
+        t_batch = as_batch(t, x)
         out = model_fn(x, t_batch)
         if t == last and final_x0 is not None:
             x = final_x0(out, x, t_batch)
@@ -202,3 +216,45 @@ def make_sampler(
     sampler = DDIMSampler(schedule, prediction_type, eta)
     sampler.set_timesteps(steps)
     return sampler
+
+
+class ChainSampler:
+    """003 Algorithm 2: each sample its own chain from pure noise, DDIM with `steps` steps (DDPM's
+    full chain when steps is None), one network head of `prediction_type`.
+
+    Args:
+        post_step: applied after every step (e.g. re-standardizing the latent).
+        final_x0: (output, z_t, t) -> x0 for the last step (e.g. 003 Eq. 12 as printed).
+    """
+
+    def __init__(
+        self,
+        schedule: DiffusionSchedule,
+        prediction_type: PredictionType,
+        steps: int | None = 2,
+        eta: float = 0.0,
+        post_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        final_x0: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.chain = make_sampler(schedule, prediction_type, steps, eta)
+        self.prediction_type = prediction_type
+        self.post_step, self.final_x0 = post_step, final_x0
+
+    def problems(self, num_samples: int, heads: tuple[str, ...]) -> list[str]:
+        if self.prediction_type not in heads:
+            return [f"the sampler needs a {self.prediction_type} head; this model has {', '.join(heads)}"]
+        return []
+
+    def sample(
+        self, denoise: Denoise, shape: tuple[int, ...], num_samples: int, generator: torch.Generator | None, like
+    ) -> torch.Tensor:
+        z_T = randn((num_samples * shape[0], *shape[1:]), generator, like)  # (N*B, ...) line 1
+        head = (self.prediction_type,)
+        return sample_loop(
+            lambda z, t: denoise(z, t, head)[self.prediction_type],
+            z_T,
+            self.chain,
+            generator,
+            self.post_step,
+            self.final_x0,
+        )

@@ -10,7 +10,8 @@ module never owns a network.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -89,13 +90,7 @@ class DiffusionSchedule:
         noise: torch.Tensor,
     ) -> torch.Tensor:
         """What a network of the given parameterization is trained to output."""
-        if prediction_type == "eps":
-            return noise
-        if prediction_type == "x0":
-            return x0
-        if prediction_type == "v":
-            return self.v_target(x0, t, noise)
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
+        return _parameterization(prediction_type).target(self, x0, t, noise)
 
     def split(
         self,
@@ -106,19 +101,7 @@ class DiffusionSchedule:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, eps) implied by a network output and x_t, by inverting Eq. 11 exactly."""
         ab = self.alpha_bar(t, x_t)
-        sa, s1a = ab.sqrt(), (1 - ab).sqrt()
-        if prediction_type == "eps":
-            eps = model_output
-            x0 = (x_t - s1a * eps) / sa
-        elif prediction_type == "x0":
-            x0 = model_output
-            eps = (x_t - sa * x0) / s1a.clamp_min(1e-12)
-        elif prediction_type == "v":
-            x0 = sa * x_t - s1a * model_output
-            eps = s1a * x_t + sa * model_output
-        else:
-            raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
-        return x0, eps
+        return _parameterization(prediction_type).split(model_output, x_t, ab.sqrt(), (1 - ab).sqrt())
 
     def posterior_mean_variance(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
@@ -132,3 +115,34 @@ class DiffusionSchedule:
         coef_xt = alpha.sqrt() * (1 - ab_prev) / (1 - ab)
         variance = beta * (1 - ab_prev) / (1 - ab)
         return coef_x0 * x0 + coef_xt * x_t, variance
+
+
+class Parameterization(NamedTuple):
+    """What a network predicts: its training target, and (x0, eps) from its output and x_t
+    (with sa = sqrt(alpha-bar_t), s1a = sqrt(1 - alpha-bar_t))."""
+
+    target: Callable[[DiffusionSchedule, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    split: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+PARAMETERIZATIONS: dict[str, Parameterization] = {
+    "eps": Parameterization(
+        lambda schedule, x0, t, noise: noise,
+        lambda out, x_t, sa, s1a: ((x_t - s1a * out) / sa, out),
+    ),
+    "x0": Parameterization(
+        lambda schedule, x0, t, noise: x0,
+        lambda out, x_t, sa, s1a: (out, (x_t - sa * out) / s1a.clamp_min(1e-12)),
+    ),
+    "v": Parameterization(
+        lambda schedule, x0, t, noise: schedule.v_target(x0, t, noise),
+        lambda out, x_t, sa, s1a: (sa * x_t - s1a * out, s1a * x_t + sa * out),
+    ),
+}
+
+
+def _parameterization(prediction_type: str) -> Parameterization:
+    try:
+        return PARAMETERIZATIONS[prediction_type]
+    except KeyError:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}") from None

@@ -9,15 +9,15 @@ Stages of the chain t in {0, ..., T-1}, with thresholds high > low:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from latentseg.diffusion.samplers import _as_batch, ddim_jump, randn
+from latentseg.diffusion.samplers import Denoise, as_batch, ddim_jump, randn
 from latentseg.diffusion.schedule import DiffusionSchedule
+from latentseg.diffusion.timesteps import TimestepDraw, uniform_timesteps
 
 # 004 section 2.2: alpha:beta per stage, scaled so that alpha + beta = 2 (uniform training's 1 + 1)
 STAGE_WEIGHTS = ((0.5, 1.5), (1.0, 1.0), (1.5, 0.5))
@@ -37,13 +37,7 @@ class Stages:
             )
 
 
-class StagedTimesteps(NamedTuple):
-    t: torch.Tensor  # (B,) the timesteps the network sees
-    alpha: torch.Tensor  # (B,) weight of the noise loss
-    beta: torch.Tensor  # (B,) weight of the segmentation loss
-
-
-def staged_timesteps(t: torch.Tensor, stages: Stages, last_stage_t: str = "zero") -> StagedTimesteps:
+def staged_timesteps(t: torch.Tensor, stages: Stages, last_stage_t: str = "zero") -> TimestepDraw:
     """Map uniformly drawn timesteps to the stage rules of 004 section 2.2 (loss weights of Eq. 1).
 
     `last_stage_t="zero"` sets t <= low to 0 as the paper does; "sampled" keeps the drawn t.
@@ -56,15 +50,35 @@ def staged_timesteps(t: torch.Tensor, stages: Stages, last_stage_t: str = "zero"
         out = torch.where(refine, torch.zeros_like(t), out)
     stage = torch.where(rapid, 0, torch.where(refine, 2, 1))
     weights = torch.tensor(STAGE_WEIGHTS, dtype=torch.float32, device=t.device)[stage]
-    return StagedTimesteps(out, weights[:, 0], weights[:, 1])
+    return TimestepDraw(out, weights[:, 0], weights[:, 1])  # t, alpha (noise), beta (segmentation)
 
 
-HeadsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+class StagedTimesteps:
+    """004 section 2.2 as a timestep rule: t drawn uniformly, then moved by its stage, and the two
+    loss terms weighted alpha:beta per stage (`staged_timesteps`)."""
+
+    def __init__(self, stages: Stages, last_stage_t: str = "zero"):
+        self.stages, self.last_stage_t = stages, last_stage_t
+
+    def sample(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> TimestepDraw:
+        t = uniform_timesteps(batch_size, self.stages.num_timesteps, device, generator)
+        return TimestepDraw(*staged_timesteps(t, self.stages, self.last_stage_t))
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """The stages are fixed: nothing is learned from the losses."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Nothing to restore."""
 
 
 class StagedResult(NamedTuple):
     samples: torch.Tensor  # (2 * draws * B, ...): branch-major (x0 branch first), then draws
-    network_calls: int  # sequential calls of `heads_fn`
+    network_calls: int  # sequential calls of the network
     latent_evaluations: int  # latents passed through the network in all, per conditioning image
 
 
@@ -76,19 +90,9 @@ def middle_timesteps(stages: Stages, steps: int) -> list[int]:
     return [int(v) for v in np.round(np.linspace(stages.high - 1, stages.low - 1, steps + 1))]
 
 
-@torch.no_grad()
-def staged_sample(
-    heads_fn: HeadsFn,
-    x_T: torch.Tensor,
-    schedule: DiffusionSchedule,
-    stages: Stages,
-    middle_steps: int = 10,
-    draws: int = 10,
-    eta_final: float = 1.0,
-    generator: torch.Generator | None = None,
-    final_head: str = "eps",
-) -> StagedResult:
-    """004 section 2.2 staged inference, for a batch of B starting latents x_T.
+class StagedSampler:
+    """004 section 2.2 staged inference for a two-head (eps, x0) denoiser, `num_samples / 2` draws
+    per branch:
 
     1. the x0 head jumps from T-1 to high-1 in one step;
     2. DDIM from high-1 to low-1 in `middle_steps` steps, once with each head (two branches, one batch);
@@ -97,40 +101,79 @@ def staged_sample(
        `final_head="x0"` takes this last step with the x0 head instead (not in 004: an option for
        models whose eps head is the weaker one; the benchmark measures both).
     """
-    if final_head not in ("eps", "x0"):
-        raise ValueError(f"final_head must be 'eps' or 'x0', got {final_head!r}")
-    if draws < 1:
-        raise ValueError(f"staged sampling needs >= 1 draw per branch, got {draws}")
-    batch = x_T.shape[0]
-    top = schedule.num_timesteps - 1
-    calls = 0
 
-    # 1. rapid segmentation: one x0-head step T-1 -> high-1
-    _, x0_hat = heads_fn(x_T, _as_batch(top, x_T))
-    calls += 1
-    x0, eps = schedule.split("x0", x0_hat, x_T, _as_batch(top, x_T))
-    ts = middle_timesteps(stages, middle_steps)
-    x = ddim_jump(schedule, x0, eps, top, ts[0])
+    def __init__(
+        self,
+        schedule: DiffusionSchedule,
+        stages: Stages,
+        middle_steps: int = 10,
+        final_head: str = "eps",
+        eta_final: float = 1.0,
+    ):
+        if final_head not in ("eps", "x0"):
+            raise ValueError(f"final_head must be 'eps' or 'x0', got {final_head!r}")
+        self.schedule, self.stages, self.final_head, self.eta_final = schedule, stages, final_head, eta_final
+        self.timesteps = middle_timesteps(stages, middle_steps)
 
-    # 2. probabilistic modelling: both branches in one batch; branch 0 follows the x0 head, 1 the eps head
-    x = torch.cat([x, x])
-    for t, s in zip(ts[:-1], ts[1:], strict=True):
-        eps_hat, x0_hat = heads_fn(x, _as_batch(t, x))
-        calls += 1
-        tb = _as_batch(t, x[:batch])
-        x0_a, eps_a = schedule.split("x0", x0_hat[:batch], x[:batch], tb)
-        x0_b, eps_b = schedule.split("eps", eps_hat[batch:], x[batch:], tb)
-        x = ddim_jump(schedule, torch.cat([x0_a, x0_b]), torch.cat([eps_a, eps_b]), t, s)
+    def problems(self, num_samples: int, heads: tuple[str, ...]) -> list[str]:
+        found = []
+        if set(heads) != {"eps", "x0"}:
+            found.append("--sampler staged needs a model trained with model.denoiser_heads=2")
+        if num_samples % 2:
+            found.append(f"--sampler staged draws equally from two heads: --samples must be even, got {num_samples}")
+        return found
 
-    # 3. denoising refinement: one eps-head (or x0-head) evaluation per branch, `draws` noisy jumps to t = 0
-    low = ts[-1]
-    eps_hat, x0_hat = heads_fn(x, _as_batch(low, x))
-    calls += 1
-    x0, eps = schedule.split(final_head, eps_hat if final_head == "eps" else x0_hat, x, _as_batch(low, x))
-    outs = [
-        ddim_jump(schedule, x0, eps, low, 0, eta_final, randn(tuple(x.shape), generator, x) if eta_final > 0 else None)
-        for _ in range(draws)
-    ]
-    samples = torch.stack(outs, dim=1)  # (2B, draws, ...): branch-major
-    samples = samples.reshape(2, batch, draws, *x.shape[1:]).transpose(1, 2).reshape(-1, *x.shape[1:])
-    return StagedResult(samples, calls, 1 + 2 * (calls - 1))
+    def sample(
+        self, denoise: Denoise, shape: tuple[int, ...], num_samples: int, generator: torch.Generator | None, like
+    ) -> torch.Tensor:
+        if num_samples < 2 or num_samples % 2:
+            raise ValueError(
+                f"staged sampling draws the same number from both heads: samples must be even, got {num_samples}"
+            )
+        return self.run(denoise, randn(shape, generator, like), num_samples // 2, generator).samples
+
+    @torch.no_grad()
+    def run(
+        self, denoise: Denoise, x_T: torch.Tensor, draws: int, generator: torch.Generator | None = None
+    ) -> StagedResult:
+        """The three stages from a batch of B starting latents; `draws` final draws per branch."""
+        if draws < 1:
+            raise ValueError(f"staged sampling needs >= 1 draw per branch, got {draws}")
+        x = self._rapid(denoise, x_T)
+        x = self._middle(denoise, torch.cat([x, x]), x_T.shape[0])
+        samples = self._refine(denoise, x, draws, generator, x_T.shape[0])
+        calls = len(self.timesteps) + 1
+        return StagedResult(samples, calls, 1 + 2 * (calls - 1))
+
+    def _rapid(self, denoise: Denoise, x_T: torch.Tensor) -> torch.Tensor:
+        """1. rapid segmentation: one x0-head step T-1 -> high-1."""
+        top = as_batch(self.schedule.num_timesteps - 1, x_T)
+        x0, eps = self.schedule.split("x0", denoise(x_T, top, ("x0",))["x0"], x_T, top)
+        return ddim_jump(self.schedule, x0, eps, self.schedule.num_timesteps - 1, self.timesteps[0])
+
+    def _middle(self, denoise: Denoise, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """2. probabilistic modelling: both branches in one batch; the first half follows the x0
+        head, the second the eps head."""
+        for t, s in zip(self.timesteps[:-1], self.timesteps[1:], strict=True):
+            out = denoise(x, as_batch(t, x), ("eps", "x0"))
+            tb = as_batch(t, x[:batch])
+            x0_a, eps_a = self.schedule.split("x0", out["x0"][:batch], x[:batch], tb)
+            x0_b, eps_b = self.schedule.split("eps", out["eps"][batch:], x[batch:], tb)
+            x = ddim_jump(self.schedule, torch.cat([x0_a, x0_b]), torch.cat([eps_a, eps_b]), t, s)
+        return x
+
+    def _refine(
+        self, denoise: Denoise, x: torch.Tensor, draws: int, generator: torch.Generator | None, batch: int
+    ) -> torch.Tensor:
+        """3. denoising refinement: one evaluation per branch, `draws` noisy jumps to t = 0."""
+        low, head = self.timesteps[-1], self.final_head
+        x0, eps = self.schedule.split(head, denoise(x, as_batch(low, x), (head,))[head], x, as_batch(low, x))
+        noisy = self.eta_final > 0
+        outs = [
+            ddim_jump(
+                self.schedule, x0, eps, low, 0, self.eta_final, randn(tuple(x.shape), generator, x) if noisy else None
+            )
+            for _ in range(draws)
+        ]
+        samples = torch.stack(outs, dim=1)  # (2B, draws, ...): branch-major
+        return samples.reshape(2, batch, draws, *x.shape[1:]).transpose(1, 2).reshape(-1, *x.shape[1:])

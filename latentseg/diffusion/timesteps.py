@@ -13,7 +13,53 @@ drawn uniformly with weight 1.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Protocol
+
 import torch
+
+
+class TimestepDraw(NamedTuple):
+    t: torch.Tensor  # (B,) the timesteps the network sees
+    noise_weight: torch.Tensor  # (B,) weight of the noise (latent) loss
+    seg_weight: torch.Tensor  # (B,) weight of the segmentation loss
+
+
+class TimestepRule(Protocol):
+    """Which timesteps a training batch sees and how each sample's loss terms are weighted (as
+    improved-diffusion's ScheduleSampler)."""
+
+    def sample(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> TimestepDraw: ...
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None: ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class UniformTimesteps:
+    """003 Algorithm 1 line 5: t ~ Uniform{0..T-1}, every loss weighted 1."""
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+
+    def sample(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> TimestepDraw:
+        t = uniform_timesteps(batch_size, self.num_timesteps, device, generator)
+        ones = torch.ones(batch_size, device=device)
+        return TimestepDraw(t, ones, ones)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Uniform sampling learns nothing from the losses."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Nothing to restore."""
 
 
 def uniform_timesteps(
@@ -65,15 +111,16 @@ class ImportanceTimesteps:
 
     def sample(
         self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) timesteps and (B,) loss weights 1 / (T p(t)) (all 1 while warming up)."""
+    ) -> TimestepDraw:
+        """(B,) timesteps and (B,) loss weights 1 / (T p(t)) (all 1 while warming up), the same for
+        both loss terms: the whole per-sample loss is reweighted."""
         p_bin = self.probabilities()
         b = torch.multinomial(p_bin, batch_size, replacement=True, generator=generator)
         low, size = self.edges[b], self.edges[b + 1] - self.edges[b]
         t = low + (torch.rand(batch_size, generator=generator, dtype=torch.float64) * size).long()
         p_t = p_bin[b] / size.double()  # t is uniform within its bin
-        weights = 1.0 / (self.num_timesteps * p_t)
-        return t.to(device), weights.float().to(device)
+        weights = (1.0 / (self.num_timesteps * p_t)).float().to(device)
+        return TimestepDraw(t.to(device), weights, weights)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Remember each sample's loss at its timestep (oldest forgotten first)."""

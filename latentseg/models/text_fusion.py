@@ -51,10 +51,13 @@ class TextConcat(nn.Module):
         return self.mix(torch.cat([z_image, t], dim=1))
 
 
+TEXT_FUSION_MODULES = {
+    "none": lambda c: None,
+    "attention": lambda c: TextCrossAttention(c.spatial_dims, c.image_latent_channels, c.text_dim, c.num_heads),
+    "concat": lambda c: TextConcat(c.spatial_dims, c.image_latent_channels, c.text_dim),
+}
+
+
 def make_text_fusion(config: ModelConfig) -> nn.Module | None:
-    c = config
-    if c.text_fusion == "attention":
-        return TextCrossAttention(c.spatial_dims, c.image_latent_channels, c.text_dim, c.num_heads)
-    if c.text_fusion == "concat":
-        return TextConcat(c.spatial_dims, c.image_latent_channels, c.text_dim)
-    return None
+    """The module `config.text_fusion` names (None for "none")."""
+    return TEXT_FUSION_MODULES[config.text_fusion](config)

@@ -22,29 +22,36 @@ import hashlib
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from torch import nn
 
-from latentseg.config import ModelConfig
+from latentseg.config import Config, ModelConfig, SampleConfig, TrainConfig
 from latentseg.diffusion import DiffusionSchedule
 from latentseg.models.backbone import FeatureExtractor, build_unet, pad_to_multiple
 from latentseg.models.blocks import norm
-from latentseg.models.segmenter import Losses, dice_ce
-from latentseg.models.text_fusion import TEXT_FUSIONS, TextConcat, TextCrossAttention
+from latentseg.models.losses import Losses, dice_ce, soft_dice_loss
+from latentseg.models.objective import Phase
+from latentseg.models.text_fusion import TextConcat, TextCrossAttention
+from latentseg.schema import problems as schema_problems
 from latentseg.text import TextEmbedding
 
 
-def check_textdiff_config(config: ModelConfig) -> None:
+def textdiff_problems(config: ModelConfig) -> list[str]:
+    found = schema_problems(config)
     if config.spatial_dims != 2:
-        raise ValueError(f"textdiff works on 2D images (a 2D DDPM UNet), the data is {config.spatial_dims}D")
+        found.append(f"textdiff works on 2D images (a 2D DDPM UNet), the data is {config.spatial_dims}D")
     if not config.backbone_config:
-        raise ValueError("textdiff needs a pretrained DDPM UNet: model.backbone=FOLDER (see `latentseg pretrain-ddpm`)")
-    if config.text_fusion not in TEXT_FUSIONS:
-        raise ValueError(f"text_fusion must be one of {', '.join(TEXT_FUSIONS)}, got {config.text_fusion!r}")
+        found.append("textdiff needs a pretrained DDPM UNet: model.backbone=FOLDER (see `latentseg pretrain-ddpm`)")
     if config.text_fusion != "none" and config.text_dim < 1:
-        raise ValueError("a text model needs text_dim (set by `train` from the text encoder)")
+        found.append("a text model needs text_dim (set by `train` from the text encoder)")
     if config.feature_channels % config.num_heads:
-        raise ValueError(f"feature_channels {config.feature_channels} cannot be split into {config.num_heads} heads")
+        found.append(f"feature_channels {config.feature_channels} cannot be split into {config.num_heads} heads")
+    return found
+
+
+def check_textdiff_config(config: ModelConfig) -> None:
+    problems = textdiff_problems(config)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class BlockFusion(nn.Module):
@@ -94,7 +101,7 @@ class TextDiffSegmenter(nn.Module):
             nn.ReLU(),
             nn.Conv2d(32, c.num_classes, 1),
         )
-        self.dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
+        self.dice = soft_dice_loss()
 
     def check_text(self, text: TextEmbedding | None) -> None:
         if self.config.text_fusion != "none" and text is None:
@@ -159,39 +166,98 @@ class TextDiffSegmenter(nn.Module):
         hidden = sum(F.interpolate(a, size=size, mode="bilinear") for a in by_size.values())
         return self.classifier[1:](hidden + first.bias[:, None, None])
 
-    def training_losses(
-        self,
-        image: torch.Tensor,
-        label: torch.Tensor,
-        gamma: float = 2.0,
-        lam: float = 1.0,
-        generator: torch.Generator | None = None,
-        timesteps: str = "uniform",
-        last_stage_t: str = "zero",
-        text: TextEmbedding | None = None,
-        importance=None,
-    ) -> Losses:
-        """CE + gamma * Dice of the head (the backbone and text encoder are frozen); no diffusion loss.
-        The timestep options of `LatentSegmenter.training_losses` do not apply (the feature
-        timesteps are fixed), and `check_train_config` refuses them for this mode."""
-        segmentation = dice_ce(self.logits(image, text, generator), label, gamma, self.dice).mean()
-        return Losses(segmentation, segmentation, torch.zeros((), device=image.device))
+    # --- training ---------------------------------------------------------------------------
+
+    def objective(self, config: Config) -> HeadObjective:
+        return HeadObjective(self, config.train.gamma_dice)
+
+    def phases(self, train: TrainConfig) -> list[Phase]:
+        """None: the backbone comes pre-trained and stays frozen; only the head trains."""
+        return []
+
+    def freeze(self, part: str) -> None:
+        raise ValueError(f"{part!r} is not a pre-trained part of a textdiff model")
+
+    def prepare_training(self, train: TrainConfig) -> None:
+        if train.feature_cache_mb > 0:
+            self.cache_features(train.feature_cache_mb)
+
+    def load_pretrained(self) -> None:
+        """The pretrained DDPM UNet's weights (`model.backbone`), frozen inside the model."""
+        from latentseg.models.backbone import load_backbone
+
+        self.features.unet.load_state_dict(load_backbone(self.config.backbone).state_dict())
+
+    def segmentation_losses(self, batch, gamma: float, generator: torch.Generator | None = None) -> Losses:
+        """CE + gamma * Dice of the head (the backbone and text encoder are frozen); no diffusion loss."""
+        logits = self.logits(batch["image"], batch.get("text"), generator)
+        segmentation = dice_ce(logits, batch["label"], gamma, self.dice).mean()
+        return Losses(segmentation, segmentation, torch.zeros((), device=logits.device))
+
+    # --- sampling ---------------------------------------------------------------------------
+
+    def sampling_problems(self, options: SampleConfig) -> list[str]:
+        if options.sampler != "ddim":
+            return ["a textdiff model has no staged sampler; it runs its backbone once per feature timestep"]
+        return []
 
     @torch.no_grad()
     def sample(
         self,
         image: torch.Tensor,
-        num_samples: int = 1,
-        steps: int | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        sampler: str = "ddim",
-        middle_steps: int = 0,
+        options: SampleConfig,
         text: TextEmbedding | None = None,
-        final_head: str = "eps",
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """(num_samples, B, C, H, W) probabilities, each from its own noise draws (the sampler
-        settings of the diffusion models do not apply: the backbone runs once per t)."""
-        if sampler != "ddim":
-            raise ValueError("a textdiff model has no staged sampler; it runs its backbone once per feature timestep")
-        return torch.stack([self.logits(image, text, generator).softmax(1) for _ in range(num_samples)])
+        """(num_samples, B, C, H, W) probabilities, each from its own noise draws (the steps of the
+        diffusion models do not apply: the backbone runs once per feature timestep)."""
+        problems = self.sampling_problems(options)
+        if problems:
+            raise ValueError(problems[0])
+        return torch.stack([self.logits(image, text, generator).softmax(1) for _ in range(options.num_samples)])
+
+
+class HeadObjective:
+    """TextDiff's objective: the segmentation loss of the trained head alone."""
+
+    def __init__(self, model: TextDiffSegmenter, gamma: float):
+        self.model, self.gamma = model, gamma
+
+    def losses(self, batch, phases: tuple[str, ...] = ()) -> Losses:
+        return self.model.segmentation_losses(batch, self.gamma)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Nothing to restore."""
+
+
+def plan(config: Config) -> None:
+    """Before the data: the pretrained DDPM UNet of `model.backbone` is read and its diffusers
+    config recorded (`backbone_config`), and the feature blocks and timesteps checked against it."""
+    from latentseg.errors import LatentSegError
+    from latentseg.models.backbone import check_feature_settings, load_backbone
+
+    m = config.model
+    if config.train.timesteps != "uniform":
+        raise LatentSegError(
+            "train.timesteps: model.mode=textdiff trains no diffusion (its feature timesteps are fixed)"
+        )
+    if m.backbone_config:  # already planned (a resumed run)
+        return
+    if not m.backbone:
+        raise LatentSegError("model.mode=textdiff needs model.backbone=FOLDER, a diffusers UNet2DModel (pretrain-ddpm)")
+    unet = load_backbone(m.backbone)
+    check_feature_settings(unet, m.feature_blocks, m.feature_timesteps, m.num_timesteps)
+    m.backbone_config = dict(unet.config)
+
+
+def data_problems(config: ModelConfig) -> list[str]:
+    """After the data: the backbone must take the data's images."""
+    if config.spatial_dims != 2:
+        return [f"model.mode=textdiff needs 2D images; the data is {config.spatial_dims}D"]
+    channels = config.backbone_config.get("in_channels")
+    if channels != config.in_channels:
+        return [f"{config.backbone}: the UNet takes {channels} image channels, the data has {config.in_channels}"]
+    return []

@@ -5,7 +5,7 @@ from latentseg.config import load_config
 from latentseg.data.phantoms import make_phantom
 from latentseg.data.transforms import flip_word_pairs, swap_words, train_transforms
 from latentseg.errors import LatentSegError
-from latentseg.train import check_train_config
+from latentseg.plan import check_settings
 
 PAIRS = [("upper", "lower"), ("left", "right")]
 
@@ -28,7 +28,7 @@ def test_flip_word_pairs_parse_and_refuse():
     assert ("superior", "inferior") in flip_word_pairs(["auto"], 3)[2]  # RAS: axis 2 runs foot to head
     assert flip_word_pairs(["auto"]) == {} and flip_word_pairs([], 2) == {}
     with pytest.raises(LatentSegError, match="AXIS:word/word"):
-        check_train_config(load_config(None, ["data.text_flip_words=[upper-lower]"]))
+        check_settings(load_config(None, ["data.text_flip_words=[upper-lower]"]))
 
 
 def _quadrant(mask: np.ndarray) -> str:

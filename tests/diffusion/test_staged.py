@@ -3,7 +3,21 @@
 import pytest
 import torch
 
-from latentseg.diffusion import DiffusionSchedule, Stages, middle_timesteps, staged_sample, staged_timesteps
+from latentseg.diffusion import DiffusionSchedule, StagedSampler, Stages, middle_timesteps, staged_timesteps
+
+
+def as_denoise(heads_fn):
+    """A (x_t, t) -> (eps, x0) oracle as the samplers' `denoise(z, t, heads) -> {head: output}`."""
+
+    def denoise(x_t, t, heads):
+        eps, x0 = heads_fn(x_t, t)
+        return {name: value for name, value in (("eps", eps), ("x0", x0)) if name in heads}
+
+    return denoise
+
+
+def staged_sample(heads_fn, x_T, schedule, stages, middle_steps, draws, generator=None, final_head="eps"):
+    return StagedSampler(schedule, stages, middle_steps, final_head).run(as_denoise(heads_fn), x_T, draws, generator)
 
 
 def test_staged_timesteps_follow_the_three_stages():
@@ -11,7 +25,7 @@ def test_staged_timesteps_follow_the_three_stages():
     st = staged_timesteps(t, Stages(600, 300))
     assert st.t.tolist() == [999, 999, 999, 600, 450, 301, 0, 0, 0]
     # alpha:beta = 1:3, 1:1, 3:1
-    assert (st.beta / st.alpha).tolist() == pytest.approx([3, 3, 3, 1, 1, 1, 1 / 3, 1 / 3, 1 / 3])
+    assert (st.seg_weight / st.noise_weight).tolist() == pytest.approx([3, 3, 3, 1, 1, 1, 1 / 3, 1 / 3, 1 / 3])
     kept = staged_timesteps(t, Stages(600, 300), last_stage_t="sampled")
     assert kept.t.tolist() == [999, 999, 999, 600, 450, 301, 300, 120, 0]
 

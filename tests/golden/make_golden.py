@@ -126,7 +126,15 @@ def make(name: str, work: Path) -> None:
     model, config, fingerprint = load_model(target)
     image, meta = load_image(Case("input", [target / ("input.png" if dims == 2 else "input.nii.gz")]))
     pred = predict_image(
-        model, config, preprocessing_of(fingerprint, config), image, meta, samples, steps, 7, _text(model, config, prompt)
+        model,
+        config,
+        preprocessing_of(fingerprint, config),
+        image,
+        meta,
+        samples,
+        steps,
+        7,
+        _text(model, config, prompt),
     )
     np.savez_compressed(
         target / "expected.npz",

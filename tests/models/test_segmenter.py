@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from latentseg.config import ModelConfig
+from latentseg.config import Config, ModelConfig, SampleConfig
 from latentseg.data.phantoms import make_phantom
 from latentseg.models import LatentSegmenter
 
@@ -25,6 +25,18 @@ def untrained_but_not_zero(model):
     return model.eval()
 
 
+def training_losses(model, image, label, generator=None, timesteps="uniform", lam=1.0, gamma=2.0, text=None):
+    """The model's objective on one batch, with `train.timesteps`, `train.lambda_noise` and
+    `train.gamma_dice` set as given."""
+    config = Config(model=model.config)
+    config.train.timesteps, config.train.lambda_noise, config.train.gamma_dice = timesteps, lam, gamma
+    return model.objective(config).diffusion_losses(image, label, text, generator=generator)
+
+
+def sample(model, image, num_samples=1, steps=2, generator=None, sampler="ddim"):
+    return model.sample(image, SampleConfig(steps=steps, num_samples=num_samples, sampler=sampler), None, generator)
+
+
 def phantom_batch(dims=2, size=32):
     ph = make_phantom(dims, size, seed=3)
     image = torch.from_numpy((ph.image - ph.image.mean()) / ph.image.std())[None]
@@ -38,7 +50,7 @@ def overfit(model, steps=60, **loss_options):
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):
-        loss = model.training_losses(image.repeat(4, 1, 1, 1), label.repeat(4, 1, 1, 1), generator=g, **loss_options)
+        loss = training_losses(model, image.repeat(4, 1, 1, 1), label.repeat(4, 1, 1, 1), generator=g, **loss_options)
         opt.zero_grad()
         loss.total.backward()
         opt.step()
@@ -64,7 +76,7 @@ def test_sample_shapes_and_probabilities_3d():
         attention_stages=1,
     ).eval()
     image = torch.randn(2, 1, 16, 16, 16)
-    probs = model.sample(image, num_samples=3, steps=2, generator=torch.Generator().manual_seed(0))
+    probs = sample(model, image, num_samples=3, steps=2, generator=torch.Generator().manual_seed(0))
     assert probs.shape == (3, 2, 3, 16, 16, 16)
     torch.testing.assert_close(probs.sum(2), torch.ones(3, 2, 16, 16, 16))
 
@@ -72,8 +84,8 @@ def test_sample_shapes_and_probabilities_3d():
 def test_samples_differ_but_are_reproducible_by_seed():
     model = untrained_but_not_zero(tiny_model())
     image, _ = phantom_batch()
-    a = model.sample(image, 2, steps=2, generator=torch.Generator().manual_seed(1))
-    b = model.sample(image, 2, steps=2, generator=torch.Generator().manual_seed(1))
+    a = sample(model, image, 2, steps=2, generator=torch.Generator().manual_seed(1))
+    b = sample(model, image, 2, steps=2, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a[0], a[1])
 
@@ -82,7 +94,7 @@ def test_image_encoder_runs_once_per_image_for_all_samples():
     model = tiny_model().eval()
     calls = []
     model.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    model.sample(torch.randn(2, 1, 32, 32), num_samples=5, steps=3)
+    sample(model, torch.randn(2, 1, 32, 32), num_samples=5, steps=3)
     assert calls == [2]
 
 
@@ -101,8 +113,8 @@ def test_restandardize_option_changes_sampling():
     plain = untrained_but_not_zero(tiny_model())
     restd = tiny_model(restandardize=True).eval()
     restd.load_state_dict(plain.state_dict())
-    a = plain.sample(image, 1, steps=5, generator=torch.Generator().manual_seed(0))
-    b = restd.sample(image, 1, steps=5, generator=torch.Generator().manual_seed(0))
+    a = sample(plain, image, 1, steps=5, generator=torch.Generator().manual_seed(0))
+    b = sample(restd, image, 1, steps=5, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(a, b)
 
 
@@ -112,7 +124,7 @@ def test_invalid_model_settings_are_rejected():
     with pytest.raises(ValueError, match="prediction_type"):
         tiny_model(prediction_type="score")
     with pytest.raises(ValueError, match="steps"):
-        tiny_model().sample(torch.randn(1, 1, 32, 32), steps=0)
+        sample(tiny_model(), torch.randn(1, 1, 32, 32), steps=0)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -128,11 +140,11 @@ def test_decoder_with_image_skips(dims):
     )
     image = torch.randn(2, 1, *(16,) * dims)
     label = torch.randint(0, 3, (2, 1, *(16,) * dims))
-    losses = model.training_losses(image, label)
+    losses = training_losses(model, image, label)
     losses.total.backward()
     assert model.label_decoder.fuse_full.weight.grad.abs().sum() > 0
     assert model.image_encoder.stages[0][0].conv.weight.grad.abs().sum() > 0
-    probs = model.eval().sample(image, num_samples=3, steps=2)
+    probs = sample(model.eval(), image, num_samples=3, steps=2)
     assert probs.shape == (3, 2, 3, *(16,) * dims)
     with pytest.raises(ValueError, match="image features"):
         model.label_decoder(torch.randn(1, 4, *(2,) * dims))
@@ -151,7 +163,7 @@ def test_eps_head_seg_loss_trains_the_eps_head_through_the_decoder():
 
     def eps_head_grad(option: bool) -> float:
         model = untrained_but_not_zero(tiny_model(denoiser_heads=2, eps_head_seg_loss=option))
-        model.training_losses(image, label, lam=0.0, generator=torch.Generator().manual_seed(0)).total.backward()
+        training_losses(model, image, label, lam=0.0, generator=torch.Generator().manual_seed(0)).total.backward()
         grads = [p.grad for p in model.denoiser.heads[0].parameters()]
         return sum(float(g.abs().sum()) for g in grads if g is not None)
 
@@ -174,13 +186,13 @@ def test_one_head_per_sample_loss_equals_monai_dice_ce():
 def test_staged_sampling_shapes_and_errors():
     model = untrained_but_not_zero(tiny_model(denoiser_heads=2))
     image, _ = phantom_batch()
-    probs = model.sample(image.repeat(2, 1, 1, 1), 6, sampler="staged", generator=torch.Generator().manual_seed(0))
+    probs = sample(model, image.repeat(2, 1, 1, 1), 6, sampler="staged", generator=torch.Generator().manual_seed(0))
     assert probs.shape == (6, 2, 3, 32, 32)
     assert torch.allclose(probs.sum(2), torch.ones(()))
     with pytest.raises(ValueError, match="must be even"):
-        model.sample(image, 3, sampler="staged")
+        sample(model, image, 3, sampler="staged")
     with pytest.raises(ValueError, match="denoiser_heads=2"):
-        untrained_but_not_zero(tiny_model()).sample(image, 2, sampler="staged")
+        sample(untrained_but_not_zero(tiny_model()), image, 2, sampler="staged")
     with pytest.raises(ValueError, match="prediction_type picks the head"):
         tiny_model(denoiser_heads=2, prediction_type="v")
 
@@ -200,7 +212,7 @@ def test_pretrained_condition_network_trains_then_freezes():
     model.freeze("condition")
     frozen = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
     opt.zero_grad(set_to_none=True)
-    model.training_losses(image, label, timesteps="staged").total.backward()
+    training_losses(model, image, label, timesteps="staged").total.backward()
     assert all(p.grad is None for p in model.image_encoder.parameters())
     assert all(p.grad is not None for p in model.denoiser.dca.parameters())
     opt.step()
@@ -244,7 +256,7 @@ def test_mask_autoencoder_pretrains_then_the_diffusion_trains_on_the_latent_alon
     model.freeze("autoencoder")
     frozen = {k: v.clone() for k, v in model.label_decoder.state_dict().items()}
     opt.zero_grad(set_to_none=True)
-    losses = model.training_losses(image, label)
+    losses = training_losses(model, image, label)
     assert losses.segmentation.item() == 0.0 and torch.equal(losses.total, losses.diffusion)
     losses.total.backward()
     assert all(p.grad is None for m in (model.label_encoder, model.label_decoder) for p in m.parameters())
@@ -284,23 +296,20 @@ def test_downsample_encoders_give_the_learned_encoders_latent_grid(dims, strides
 
 def test_importance_timesteps_weight_the_loss_and_learn_from_it():
     from latentseg.diffusion import ImportanceTimesteps
+    from latentseg.models.objective import LatentDiffusionObjective, timestep_rule
 
     model = tiny_model()
     image, label = phantom_batch()
     importance = ImportanceTimesteps(1000, bins=2, history=2)
+    objective = LatentDiffusionObjective(model, importance, Config(model=model.config))
     g = torch.Generator().manual_seed(0)
     for _ in range(4):
-        model.training_losses(
-            image.repeat(4, 1, 1, 1),
-            label.repeat(4, 1, 1, 1),
-            generator=g,
-            timesteps="importance",
-            importance=importance,
-        )
+        objective.diffusion_losses(image.repeat(4, 1, 1, 1), label.repeat(4, 1, 1, 1), generator=g)
     assert importance.counts.sum().item() == 16 and importance.warm
     assert importance.losses.min() > 0
-    with pytest.raises(ValueError, match="needs an ImportanceTimesteps"):
-        model.training_losses(image, label, timesteps="importance")
+    config = Config(model=model.config)
+    config.train.timesteps = "importance"
+    assert isinstance(timestep_rule(config), ImportanceTimesteps)  # what train.timesteps=importance trains with
 
 
 def test_text_in_the_denoiser_levels_uses_the_tokens():
@@ -320,7 +329,7 @@ def test_text_in_the_denoiser_levels_uses_the_tokens():
     assert not torch.allclose(model.denoiser.forward_heads(z_t, t, changed)[0], before)
     padded = dict(cond, text_tokens=torch.cat([cond["text_tokens"][:, :2], torch.randn(1, 1, 12)], 1))
     assert torch.allclose(model.denoiser(z_t, t, padded), before, atol=1e-6)  # padding is masked
-    losses = model.training_losses(image, label, text=text)
+    losses = training_losses(model, image, label, text=text)
     losses.total.backward()
     assert all(p.grad is not None for p in model.denoiser.text_attention.parameters())
     with pytest.raises(ValueError, match="needs text_fusion=attention"):

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from latentseg.cli import main
-from latentseg.config import ModelConfig
+from latentseg.config import ModelConfig, SampleConfig
 from latentseg.diffusion import DiffusionSchedule
 from latentseg.errors import LatentSegError
 from latentseg.models.backbone import FeatureExtractor, check_feature_settings, decoder_blocks, load_backbone
@@ -117,22 +117,23 @@ def test_only_the_head_trains_and_text_changes_the_output(tiny_unet):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(25):
-        loss = model.training_losses(image, label, text=text, generator=torch.Generator().manual_seed(0)).total
+        batch = {"image": image, "label": label, "text": text}
+        loss = model.segmentation_losses(batch, 2.0, generator=torch.Generator().manual_seed(0)).total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     assert all(torch.equal(unet_before[k], v) for k, v in model.features.unet.state_dict().items())
-    probs = model.sample(image, 3, generator=torch.Generator().manual_seed(0), text=text)
+    probs = model.sample(image, SampleConfig(num_samples=3), text, torch.Generator().manual_seed(0))
     assert probs.shape == (3, 2, 3, 30, 30)  # windows not a multiple of 4 are padded and cropped back
     other = TextEmbedding(torch.randn(2, 5, 12), text.padding, torch.randn(2, 12))
-    moved = model.sample(image, 1, generator=torch.Generator().manual_seed(0), text=other)
+    moved = model.sample(image, SampleConfig(num_samples=1), other, torch.Generator().manual_seed(0))
     assert not torch.allclose(probs[0], moved[0])
     with pytest.raises(ValueError, match="trained with text"):
-        model.sample(image, 1)
+        model.sample(image, SampleConfig(num_samples=1))
     with pytest.raises(ValueError, match="trained without text"):
-        _head(tiny_unet, "none").sample(image, 1, text=text)
+        _head(tiny_unet, "none").sample(image, SampleConfig(num_samples=1), text)
 
 
 def test_classifier_equals_concatenating_the_upsampled_features(tiny_unet):
@@ -160,7 +161,9 @@ def test_feature_cache_reuses_each_images_features(tiny_unet, monkeypatch):
     assert model.logits(images[:2]).equal(first) and calls == [1, 1]  # one pass per new image, then none
     model.logits(images[1:])
     assert calls == [1, 1, 1]
-    model.training_losses(images[[2, 0]], label).total.backward()  # cached features still train the head
+    model.segmentation_losses(
+        {"image": images[[2, 0]], "label": label}, 2.0
+    ).total.backward()  # cached features still train the head
     assert calls == [1, 1, 1] and model.classifier[0].weight.grad is not None
     model.eval()
     model.logits(images[:1])  # inference always draws fresh noise
@@ -194,7 +197,8 @@ def test_textdiff_train_predict_cli(tmp_path, data2d, tiny_unet):
     train = ["train", "--data", str(data2d["train"]), "--out", str(out), "--backbone", str(tiny_unet)]
     assert main([*train, *TINY_TEXTDIFF, "model.text_fusion=attention"]) == 0
     config = json.loads((out / "config.json").read_text())["model"]
-    assert config["mode"] == "textdiff" and config["backbone_config"]["block_out_channels"] == [8, 16, 16]
+    plan = json.loads((out / "plans.json").read_text())["model"]  # what training derived
+    assert config["mode"] == "textdiff" and plan["backbone_config"]["block_out_channels"] == [8, 16, 16]
     saved = load_file(str(out / "model.safetensors"))
     original = load_backbone(tiny_unet).state_dict()
     assert all(torch.equal(saved[f"features.unet.{k}"], v) for k, v in original.items())  # frozen

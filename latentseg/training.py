@@ -1,0 +1,380 @@
+"""Training: 003 Algorithm 1 as a short loop over `train_step` and `validate`.
+
+Reads one or more dataset folders and finishes the config from them (`latentseg.plan.resolve`),
+then trains the model's objective with AdamW and a warmup + cosine learning-rate schedule,
+validating with the model's sampler and writing a checkpoint directory that `predict` and
+`--resume` read. The model is used through the `Segmenter` protocol only. Under `torchrun` every
+process trains on its own share of the batches in DistributedDataParallel
+(`latentseg.distributed`); rank 0 alone logs, validates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import DataLoader, Dataset
+from monai.metrics import compute_dice
+from monai.transforms import Compose
+from monai.utils import set_determinism
+from torch.utils.data import DistributedSampler, WeightedRandomSampler
+
+from latentseg.checkpoint import (
+    LEGACY_STATE_FILE,
+    REQUIRED,
+    STATE_FILE,
+    TrainState,
+    load_train_state,
+    save_checkpoint,
+    weights,
+)
+from latentseg.config import Config
+from latentseg.data.targets import select_target
+from latentseg.data.transforms import train_transforms
+from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
+from latentseg.errors import LatentSegError, one_line
+from latentseg.infer import predict_array
+from latentseg.models import Segmenter, build_model
+from latentseg.models.losses import Losses
+from latentseg.models.objective import Objective, Phase
+from latentseg.plan import PLAN_FILE, Plan, Resolved, resolve
+from latentseg.progress import progress_bar
+from latentseg.prompts import encode
+
+log = logging.getLogger("latentseg.training")
+
+
+def learning_rate(config: Config, step: int, progress: float) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` as `progress`
+    (the larger of the step and time fractions of the run) goes from 0 to 1."""
+    t = config.train
+    if step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    floor = t.min_lr_ratio
+    return t.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batches(
+    samples: list[dict[str, Any]], config: Config, total: int, seed: int, world: World | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`total` batches of random augmented patches for this rank; every dataset is drawn equally often.
+
+    One stream of case indices is drawn with the same seed on every rank and dealt out by
+    `DistributedSampler`, so N ranks see N different batches per step; the augmentation seed
+    differs per rank. With one process the stream is the whole of it.
+    """
+    world = world or World()
+    data = [{"image": s["image"], "label": s["label"], "text": s.get("text") or ""} for s in samples]
+    for entry, s in zip(data, samples, strict=True):
+        if "target" in s:  # a prompted task: the label becomes that target's mask, per batch
+            entry["target"] = s["target"]
+    per_dataset = Counter(s.get("dataset", "") for s in samples)
+    weights = [1.0 / per_dataset[s.get("dataset", "")] for s in samples]
+    draws = WeightedRandomSampler(
+        weights,
+        num_samples=total * config.train.batch_size * world.size,
+        replacement=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    # a prompt names a structure (not a side of the image): flips leave it as it is
+    describes = config.model.prompt == "none"
+    transform = Compose([select_target, train_transforms(config.data.patch_size, config.data, swap_text=describes)])
+    transform.set_random_state(seed=seed + 100_003 * world.rank)
+    dataset = Dataset([data[i] for i in draws], transform)
+    sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=False)
+    yield from DataLoader(dataset, batch_size=config.train.batch_size, sampler=sampler, num_workers=0)
+
+
+class TrainingLosses(torch.nn.Module):
+    """A training step's losses as a module's forward: DistributedDataParallel synchronises the
+    gradients of what runs through `forward`, so the losses must be computed there."""
+
+    def __init__(self, model: Segmenter, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict[str, Any], phases: tuple[str, ...] = ()) -> Losses:
+        return self.objective.losses(batch, phases)
+
+
+def train_step(
+    losses_fn: torch.nn.Module, optimizer, batch, device, phases: tuple[str, ...] = (), encoder=None
+) -> dict:
+    """One optimizer step; `losses_fn` is a `TrainingLosses`, wrapped in DDP when distributed."""
+    losses_fn.train()
+    inputs = {"image": batch["image"].to(device), "label": batch["label"].to(device)}
+    inputs["text"] = encode(encoder, batch["text"], device)
+    losses = losses_fn(inputs, phases)
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    torch.nn.utils.clip_grad_norm_(losses_fn.parameters(), 1.0)
+    optimizer.step()
+    return {"loss": losses.total.item(), "seg": losses.segmentation.item(), "diff": losses.diffusion.item()}
+
+
+def validation_options(model: Segmenter, config: Config):
+    """The run's sampling settings with the fewest samples the sampler takes (one; staged: one per head)."""
+    options = replace(config.sample, num_samples=1)
+    return options if not model.sampling_problems(options) else replace(options, num_samples=2)
+
+
+@torch.no_grad()
+def validate(model: Segmenter, samples: list[dict[str, Any]], config: Config, encoder=None) -> float:
+    """Mean foreground Dice of the validation cases, sampled as `sample.*` says (with
+    `validation_options`' number of samples)."""
+    model.eval()
+    device = next(model.parameters()).device
+    options = validation_options(model, config)
+    scores = []  # compute_dice, not DiceMetric: its aggregate() gathers from every rank, and only rank 0 validates
+    c = config.model.num_classes
+    for s in samples:
+        text = encode(encoder, [s["text"]], device)
+        pred = predict_array(model, s["image"], config.data.patch_size, options, text=text)
+        onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a).long(), c).movedim(-1, 0)[None]  # noqa: E731
+        scores.append(
+            compute_dice(onehot(pred.label), onehot(s["label"][0]), include_background=False, ignore_empty=False)
+        )
+    return float(torch.cat(scores).mean().item())
+
+
+def train(
+    data_dirs: str | Path | list[str | Path],
+    out_dir: str | Path,
+    config: Config,
+    resume: bool = False,
+    progress: bool = True,
+    legacy_state: bool = False,
+) -> Path:
+    """Train a model on one or more dataset folders; returns the model directory.
+
+    Under torchrun (RANK / WORLD_SIZE set) this is one of the training processes; see
+    `latentseg.distributed`. `legacy_state` lets `resume` read a `train_state.pt` of latentseg < 0.2
+    (with `torch.load(weights_only=True)`).
+    """
+    data_dirs = [Path(d) for d in (data_dirs if isinstance(data_dirs, list) else [data_dirs])]
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, resume)
+    resolved = resolve(config, data_dirs)
+    if resume:
+        check_same_plan(out_dir, resolved.plan)
+    world, device = setup(config.train.device, config.train.distributed_timeout_minutes)
+    if not world.is_main:
+        log.setLevel(logging.WARNING)
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)  # a folder that cannot be written fails now, not in an hour
+        run = start_run(resolved, config, out_dir, world, device, resume, legacy_state)
+        return run_loop(run, progress and world.is_main)
+    except (RuntimeError, torch.distributed.DistError) as err:
+        if world.distributed and _is_lost_peer(err):
+            raise LatentSegError(lost_peer_message(world, err, out_dir)) from err
+        raise
+    except BaseException:
+        if created and world.is_main:
+            remove_incomplete(out_dir)
+        raise
+    finally:
+        teardown(world)
+
+
+def check_same_plan(out_dir: Path, plan: Plan) -> None:
+    """A resumed run must plan what the saved one planned (the data or the code have not changed it)."""
+    path = out_dir / PLAN_FILE
+    if path.is_file() and Plan.load(path).to_dict() != plan.to_dict():
+        raise LatentSegError(f"{path}: the data now plans a different model than the saved run; start a new run")
+
+
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """`--out` must be a folder that holds no model (or, with `resume`, the model to continue)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LatentSegError(f"{out_dir}: exists and is not a folder; choose another --out")
+    held = [name for name in (*REQUIRED, STATE_FILE, LEGACY_STATE_FILE) if (out_dir / name).exists()]
+    if resume and not out_dir.is_dir():
+        raise LatentSegError(f"{out_dir}: no model to resume (the folder does not exist)")
+    if not resume and held:
+        raise LatentSegError(
+            f"{out_dir}: already holds a model ({', '.join(held)}); continue it with --resume, "
+            f"or choose another --out (nothing is overwritten)"
+        )
+
+
+def remove_incomplete(out_dir: Path) -> None:
+    """A model folder this run created but could not complete (a full disk, a crash before the
+    first checkpoint) is removed rather than left half-written."""
+    if out_dir.is_dir() and not all((out_dir / name).is_file() for name in REQUIRED):
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _is_lost_peer(err: BaseException) -> bool:
+    """A collective that failed because another rank died or stopped answering."""
+    text = str(err).lower()
+    return isinstance(err, torch.distributed.DistError) or any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
+    )
+
+
+@dataclass
+class Run:
+    """Everything one training run holds."""
+
+    model: Segmenter
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    config: Config  # finished
+    user_config: Config  # as config.json keeps it
+    resolved: Resolved
+    out_dir: Path
+    world: World
+    device: torch.device
+    start: int = 0
+    history: dict[str, Any] = field(default_factory=dict)
+    clock: Clock = field(default_factory=lambda: Clock())
+    frozen: set[str] = field(default_factory=set)
+
+
+class Clock:
+    """Seconds of training: validation time is left out, so samplers of any cost train alike."""
+
+    def __init__(self, before: float = 0.0):
+        self.before, self.t0, self.paused = before, time.time(), 0.0
+
+    def elapsed(self) -> float:
+        return self.before + time.time() - self.t0 - self.paused
+
+
+def start_run(resolved: Resolved, user: Config, out_dir: Path, world: World, device, resume: bool, legacy: bool) -> Run:
+    """The model, its objective and optimizer, fresh or restored from the saved state."""
+    config = resolved.config
+    set_determinism(config.train.seed)  # the same initial weights on every rank
+    model = build_model(config.model)
+    if not resume:
+        model.load_pretrained()
+    model = model.to(device)
+    model.prepare_training(config.train)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    run = Run(model, model.objective(config), optimizer, config, user, resolved, out_dir, world, device)
+    run.history = {"step": [], "loss": [], "seg": [], "diff": [], "val_step": [], "val_dice": []}
+    if resume:  # every rank reads the one checkpoint, whatever the number of processes that wrote it
+        restore(run, load_train_state(out_dir, legacy))
+    if world.distributed:  # each rank draws its own noise and timesteps
+        torch.manual_seed(config.train.seed + run.start + 100_003 * world.rank)
+    return run
+
+
+def restore(run: Run, saved: TrainState) -> None:
+    try:
+        run.model.load_state_dict(saved.model)
+        run.optimizer.load_state_dict(saved.optimizer)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise LatentSegError(f"{run.out_dir}: the training state does not match config.json ({one_line(err)})") from err
+    run.start, run.history = saved.step, saved.history
+    run.clock = Clock(run.history.get("train_seconds", 0.0))
+    torch.set_rng_state(saved.torch_rng)
+    run.objective.load_state(saved.extra)
+
+
+def checkpoint(run: Run, step: int) -> None:
+    if not run.world.is_main:
+        return
+    run.history["train_seconds"] = run.clock.elapsed()
+    state = TrainState(
+        weights(run.model), run.optimizer.state_dict(), step, run.history, torch.get_rng_state(), run.objective.state()
+    )
+    save_checkpoint(run.out_dir, run.model, run.user_config, run.resolved.data.fingerprint, state, run.resolved.plan)
+    log.info("step %d: checkpoint written to %s (rank %d of %d)", step, run.out_dir, run.world.rank, run.world.size)
+
+
+def log_start(run: Run) -> None:
+    data, config = run.resolved.data, run.config
+    log.info("config: %s", json.dumps(config.to_dict()))
+    log.info(
+        "%d training / %d validation cases, patch %s, %s, %.2fM parameters%s",
+        len(data.train),
+        len(data.val),
+        config.data.patch_size,
+        run.device,
+        sum(p.numel() for p in run.model.parameters()) / 1e6,
+        f", {run.world.size} processes of batch {config.train.batch_size}" if run.world.distributed else "",
+    )
+
+
+def run_loop(run: Run, progress: bool) -> Path:
+    """Steps until `train.steps` or `train.max_minutes`, with checkpoints and validations on the way."""
+    config, world = run.config, run.world
+    log_start(run)
+    total, budget = config.train.steps, config.train.max_minutes * 60
+    bar = progress_bar(total=total, initial=run.start, desc="train", unit="step", disable=not progress)
+    data = run.resolved.data
+    stream = batches(data.train, config, total - run.start, config.train.seed + run.start, world)
+    phases = run.model.phases(config.train)
+    losses_fn, step = wrap_losses(run, phases, ()), run.start
+    while step < total:
+        now = from_rank0(world, run.clock.elapsed(), run.device) if budget else 0.0  # one clock: same LR, same stop
+        if budget and now >= budget:
+            break
+        step += 1
+        share = max(step / total, now / budget if budget else 0.0)
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(config, step, share)
+        pretraining = tuple(p.name for p in phases if share < p.until)
+        if freeze_finished(run, phases, pretraining, step, bar):
+            losses_fn = wrap_losses(run, phases, pretraining)  # DDP over the parameters still trained
+        stats = train_step(losses_fn, run.optimizer, next(stream), run.device, pretraining, run.resolved.encoder)
+        last = step == total or bool(budget and from_rank0(world, run.clock.elapsed(), run.device) >= budget)
+        after_step(run, step, stats, last, pretraining, bar)
+    bar.close()
+    checkpoint(run, step)
+    if world.is_main:
+        (run.out_dir / "training_log.json").write_text(json.dumps(run.history, indent=1))
+    barrier(world)  # every rank returns once the model directory is complete
+    return run.out_dir
+
+
+def wrap_losses(run: Run, phases: list[Phase], pretraining: tuple[str, ...]) -> torch.nn.Module:
+    unused = bool(pretraining) if run.frozen else bool(phases)  # a part left out of the graph needs DDP's search
+    return wrap(TrainingLosses(run.model, run.objective), run.world, find_unused_parameters=unused)
+
+
+def freeze_finished(run: Run, phases: list[Phase], pretraining: tuple[str, ...], step: int, bar) -> bool:
+    """004 section 2.3 / 002 section 2.1: a pre-trained part is frozen once its share is over."""
+    done = [p for p in phases if p.name not in pretraining and p.name not in run.frozen]
+    for phase in done:
+        run.model.freeze(phase.name)
+        run.frozen.add(phase.name)
+        if run.world.is_main:
+            bar.write(f"step {step}: {phase.description} pre-trained; frozen for the rest of the run")
+    return bool(done)
+
+
+def after_step(run: Run, step: int, stats: dict, last: bool, pretraining: tuple[str, ...], bar) -> None:
+    """Progress, the log, validation and checkpoints of one step."""
+    config, history = run.config, run.history
+    bar.update(1)
+    bar.set_postfix(
+        {key: f"{stats[key]:.3f}" for key in ("loss", "seg", "diff")}, refresh=False
+    )  # one line per refresh
+    if step % config.train.log_every == 0 or last:
+        history["step"].append(step)
+        for key in ("loss", "seg", "diff"):
+            history[key].append(round(stats[key], 5))
+    val_set = run.resolved.data.val[: config.train.val_cases]
+    validating = config.train.val_every and (step % config.train.val_every == 0 or last)
+    if run.world.is_main and val_set and validating and not pretraining:
+        v0 = time.time()
+        dice = validate(run.model, val_set, config, run.resolved.encoder)
+        run.clock.paused += time.time() - v0
+        history["val_step"].append(step)
+        history["val_dice"].append(round(dice, 4))
+        s = config.sample
+        bar.write(f"step {step}: validation Dice {dice:.4f} ({s.sampler}, {s.steps} steps, {len(val_set)} cases)")
+    if step % config.train.checkpoint_every == 0 and not last:
+        checkpoint(run, step)

@@ -1,0 +1,100 @@
+"""The training loop through its own API (the CLI path is in test_cli.py): the protocol, phases,
+validation settings, the learning-rate schedule and the saved plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from latentseg.config import load_config
+from latentseg.errors import LatentSegError
+from latentseg.models import LatentSegmenter, Segmenter, build_model
+from latentseg.plan import Plan, resolve
+from latentseg.training import Clock, learning_rate, train, validate, validation_options
+from tests.conftest import TINY_2D
+
+
+def test_learning_rate_warms_up_then_follows_the_larger_of_step_and_time_shares():
+    config = load_config(None, ["train.lr=0.01", "train.warmup_steps=10", "train.min_lr_ratio=0.1"])
+    assert learning_rate(config, 5, 0.0) == pytest.approx(0.005)
+    assert learning_rate(config, 11, 0.0) == pytest.approx(0.01)
+    assert learning_rate(config, 11, 1.0) == pytest.approx(0.001)
+    assert learning_rate(config, 11, 0.5) == pytest.approx(0.001 + 0.009 * 0.5)
+
+
+def test_clock_leaves_out_paused_time():
+    clock = Clock(before=10.0)
+    clock.paused = 1e6
+    assert clock.elapsed() < 0  # the pause is subtracted: only training time counts
+
+
+def test_models_satisfy_the_protocol_and_list_their_phases():
+    config = load_config(None, ["model.condition=pretrained", "model.label_autoencoder=pretrained"])
+    config.model.num_classes = 3
+    model = build_model(config.model)
+    assert isinstance(model, Segmenter) and isinstance(model, LatentSegmenter)
+    phases = model.phases(config.train)
+    assert [(p.name, p.until) for p in phases] == [("condition", 0.3), ("autoencoder", 0.3)]
+    assert build_model(load_config(None, []).model).phases(config.train) == []
+
+
+def test_validation_uses_the_configured_overlap_and_the_fewest_samples(model2d, data2d, monkeypatch):
+    import latentseg.infer as infer
+    from latentseg.checkpoint import load_model
+
+    model, config, _ = load_model(model2d)
+    seen = []
+    real = infer.sliding_window_inference
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["overlap"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "sliding_window_inference", spy)
+    config.sample.overlap = 0.125
+    resolved = resolve(load_config(None, TINY_2D), [data2d["train"]])
+    dice = validate(model, resolved.data.val[:1], config)
+    assert seen == [0.125] and 0 <= dice <= 1
+    assert validation_options(model, config).num_samples == 1
+
+
+def test_train_writes_the_user_settings_and_the_plan_apart(tmp_path, data2d):
+    out = train(data2d["train"], tmp_path / "m", load_config(None, TINY_2D), progress=False)
+    settings = json.loads((out / "config.json").read_text())
+    plan = Plan.load(out / "plans.json")
+    assert "spatial_dims" not in settings["model"] and "num_classes" not in settings["model"]
+    assert settings["model"]["strides"] == [] and settings["data"]["patch_size"] == []  # the user's: planned
+    assert plan.model["num_classes"] == 3 and plan.model["strides"] and plan.data["patch_size"] == [64, 64]
+    assert (out / "train_state.safetensors").is_file()
+
+
+def test_resume_refuses_a_plan_the_data_no_longer_gives(tmp_path, model2d, data2d):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(model2d, run)
+    plan = json.loads((run / "plans.json").read_text())
+    plan["model"]["num_classes"] = 5
+    (run / "plans.json").write_text(json.dumps(plan))
+    config = load_config(None, [*TINY_2D, "train.steps=35"])
+    with pytest.raises(LatentSegError, match="plans a different model"):
+        train(data2d["train"], run, config, resume=True, progress=False)
+
+
+def test_one_training_step_through_the_objective(data2d):
+    from latentseg.training import TrainingLosses, train_step
+
+    resolved = resolve(load_config(None, TINY_2D), [data2d["train"]])
+    model = build_model(resolved.config.model)
+    objective = model.objective(resolved.config)
+    losses_fn = TrainingLosses(model, objective)
+    sample = resolved.data.train[0]
+    batch = {"image": torch.from_numpy(sample["image"])[None], "label": torch.from_numpy(sample["label"])[None]}
+    batch["text"] = [""]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = train_step(losses_fn, optimizer, batch, torch.device("cpu"))
+    assert stats["loss"] > 0 and stats["seg"] > 0 and stats["diff"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
