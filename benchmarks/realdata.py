@@ -1,13 +1,16 @@
-"""Real-data benchmark (issue "Real medical data"): latentseg against a MONAI UNet trained for the
-same wall-clock minutes on the same split, patches and augmentation, on ACDC (3D cine MRI, split by
-patient), LA2018 (3D LGE-MRI, first 16 / last 4) and MoNuSeg (2D H&E, its given split).
+"""Real-data benchmark (issue 16): latentseg with its defaults against the accuracy bar
+(`../shared/baselines/plain_unet.py`, outside latentseg) and a MONAI UNet trained through
+latentseg's pipeline (`unet`), for the same minutes on the same split, side by side: each run one
+process of one torch thread, two at a time (`benchmarks.lanes`). ACDC (3D cine MRI, its suggested
+split by patient), LA2018 (3D LGE-MRI, first 16 / last 4) and MoNuSeg (2D H&E, its given split).
 
-latentseg runs twice: the plain LDSeg decoder, and with `model.decoder_skips=true` (image-side
-skips into the label decoder, NOTES.md's remedy for structures a 1/16 latent cannot hold).
-Per dataset and method: Dice, NSD (tolerance 1 mm; 1 voxel/pixel where spacing is unknown) and
-HD95 per class from `latentseg evaluate`, training minutes and inference seconds per case.
-Writes benchmarks/results/realdata.json. Run: python -m benchmarks.realdata [--datasets acdc,la2018]
-[--minutes acdc=15,la2018=15,monuseg=10] [--methods latentseg,unet]
+latentseg is given only the split and `train.max_minutes` (what a new user runs); the UNet gets
+the script's patch and batch. Other latentseg methods are variants (`VARIANTS`). Per dataset and
+method: Dice, NSD (tolerance 1 mm; 1 voxel/pixel where spacing is unknown) and HD95 per class from
+`latentseg evaluate` (the script reports its own Dice per class), steps, inference seconds per case.
+
+    python -m benchmarks.realdata [--datasets acdc,la2018,monuseg] [--methods plain_script,unet,latentseg]
+        [--minutes acdc=15,la2018=15,monuseg=10]     # writes benchmarks/results/realdata.json
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ DATASETS = {
     },
 }
 COMMON = ["train.steps=1000000", "train.val_every=0", "train.checkpoint_every=1000000", "train.log_every=50"]
-# latentseg variants: the plain LDSeg decoder, and the decoder that also takes image-side skips
-VARIANTS = {"latentseg": [], "latentseg_skips": ["model.decoder_skips=true"]}
+# latentseg variants beside the defaults ("latentseg"): options a user may set
+VARIANTS = {"latentseg": [], "latentseg_noskips": ["model.decoder_skips=false"]}
 
 
 def test_cases(name: str) -> list[str]:
@@ -90,16 +93,22 @@ def link_test_files(name: str, work: Path) -> tuple[Path, Path]:
 
 
 def run_latentseg(name: str, work: Path, settings: list[str], minutes: float, variant: str = "latentseg") -> dict:
+    """latentseg trained with `settings` (for the defaults: only the split and the budget)."""
     model_dir = work / f"{variant}_model"
+    if model_dir.exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
     config = load_config(None, settings + [f"train.max_minutes={minutes}"])
     t0 = time.time()
-    train(SHARED / name, model_dir, config)
+    train(SHARED / name, model_dir, config, progress=False)
     train_minutes = (time.time() - t0) / 60
     log = json.loads((model_dir / "training_log.json").read_text())
+    plan = json.loads((model_dir / "plans.json").read_text())
     images, labels = link_test_files(name, work)
     pred = work / f"{variant}_pred"
     t0 = time.time()
-    predict(model_dir, images, pred, progress=False)
+    predict(model_dir, images, pred, progress=False, overwrite=True)
     n = len(list(labels.iterdir()))
     seconds = (time.time() - t0) / n
     summary = evaluate(pred, labels)
@@ -108,14 +117,21 @@ def run_latentseg(name: str, work: Path, settings: list[str], minutes: float, va
         "train_loop_minutes": log["train_seconds"] / 60,
         "steps": log["step"][-1],
         "inference_seconds_per_case": seconds,
+        "plan": {
+            "model": {k: plan["model"][k] for k in ("num_downsamplings", "decoder_skips", "strides")},
+            "patch_size": plan["data"]["patch_size"],
+            "latent": plan.get("latent"),
+        },  # fmt: skip
         "summary": _means(summary),
     }
 
 
-def run_unet(name: str, work: Path, settings: list[str], minutes: float) -> dict:
+def run_unet(name: str, work: Path, settings: list[str], minutes: float, net: tuple | None = None) -> dict:
+    """A MONAI UNet through latentseg's pipeline; `net` = (channels, strides), default 5 levels with
+    the planned strides."""
     config = load_config(None, settings)
     data = prepare_training_data([SHARED / name], config)
-    net, info = train_unet(data.train, config, minutes * 60)
+    net, info = train_unet(data.train, config, minutes * 60, network=net)
     prep = Preprocessing.from_dict(data.fingerprint["preprocessing"])
     mask_values = data.fingerprint["mask_values"]
     images, labels = link_test_files(name, work)
@@ -149,37 +165,72 @@ def _means(summary: dict) -> dict:
     }
 
 
+METHODS = ("plain_script", "unet", "latentseg")
+
+
+def run_method(name: str, method: str, minutes: float) -> dict:
+    """One (dataset, method) run; latentseg gets only the split and the minutes (its defaults)."""
+    from benchmarks.pipeline import run_plain
+
+    work = WORK / name
+    work.mkdir(parents=True, exist_ok=True)
+    split = [f"data.split={write_split(name, work)}"]
+    if method == "plain_script":
+        return run_plain(name, minutes)
+    if method == "unet":  # the script's patch and batch, through latentseg's pipeline and its defaults
+        return run_unet(name, work, COMMON + DATASETS[name]["settings"] + split, minutes)
+    extra = VARIANTS.get(method, [])
+    return run_latentseg(name, work, split + extra, minutes, method)
+
+
+def one(spec: str, minutes: float) -> None:
+    from benchmarks.lanes import one_thread
+
+    one_thread()
+    name, method = spec.split(":")
+    result = run_method(name, method, minutes)
+    result |= {"dataset": name, "method": method, "budget_minutes": minutes}
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    (WORK / name).mkdir(parents=True, exist_ok=True)
+    (WORK / name / f"{method}.json").write_text(json.dumps(result, indent=1))
+    fg = result["summary"]["foreground_mean"] if "summary" in result else {"Dice": result["dice"]}
+    print(json.dumps({"dataset": name, "method": method, "steps": result["steps"], **fg}), flush=True)
+
+
+def collect(out: Path) -> None:
+    results = {"machine": {"cpu_count": os.cpu_count(), "threads_per_run": 1, "torch": torch.__version__}}
+    for path in sorted(WORK.glob("*/*.json")):
+        r = json.loads(path.read_text())
+        if "method" in r:
+            results.setdefault(r["dataset"], {})[r["method"]] = r
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--methods", default="latentseg,latentseg_skips,unet")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--minutes", default="", help="per dataset, e.g. acdc=60,monuseg=10")
+    parser.add_argument("--lanes", type=int, default=2)
+    parser.add_argument("--one", help="DATASET:METHOD, run in this process (what the lanes run)")
+    parser.add_argument("--collect", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "results" / "realdata.json"))
     args = parser.parse_args()
     minutes = {k: float(v) for k, v in (item.split("=") for item in args.minutes.split(",") if item)}
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    results["machine"] = {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    for name in args.datasets.split(","):
-        work = WORK / name
-        work.mkdir(parents=True, exist_ok=True)
-        settings = COMMON + DATASETS[name]["settings"] + [f"data.split={write_split(name, work)}"]
-        budget = minutes.get(name, DATASETS[name]["minutes"])
-        for method in args.methods.split(","):
-            print(f"== {name} / {method}: {budget} minutes", flush=True)
-            if method == "unet":
-                result = run_unet(name, work, settings, budget)
-            else:
-                result = run_latentseg(name, work, settings + VARIANTS[method], budget, method)
-            result["budget_minutes"] = budget
-            results.setdefault(name, {})[method] = result
-            print(json.dumps(result["summary"]["foreground_mean"]), flush=True)
-            out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    budget = {name: minutes.get(name, DATASETS[name]["minutes"]) for name in DATASETS}
+    if args.one:
+        one(args.one, budget[args.one.split(":")[0]])
+        return
+    if args.collect:
+        collect(Path(args.out))
+        return
+    from benchmarks.lanes import run_in_lanes
+
+    jobs = [["benchmarks.realdata", "--one", f"{d}:{m}", "--minutes", args.minutes]
+            for d in args.datasets.split(",") for m in args.methods.split(",")]  # fmt: skip
+    run_in_lanes(jobs, args.lanes)
+    collect(Path(args.out))
 
 
 if __name__ == "__main__":

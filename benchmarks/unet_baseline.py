@@ -25,12 +25,16 @@ def make_unet(
 
 
 def train_unet(
-    samples: list[dict[str, Any]], config: Config, seconds: float, seed: int = 0
+    samples: list[dict[str, Any]], config: Config, seconds: float, seed: int = 0, network: tuple | None = None
 ) -> tuple[UNet, dict[str, float]]:
-    """AdamW 1e-3 with Dice + CE on the same augmented patches as latentseg, for `seconds` of wall time."""
+    """AdamW 1e-3 with Dice + CE on the same augmented patches as latentseg, for `seconds` of wall time.
+    `network` = (channels, strides) replaces the 5-level UNet with the planned strides."""
     torch.manual_seed(seed)
     m = config.model
-    net = make_unet(m.spatial_dims, m.in_channels, m.num_classes, strides=m.strides or None)
+    if network is None:
+        net = make_unet(m.spatial_dims, m.in_channels, m.num_classes, strides=m.strides or None)
+    else:
+        net = make_unet(m.spatial_dims, m.in_channels, m.num_classes, network[0], network[1])
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     start, steps = time.time(), 0

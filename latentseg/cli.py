@@ -148,6 +148,7 @@ def _predict(args: argparse.Namespace, prompt: str | None, output: Path) -> None
         resume=args.resume,
         overwrite=args.overwrite,
         max_voxels=args.max_voxels,
+        save_samples=args.save_samples,
     )
     written = predict(args.model, args.input, output, sample_overrides(args), options)
     print(f"wrote {len(written)} files to {output}")
@@ -160,11 +161,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from latentseg.metrics import evaluate, format_table
+    from latentseg.metrics import evaluate, format_table, uncertainty_lines
 
     labels = [int(v) for v in args.labels.split(",")] if args.labels else None
     summary = evaluate(args.pred, args.ref, labels, args.nsd_tolerance, args.out)
     print(format_table(summary))
+    for line in uncertainty_lines(summary):
+        print(line)
     print(f"summary written to {args.out or Path(args.pred) / 'summary.json'}")
 
 
@@ -177,8 +180,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_phantoms(args: argparse.Namespace) -> None:
     from latentseg.data.phantoms import write_phantom_dataset
 
-    out = write_phantom_dataset(args.out, args.cases, args.dims, args.size, args.seed, args.ambiguous)
-    print(f"wrote {args.cases} {args.dims}D phantoms to {out}")
+    out = write_phantom_dataset(
+        args.out, args.cases, args.dims, args.size, args.seed, args.ambiguous, raters=args.raters
+    )
+    extra = f", {args.raters} annotations each (raters/)" if args.raters else ""
+    print(f"wrote {args.cases} {args.dims}D phantoms to {out}{extra}")
 
 
 def cmd_check_dataset(args: argparse.Namespace) -> None:
@@ -191,6 +197,12 @@ def cmd_check_dataset(args: argparse.Namespace) -> None:
     if problems:
         raise LatentSegError("\n".join(problems + [f"{args.path}: {len(problems)} problem(s) found"]))
     print(f"{args.path}: {len(samples)} cases, {spec.layout} layout, no problems found")
+    from latentseg.config import load_config
+    from latentseg.data.datasets import num_classes_of
+    from latentseg.data.prepare import check_latent
+
+    classes = max(num_classes_of(spec) or 0, max(int(s["label"].max()) for s in samples) + 1, 2)
+    print(check_latent(samples, classes, load_config(None, [])))
 
 
 class Parser(argparse.ArgumentParser):
@@ -277,6 +289,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--text-file", help="text models: a CSV filename,text with one sentence per input")
     p.add_argument("--allow-missing-text", action="store_true", help="inputs without a sentence get 'no description'")
     p.add_argument("--max-voxels", type=_positive_int, help="largest image accepted (default: the model's)")
+    p.add_argument("--save-samples", action="store_true", help="also write each sample's labels (CASE_sample00, ...)")
     done = p.add_mutually_exclusive_group()
     done.add_argument(
         "--continue", dest="resume", action="store_true", help="skip the cases whose outputs are all present"
@@ -288,7 +301,12 @@ def _add_predict(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score predictions against references (summary.json)")
     p.add_argument("--pred", required=True)
-    p.add_argument("--ref", required=True)
+    p.add_argument(
+        "--ref",
+        required=True,
+        action="append",
+        help="reference labels; repeat for several annotators (one folder each)",
+    )
     p.add_argument("--out", help="summary file (default: PRED/summary.json)")
     p.add_argument("--labels", help="comma-separated foreground labels (default: all present)")
     p.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm (pixels for PNG)")
@@ -311,6 +329,9 @@ def _add_phantoms(sub) -> None:
     p.add_argument("--size", type=_phantom_size, default=128)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--ambiguous", action="store_true", help="two similar lesions; the text names the target")
+    p.add_argument(
+        "--raters", type=int, default=0, help="K annotations per case from a known model of disagreement (raters/)"
+    )
     p.set_defaults(func=cmd_phantoms)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_origin
 
 import yaml
 
@@ -23,7 +24,9 @@ from latentseg.schema import (
     PositiveInt,
     Range,
     Seed,
+    hints,
     problems,
+    value_problem,
 )
 
 
@@ -36,9 +39,10 @@ class ModelConfig:
     num_classes: Annotated[int, Range(2)] = 2  # set from the data by `train` (background included)
     latent_channels: PositiveInt = 4  # k, channels of z_label
     image_latent_channels: PositiveInt = 16  # channels of z_image
-    num_downsamplings: Annotated[int, Range(1, 8)] = (
-        4  # 003 section IV-B; fewer along coarse or short axes (planned from the data)
-    )
+    # latent downsamplings: "auto" plans them from the training labels (the coarsest latent whose
+    # label ceiling reaches `latent_ceiling` per class, see latentseg.data.planning); 003 uses 4
+    num_downsamplings: Literal["auto"] | Annotated[int, Range(1, 8)] = "auto"
+    latent_ceiling: Annotated[float, Range(0, 1)] = 0.98
     strides: list[int | list[PositiveInt]] = field(
         default_factory=list
     )  # per stage, an int or one per axis; empty: planned by `train`
@@ -47,7 +51,10 @@ class ModelConfig:
     image_encoder_channels: list[PositiveInt] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     label_encoder_channels: list[PositiveInt] = field(default_factory=lambda: [4, 8, 16, 32, 64])
     decoder_channels: list[PositiveInt] = field(default_factory=lambda: [8, 16, 32, 64, 128])
-    decoder_skips: bool = False  # feed the image encoder's features to the label decoder (thin structures)
+    # feed the image encoder's features to the label decoder (thin structures); "auto": planned, on
+    # when no latent of at least `min_latent_downsamplings` reaches the ceiling
+    decoder_skips: Literal["auto"] | bool = "auto"
+    min_latent_downsamplings: Annotated[int, Range(1, 8)] = 3  # a finer latent makes the denoiser slow
     attention_stages: NonNegativeInt = 2  # image encoder stages ending in self-attention
     num_heads: PositiveInt = 4
     denoiser_channels: list[PositiveInt] = field(default_factory=lambda: [64, 128])
@@ -119,6 +126,17 @@ class DataConfig:
         default_factory=list
     )  # stored value per class for 2D masks, e.g. [0, 255]
     foreground_fraction: Fraction = 0.3333  # share of patches centred on a foreground voxel (nnU-Net)
+    # where the other patches go: uniform (anywhere in the image, as nnU-Net) | posneg (MONAI's
+    # RandCropByPosNegLabeld: centred on a background voxel)
+    patch_sampling: Literal["uniform", "posneg"] = "uniform"
+    # several annotators (raters/<name>/ beside the masks): random (each patch takes one annotator's
+    # mask at random, as the multi-annotator methods train) | majority (their per-voxel majority) |
+    # none (the dataset's own masks); auto: random where a dataset has annotators
+    raters: Literal["auto", "random", "majority", "none"] = "auto"
+    # augmentation: "auto" turns the three kinds below on only for long runs (more than
+    # AUGMENT_AFTER_MINUTES, or than AUGMENT_AFTER_STEPS without a time budget): at 15 minutes on
+    # ACDC they cost a plain UNet 0.1 Dice (benchmarks/results/pipeline.json) | "on" | "off"
+    augmentation: Literal["auto", "on", "off"] = "auto"
     flips: bool = True
     # words a flip of an axis swaps in a case's description, "AXIS:word/word" entries; "auto": 2D
     # rows upper/lower and columns left/right, 3D the RAS axes (see latentseg.data.transforms); []: none
@@ -139,7 +157,7 @@ class TrainConfig:
     # stop after this many minutes of training even before `steps` (0: no limit; validation is not
     # counted); the learning rate follows this clock
     max_minutes: NonNegativeFloat = 0.0
-    batch_size: PositiveInt = 8
+    batch_size: Literal["auto"] | PositiveInt = "auto"  # auto: 8 for 2D, 2 for 3D (nnU-Net's 3D batch)
     lr: PositiveFloat = 1e-3
     min_lr_ratio: Fraction = 0.05  # cosine decay to lr * min_lr_ratio
     warmup_steps: NonNegativeInt = 50
@@ -290,7 +308,24 @@ def _coerce(value: Any, default: Any, key: str, source: str, parse: bool) -> Any
 
 def _set(config: Config, key: str, value: Any, source: str, parse: bool) -> None:
     section, name = _resolve(config, key, source)
-    setattr(section, name, _coerce(value, getattr(section, name), key, source, parse))
+    hint = hints(type(section))[name]
+    if get_origin(hint) in (Union, UnionType):  # e.g. "auto" or a number: the value's own type decides
+        setattr(section, name, _coerce_choice(value, hint, parse))
+    else:
+        setattr(section, name, _coerce(value, getattr(section, name), key, source, parse))
+
+
+def _coerce_choice(value: Any, hint: Any, parse: bool) -> Any:
+    """A value for a field of several types: the YAML reading of a string when it fits, else as given
+    (`validate` names what does not fit)."""
+    if parse and isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if value_problem(parsed, hint) is None:
+            return parsed
+    return value
 
 
 PRESETS = Path(__file__).parent / "presets"

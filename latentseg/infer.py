@@ -56,9 +56,11 @@ def sample_volume(
     options: SampleConfig,
     seed: int = 0,
     text: TextEmbedding | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused class probabilities (C, *S), the samples' standard deviation (1, *S) and the entropy of
-    their mean probabilities (1, *S) of one preprocessed (C_in, *S) image.
+    keep_samples: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fused class probabilities (C, *S), the samples' standard deviation (1, *S), the entropy of
+    their mean probabilities (1, *S) of one preprocessed (C_in, *S) image, and with
+    `keep_samples` every sample's probabilities (N, C, *S) (else None).
 
     All samples of a window are drawn in one batch; windows are stitched on the CPU. With `mean`
     fusion memory beyond the output maps is bounded by the window, not the volume; `vote` and
@@ -70,7 +72,7 @@ def sample_volume(
         raise LatentSegError(str(err)) from err
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    keep_samples = options.fusion != "mean"
+    keep_samples = keep_samples or options.fusion != "mean"
 
     def predictor(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         window_text = text.repeat(window.shape[0]) if text is not None else None  # one image: b windows
@@ -88,9 +90,9 @@ def sample_volume(
     except ValueError as err:  # e.g. staged sampling asked of a one-head model, a prompt of a text-free one
         raise LatentSegError(str(err)) from err
     if not keep_samples:
-        return mean[0], std[0], entropy_map(mean[None])[0]
+        return mean[0], std[0], entropy_map(mean[None])[0], None
     probs = mean.reshape(options.num_samples, model.config.num_classes, *mean.shape[2:])[:, None]  # (N, 1, C, *S)
-    return fuse(probs, options.fusion).probs[0], std[0], entropy_map(probs)[0]
+    return fuse(probs, options.fusion).probs[0], std[0], entropy_map(probs)[0], probs[:, 0]
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Prediction:
     uncertainty: np.ndarray  # (*S) per-voxel standard deviation over samples
     label: np.ndarray  # (*S) argmax of the fused probabilities
     entropy: np.ndarray  # (*S) entropy of the samples' mean probabilities / log(C), in [0, 1]
+    samples: np.ndarray | None = None  # (N, *S) each sample's labels, when asked for
 
 
 def predict_array(
@@ -110,7 +113,7 @@ def predict_array(
     text: TextEmbedding | torch.Tensor | None = None,
 ) -> Prediction:
     """Segment one already preprocessed (C, *S) array on its own grid."""
-    mean, std, entropy = sample_volume(model, torch.from_numpy(image), roi_size, options, seed, text)
+    mean, std, entropy, _ = sample_volume(model, torch.from_numpy(image), roi_size, options, seed, text)
     probabilities = mean.numpy()
     return Prediction(probabilities, std[0].numpy(), probabilities.argmax(0).astype(np.uint8), entropy[0].numpy())
 
@@ -124,14 +127,24 @@ def predict_image(
     options: SampleConfig | None = None,
     seed: int = 0,
     text: TextEmbedding | torch.Tensor | None = None,
+    keep_samples: bool = False,
 ) -> Prediction:
     """Preprocess a raw image, sample (`options`, default the model's), and map the result back onto
-    the image's own grid."""
+    the image's own grid (with `keep_samples`, each sample's labels too)."""
     x, transform = prepare_image(image, meta, prep)
-    mean, std, entropy = sample_volume(model, x, config.data.patch_size, options or config.sample, seed, text)
-    back = restore({"prob": mean, "std": std, "entropy": entropy}, x, transform)
+    options = options or config.sample
+    mean, std, entropy, samples = sample_volume(model, x, config.data.patch_size, options, seed, text, keep_samples)
+    maps = {"prob": mean, "std": std, "entropy": entropy}
+    if keep_samples:
+        maps["samples"] = samples.flatten(0, 1)  # (N*C, *S): restored like any map, then one argmax each
+    back = restore(maps, x, transform)
     probabilities = back["prob"]
-    return Prediction(probabilities, back["std"][0], probabilities.argmax(0).astype(np.uint8), back["entropy"][0])
+    labels = None
+    if keep_samples:
+        per_sample = back["samples"].reshape(options.num_samples, -1, *back["samples"].shape[1:])
+        labels = per_sample.argmax(1).astype(np.uint8)
+    label = probabilities.argmax(0).astype(np.uint8)
+    return Prediction(probabilities, back["std"][0], label, back["entropy"][0], labels)
 
 
 FLAGS = {
@@ -182,21 +195,23 @@ def _check_output_dir(output: Path, input_path: Path, cases: list[Case]) -> None
 OUTPUT_SUFFIXES = ("", "_prob", "_std", "_entropy")
 
 
-def output_names(case: Case, overlay: bool = True) -> list[str]:
-    """The files `predict` writes for a case, the label map last."""
+def output_names(case: Case, overlay: bool = True, samples: int = 0) -> list[str]:
+    """The files `predict` writes for a case (`samples` sampled label maps among them), the label
+    map last."""
     ending = ".nii.gz" if file_format(case.image_paths[0]) == "nifti" else ".png"
     names = [f"{case.case_id}{suffix}{ending}" for suffix in OUTPUT_SUFFIXES[1:]]
+    names += [f"{case.case_id}_sample{k:02d}{ending}" for k in range(samples)]
     if overlay:
         names.append(f"{case.case_id}_overlay.png")
     return [*names, f"{case.case_id}{ending}"]
 
 
-def check_output_clashes(cases: list[Case], overlay: bool = True) -> None:
+def check_output_clashes(cases: list[Case], overlay: bool = True, samples: int = 0) -> None:
     """Two inputs whose outputs share a name (`x.png` and `x_prob.png`) are refused before
     anything is written."""
     owner: dict[str, Case] = {}
     for case in cases:
-        for name in output_names(case, overlay):
+        for name in output_names(case, overlay, samples):
             other = owner.setdefault(name, case)
             if other is not case:
                 raise LatentSegError(
@@ -205,13 +220,16 @@ def check_output_clashes(cases: list[Case], overlay: bool = True) -> None:
                 )
 
 
-def plan_outputs(cases: list[Case], output: Path, overlay: bool, resume: bool, overwrite: bool) -> list[Case]:
+def plan_outputs(
+    cases: list[Case], output: Path, overlay: bool, resume: bool, overwrite: bool, samples: int = 0
+) -> list[Case]:
     """The cases to run: with `resume`, the finished ones (all outputs present) are skipped; an
     existing output is otherwise refused unless `overwrite`."""
     todo = []
     for case in cases:
-        present = [name for name in output_names(case, overlay) if (output / name).exists()]
-        if resume and len(present) == len(output_names(case, overlay)):
+        expected = output_names(case, overlay, samples)
+        present = [name for name in expected if (output / name).exists()]
+        if resume and len(present) == len(expected):
             continue
         if present and not (resume or overwrite):
             raise LatentSegError(
@@ -270,8 +288,10 @@ def _write_case(
     mask_values: list[int],
     overlay: bool,
 ) -> None:
-    label = np.asarray(mask_values)[pred.label] if mask_values else pred.label
-    write_label(folder / output_name(meta, case.case_id), label, meta)
+    stored = (lambda labels: np.asarray(mask_values)[labels]) if mask_values else (lambda labels: labels)  # noqa: E731
+    write_label(folder / output_name(meta, case.case_id), stored(pred.label), meta)
+    for k, sample in enumerate(pred.samples if pred.samples is not None else []):
+        write_label(folder / output_name(meta, case.case_id, f"_sample{k:02d}"), stored(sample), meta)
     prob = pred.probabilities if meta.format == "nifti" else 1.0 - pred.probabilities[0]
     write_map(folder / output_name(meta, case.case_id, "_prob"), prob, meta)
     std = pred.uncertainty if meta.format == "nifti" else np.clip(2 * pred.uncertainty, 0, 1)
@@ -295,6 +315,7 @@ class PredictOptions:
     resume: bool = False  # skip the cases whose outputs are all present (--continue)
     overwrite: bool = False  # replace existing outputs (refused otherwise)
     max_voxels: int | None = None  # default: the model's data.max_voxels
+    save_samples: bool = False  # also write each sample's labels: CASE_sample00, CASE_sample01, ...
 
 
 def predict(
@@ -325,14 +346,15 @@ def predict(
     input_path, output_dir = Path(input_path), Path(output_dir)
     cases = discover_inputs(input_path, config.model.in_channels)
     _check_output_dir(output_dir, input_path, cases)
-    check_output_clashes(cases, opts.overlays)
+    saved = settings.num_samples if opts.save_samples else 0
+    check_output_clashes(cases, opts.overlays, saved)
     request = {"prompt": opts.prompt, "text_file": opts.text_file, "allow_missing_text": opts.allow_missing_text}
     device = next(model.parameters()).device
     texts = text_input(config.model).prediction_inputs(config.model, cases, request, device)
     created = not output_dir.exists()
     _make_output_dir(output_dir)
     remove_stale_staging(output_dir)
-    cases = plan_outputs(cases, output_dir, opts.overlays, opts.resume, opts.overwrite)
+    cases = plan_outputs(cases, output_dir, opts.overlays, opts.resume, opts.overwrite, saved)
     job = CaseJob(
         model, config, preprocessing_of(fingerprint, config), settings, fingerprint.get("mask_values") or [], opts
     )
@@ -367,8 +389,9 @@ class CaseJob:
         """Read, check, sample and write one case's files into `folder`."""
         image, meta = load_image(case, self.options.max_voxels or self.config.data.max_voxels)
         _check_input(case, image, meta, self.config)
-        pred = predict_image(self.model, self.config, self.prep, image, meta, self.sample, self.options.seed, text)
-        _write_case(folder, case, image, meta, pred, self.mask_values, self.options.overlays)
+        o = self.options
+        pred = predict_image(self.model, self.config, self.prep, image, meta, self.sample, o.seed, text, o.save_samples)
+        _write_case(folder, case, image, meta, pred, self.mask_values, o.overlays)
 
 
 def _run_cases(job: CaseJob, cases: list[Case], texts: dict, output_dir: Path) -> list[Path]:
@@ -387,7 +410,8 @@ def _run_cases(job: CaseJob, cases: list[Case], texts: dict, output_dir: Path) -
                     leftover.unlink()
                 continue
             staged = {path.name: path for path in staging.iterdir()}
-            for name in output_names(case, job.options.overlays):  # the label map last: it marks a finished case
+            saved = job.sample.num_samples if job.options.save_samples else 0
+            for name in output_names(case, job.options.overlays, saved):  # the label map last: marks a finished case
                 written.append(staged[name].replace(output_dir / name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -56,9 +56,46 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
+def _references(ref_dirs: list[Path]) -> dict[str, list[Path]]:
+    """{file name: its reference in each --ref folder that has it}; a case may lack some raters."""
+    found: dict[str, list[Path]] = {}
+    for d in ref_dirs:
+        if not d.is_dir():
+            raise LatentSegError(f"{d}: folder not found")
+        files = sorted(p for p in _reference_folder(d).iterdir() if is_image_file(p))
+        if not files:
+            raise LatentSegError(f"{d}: no reference label files")
+        for p in files:
+            found.setdefault(p.name, []).append(p)
+    return found
+
+
+def majority(masks: list[np.ndarray]) -> np.ndarray:
+    """Per voxel, the label most raters gave (ties to the lower label)."""
+    if len(masks) == 1:
+        return masks[0]
+    values = np.unique(np.concatenate([np.unique(m) for m in masks]))
+    votes = np.stack([sum((m == v).astype(np.int32) for m in masks) for v in values])
+    return values[votes.argmax(0)]
+
+
+def _read_case(pred_dir: Path, name: str, refs: list[Path]) -> tuple[np.ndarray, list[np.ndarray], tuple]:
+    masks, spacing = [], None
+    for ref_path in refs:
+        ref, meta = read_label(ref_path)
+        if masks and ref.shape != masks[0].shape:
+            raise LatentSegError(f"{ref_path}: shape {ref.shape} differs from {refs[0]} {masks[0].shape}")
+        masks.append(ref)
+        spacing = spacing or meta.spacing
+    pred, _ = read_label(pred_dir / name)
+    if pred.shape != masks[0].shape:
+        raise LatentSegError(f"{pred_dir / name}: shape {pred.shape} differs from the reference {masks[0].shape}")
+    return pred, masks, spacing
+
+
 def evaluate(
     pred_dir: str | Path,
-    ref_dir: str | Path,
+    ref_dir: str | Path | list[str | Path],
     labels: list[int] | None = None,
     nsd_tolerance: float = 1.0,
     output: str | Path | None = None,
@@ -66,51 +103,63 @@ def evaluate(
     """Compare every reference label file with the prediction of the same name.
 
     Args:
+        ref_dir: a reference folder, or several (one per annotator): Dice, IoU, NSD and HD95 are
+            then scored against the raters' majority, and the multi-rater metrics (GED, HM-IoU,
+            QUBIQ Dice) need the samples `predict --save-samples` writes.
         labels: foreground labels to score; default: every non-zero value in any file.
         nsd_tolerance: NSD tolerance in physical units (mm for NIfTI, pixels for PNG).
-        output: where to write summary.json (default: pred_dir/summary.json).
+        output: where to write summary.json (default: pred_dir/summary.json); a reliability
+            diagram is written beside it when the predictions have probability maps.
     """
-    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    for d in (pred_dir, ref_dir):
-        if not d.is_dir():
-            raise LatentSegError(f"{d}: folder not found")
-    refs = sorted(p for p in _reference_folder(ref_dir).iterdir() if is_image_file(p))
-    if not refs:
-        raise LatentSegError(f"{ref_dir}: no reference label files")
-    missing = [r.name for r in refs if not (pred_dir / r.name).is_file()]
+    pred_dir = Path(pred_dir)
+    ref_dirs = [Path(d) for d in (ref_dir if isinstance(ref_dir, (list, tuple)) else [ref_dir])]
+    if not pred_dir.is_dir():
+        raise LatentSegError(f"{pred_dir}: folder not found")
+    references = _references(ref_dirs)
+    missing = [name for name in references if not (pred_dir / name).is_file()]
     if missing:
         raise LatentSegError(
             f"{pred_dir}: no prediction for {len(missing)} reference file(s): {', '.join(missing[:5])}"
         )
-    pairs = []
-    for ref_path in refs:
-        ref, meta = read_label(ref_path)
-        pred, _ = read_label(pred_dir / ref_path.name)
-        if pred.shape != ref.shape:
-            raise LatentSegError(
-                f"{pred_dir / ref_path.name}: shape {pred.shape} differs from the reference {ref.shape}"
-            )
-        pairs.append((ref_path, pred, ref, meta.spacing))
+    cases = {name: _read_case(pred_dir, name, refs) for name, refs in references.items()}
     if labels is None:
-        labels = sorted({int(v) for _, p, r, _ in pairs for v in np.union1d(np.unique(p), np.unique(r)) if v != 0})
-
+        labels = sorted({int(v) for p, ms, _ in cases.values() for m in (p, *ms) for v in np.unique(m) if v != 0})
     per_case = []
-    for ref_path, pred, ref, spacing in pairs:
+    for name, (pred, masks, spacing) in cases.items():
+        ref = majority(masks)
         scores = {str(lab): label_metrics(pred == lab, ref == lab, spacing, nsd_tolerance) for lab in labels}
-        per_case.append(
-            {"prediction_file": str(pred_dir / ref_path.name), "reference_file": str(ref_path), "metrics": scores}
-        )
+        per_case.append({"prediction_file": str(pred_dir / name), "reference_file": str(references[name][0]),
+                         "raters": len(masks), "metrics": scores})  # fmt: skip
     mean = {str(lab): {m: _mean([c["metrics"][str(lab)][m] for c in per_case]) for m in METRICS} for lab in labels}
     foreground = {m: _mean([mean[str(lab)][m] for lab in labels]) for m in METRICS}
+    out = Path(output) if output else pred_dir / "summary.json"
     summary = {
         "foreground_mean": foreground,
         "mean": mean,
         "metric_per_case": per_case,
-        "settings": {"labels": labels, "nsd_tolerance": nsd_tolerance},
+        "settings": {"labels": labels, "nsd_tolerance": nsd_tolerance, "references": [str(d) for d in ref_dirs]},
     }
-    out = Path(output) if output else pred_dir / "summary.json"
+    from latentseg.uncertainty_report import calibration_report, multirater_report
+
+    calibration = calibration_report(pred_dir, cases, labels, out.with_name("reliability.png"))
+    if calibration:
+        summary["calibration"] = calibration
+    if len(ref_dirs) > 1:
+        summary["multirater"] = multirater_report(pred_dir, cases, labels)
     out.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def uncertainty_lines(summary: dict[str, Any]) -> list[str]:
+    """The calibration and multi-rater figures of a summary, one line each (for the console)."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = []
+    if "calibration" in summary:
+        o = summary["calibration"]["overall"]
+        lines.append("calibration: " + ", ".join(f"{k} {fmt(v)}" for k, v in o.items()))
+    if "multirater" in summary:
+        lines.append("annotators: " + ", ".join(f"{k} {fmt(v)}" for k, v in summary["multirater"]["mean"].items()))
+    return lines
 
 
 def format_table(summary: dict[str, Any], names: dict[str, str] | None = None) -> str:

@@ -32,6 +32,8 @@ PLANNED = {
         "spatial_dims",
         "in_channels",
         "num_classes",
+        "num_downsamplings",
+        "decoder_skips",
         "strides",
         "denoiser_strides",
         "image_encoder_channels",
@@ -43,7 +45,8 @@ PLANNED = {
         "prompt_names",
         "backbone_config",
     ),
-    "data": ("patch_size",),
+    "data": ("patch_size", "augmentation"),
+    "train": ("batch_size",),
 }
 DERIVED_ONLY = ("spatial_dims", "in_channels", "num_classes", "text_dim", "prompt_names", "backbone_config")
 
@@ -54,7 +57,9 @@ class Plan:
 
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    latent: dict[str, Any] = field(default_factory=dict)  # how the latent was chosen: label ceilings
 
     @classmethod
     def from_config(cls, config: Config) -> Plan:
@@ -74,7 +79,8 @@ class Plan:
         return finished.validate("plans.json")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "model": self.model, "data": self.data}
+        sections = {name: getattr(self, name) for name in PLANNED}
+        return {"version": self.version, **sections, "latent": self.latent}
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2))
@@ -88,22 +94,23 @@ class Plan:
         problems = _plan_problems(raw, path)
         if problems:
             raise LatentSegError("\n".join(problems))
-        return cls(dict(raw["model"]), dict(raw["data"]), int(raw["version"]))
+        sections = {name: dict(raw.get(name) or {}) for name in PLANNED}
+        return cls(**sections, version=int(raw["version"]), latent=dict(raw.get("latent") or {}))
 
 
 def _plan_problems(raw: Any, path: Path) -> list[str]:
     if not isinstance(raw, dict):
         return [f"{path}: must hold a JSON object, got {type(raw).__name__}"]
-    found = [f"{path}: missing key {key!r}" for key in ("version", "model", "data") if key not in raw]
+    found = [f"{path}: missing key {key!r}" for key in ("version", "model") if key not in raw]
     if found:
         return found
     if raw["version"] != PLAN_VERSION:
         return [f"{path}: plan version {raw['version']!r}; this latentseg reads version {PLAN_VERSION}"]
     for section in PLANNED:
-        if not isinstance(raw[section], dict):
+        if not isinstance(raw.get(section, {}), dict):
             found.append(f"{path}: {section} must be an object")
             continue
-        found += [f"{path}: unknown key {section}.{key}" for key in raw[section] if key not in PLANNED[section]]
+        found += [f"{path}: unknown key {section}.{key}" for key in raw.get(section, {}) if key not in PLANNED[section]]
     return found
 
 
@@ -151,8 +158,33 @@ def resolve(user: Config, data_dirs: list[Path]) -> Resolved:
     if problems:
         raise LatentSegError("\n".join(problems))
     encoder = texts.training_texts(data, config, encoder)  # prompts: binary tasks and their names
+    config.data.augmentation = plan_augmentation(config)
+    if config.train.batch_size == "auto":
+        config.train.batch_size = AUTO_BATCH[config.model.spatial_dims]
     check_settings(config)
-    return Resolved(config, Plan.from_config(config), data, encoder)
+    plan = Plan.from_config(config)
+    plan.latent = _json_keys(data.latent or {})
+    return Resolved(config, plan, data, encoder)
+
+
+def _json_keys(report: dict) -> dict:
+    """The latent report as JSON keeps it (ceilings keyed by strings), so a saved plan compares equal."""
+    return json.loads(json.dumps(report))
+
+
+AUTO_BATCH = {2: 8, 3: 2}  # patches per step: nnU-Net's 3D batch; 2D as the accuracy bar trains
+AUGMENT_AFTER_MINUTES = 60.0
+AUGMENT_AFTER_STEPS = 5000
+
+
+def plan_augmentation(config: Config) -> str:
+    """ "auto" -> on for long runs only: augmentation slows what a short run learns (measured on
+    ACDC, benchmarks/results/pipeline.json) and pays off when the data would otherwise be overfit."""
+    if config.data.augmentation != "auto":
+        return config.data.augmentation
+    t = config.train
+    long_run = t.max_minutes > AUGMENT_AFTER_MINUTES if t.max_minutes > 0 else t.steps > AUGMENT_AFTER_STEPS
+    return "on" if long_run else "off"
 
 
 def load_plan(model_dir: Path, config: Config) -> Config:

@@ -39,7 +39,7 @@ from latentseg.checkpoint import (
 )
 from latentseg.config import Config
 from latentseg.data.targets import select_target
-from latentseg.data.transforms import train_transforms
+from latentseg.data.transforms import RandRaterd, train_transforms
 from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
 from latentseg.errors import LatentSegError, one_line
 from latentseg.infer import predict_array
@@ -77,6 +77,8 @@ def batches(
     for entry, s in zip(data, samples, strict=True):
         if "target" in s:  # a prompted task: the label becomes that target's mask, per batch
             entry["target"] = s["target"]
+        if "raters" in s and config.data.raters in ("auto", "random"):
+            entry["raters"] = s["raters"]  # one annotator's mask per draw, see RandRaterd
     per_dataset = Counter(s.get("dataset", "") for s in samples)
     weights = [1.0 / per_dataset[s.get("dataset", "")] for s in samples]
     draws = WeightedRandomSampler(
@@ -87,7 +89,9 @@ def batches(
     )
     # a prompt names a structure (not a side of the image): flips leave it as it is
     describes = config.model.prompt == "none"
-    transform = Compose([select_target, train_transforms(config.data.patch_size, config.data, swap_text=describes)])
+    transform = Compose(
+        [RandRaterd(), select_target, train_transforms(config.data.patch_size, config.data, swap_text=describes)]
+    )
     transform.set_random_state(seed=seed + 100_003 * world.rank)
     dataset = Dataset([data[i] for i in draws], transform)
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=False)
@@ -189,7 +193,10 @@ def train(
 def check_same_plan(out_dir: Path, plan: Plan) -> None:
     """A resumed run must plan what the saved one planned (the data or the code have not changed it)."""
     path = out_dir / PLAN_FILE
-    if path.is_file() and Plan.load(path).to_dict() != plan.to_dict():
+    if not path.is_file():
+        return
+    saved = Plan.load(path)  # the network must be the same; augmentation may follow a longer budget
+    if saved.model != plan.model or saved.data.get("patch_size") != plan.data.get("patch_size"):
         raise LatentSegError(f"{path}: the data now plans a different model than the saved run; start a new run")
 
 

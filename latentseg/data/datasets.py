@@ -45,6 +45,7 @@ class DatasetSpec:
     warnings: list[str] = field(default_factory=list)  # allowed, but worth a look (empty masks, stray files)
     channel_names: dict[int, str] = field(default_factory=dict)
     mask_values: list[int] = field(default_factory=list)  # stored value of each class, e.g. [0, 255]
+    raters: dict[str, list[Path]] = field(default_factory=dict)  # case -> its annotators' masks (raters/*/)
 
     @property
     def name(self) -> str:
@@ -223,8 +224,31 @@ def discover_dataset(root: str | Path, allow_outside_paths: bool = False) -> Dat
         raise LatentSegError(f"{root}: no labelled cases found ({spec.layout} layout)")
     if not allow_outside_paths:
         spec.problems += outside_paths(root, spec.cases)
+    _attach_raters(spec)
     _attach_text(root, spec.cases)
     return spec
+
+
+RATERS = "raters"  # <dataset>/raters/<annotator>/<the case's label file name>: one mask per annotator
+
+
+def _attach_raters(spec: DatasetSpec) -> None:
+    """Each case's annotator masks, when the dataset has a raters/ folder; a case none of them
+    annotated is a problem."""
+    folder = spec.root / RATERS
+    if not folder.is_dir():
+        return
+    annotators = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not annotators:
+        spec.problems.append(f"{folder}: holds no annotator folders (raters/<name>/<case mask>)")
+        return
+    for case in spec.cases:
+        stem = split_suffix(case.label_path)[0] if case.label_path else case.case_id
+        found = [p for d in annotators for p in sorted(d.iterdir()) if is_image_file(p) and split_suffix(p)[0] == stem]
+        if found:
+            spec.raters[case.case_id] = found
+        else:
+            spec.problems.append(f"case {case.case_id}: no annotator mask in {folder}/*/ (raters/<name>/{stem}.*)")
 
 
 def discover_inputs(path: str | Path, num_channels: int | None = None) -> list[Case]:
@@ -354,6 +378,46 @@ def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
+def load_raters(paths: list[Path], sample: dict[str, Any], num_classes: int | None, max_voxels: int) -> np.ndarray:
+    """(K, *S) the annotators' masks of one case, on its label's grid."""
+    masks = []
+    for path in paths:
+        mask, meta = read_label(path, max_voxels)
+        if mask.shape != sample["label"].shape[1:]:
+            raise LatentSegError(
+                f"{path}: annotator mask shape {mask.shape} differs from the image's {sample['label'].shape[1:]}"
+            )
+        if num_classes is not None and mask.max(initial=0) >= num_classes:
+            raise LatentSegError(
+                f"{path}: annotator mask values {sorted(set(np.unique(mask).tolist()))} "
+                f"are outside 0..{num_classes - 1}"
+            )
+        masks.append(mask)
+    return np.stack(masks)
+
+
+def _remove(samples: list[dict[str, Any]], sample: dict[str, Any]) -> None:
+    """Drop `sample` by identity (its arrays make `list.remove`'s equality ambiguous)."""
+    samples[:] = [s for s in samples if s is not sample]
+
+
+def _check_rater_values(spec: DatasetSpec, samples: list[dict[str, Any]], problems: list[str]) -> None:
+    """An annotator's mask may hold only values the dataset's masks use (0/255, or its class ids)."""
+    allowed = set().union(*(np.unique(s["label"]).tolist() for s in samples)) if samples else set()
+    for s in list(samples):
+        if "raters" not in s:
+            continue
+        bad = [
+            (path, sorted(set(np.unique(m).tolist()) - allowed))
+            for path, m in zip(spec.raters[s["case_id"]], s["raters"], strict=True)
+        ]
+        bad = [(path, values) for path, values in bad if values]
+        for path, values in bad:
+            problems.append(f"{path}: annotator mask values {values} are not among the masks' values {sorted(allowed)}")
+        if bad:
+            _remove(samples, s)
+
+
 def num_classes_of(spec: DatasetSpec) -> int | None:
     """Classes declared by the dataset (background included), or None if it declares none."""
     return max(spec.labels) + 1 if spec.labels else None
@@ -386,6 +450,7 @@ def mixed_encodings(values_by_case: dict[str, set[int]]) -> str | None:
 def _apply_mask_values(samples: list[dict[str, Any]], spec: DatasetSpec, problems: list[str]) -> None:
     per_case = {s["case_id"]: set(np.unique(s["label"]).tolist()) for s in samples}
     values = set().union(*per_case.values()) if samples else set()
+    values |= {int(v) for s in samples if "raters" in s for v in np.unique(s["raters"])}
     if not spec.mask_values:
         mixed = mixed_encodings({str(_label_file(spec, c)): v for c, v in per_case.items()})
         if mixed:
@@ -402,9 +467,17 @@ def _apply_mask_values(samples: list[dict[str, Any]], spec: DatasetSpec, problem
         if mapped.min() < 0:
             bad = sorted(set(np.unique(s["label"]).tolist()) - set(spec.mask_values))
             problems.append(f"{s['case_id']}: mask values {bad} are not among {spec.mask_values}")
-            samples.remove(s)
-        else:
-            s["label"] = mapped
+            _remove(samples, s)
+            continue
+        s["label"] = mapped
+        if "raters" in s:
+            raters = lut[np.clip(s["raters"], 0, len(lut) - 1)]
+            if raters.min() < 0 or s["raters"].max() >= len(lut):
+                bad = sorted(set(np.unique(s["raters"]).tolist()) - set(spec.mask_values))
+                problems.append(f"{s['case_id']}: annotator mask values {bad} are not among {spec.mask_values}")
+                _remove(samples, s)
+                continue
+            s["raters"] = raters
 
 
 def _label_file(spec: DatasetSpec, case_id: str) -> str:
@@ -423,9 +496,13 @@ def load_dataset(spec: DatasetSpec, max_voxels: int = DEFAULT_MAX_VOXELS) -> tup
         if any(str(p) in bad_paths for p in [*case.image_paths, case.label_path]):
             continue
         try:
-            samples.append(load_case(case, declared, spec.num_channels, max_voxels))
+            sample = load_case(case, declared, spec.num_channels, max_voxels)
+            if case.case_id in spec.raters:
+                sample["raters"] = load_raters(spec.raters[case.case_id], sample, declared, max_voxels)
+            samples.append(sample)
         except LatentSegError as err:
             problems.append(str(err))
+    _check_rater_values(spec, samples, problems)
     if declared is None:
         _apply_mask_values(samples, spec, problems)
     spec.warnings += [f"{s['case_id']}: the mask is empty (no foreground)" for s in samples if not s["label"].any()]

@@ -40,6 +40,7 @@ class Phantom:
     text: str
     lesions: list[Lesion] = field(default_factory=list)
     target: int | None = None  # index of the target lesion in the ambiguous variant
+    raters: list[np.ndarray] = field(default_factory=list)  # (*S) uint8 labels, one per annotator
 
 
 def smooth_field(shape: tuple[int, ...], rng: np.random.Generator, coarse: int = 6) -> np.ndarray:
@@ -171,18 +172,30 @@ def write_phantom_dataset(
     seed: int = 0,
     ambiguous: bool = False,
     prefix: str = "phantom",
+    raters: int = 0,
 ) -> Path:
     """Write phantoms in the formats real datasets use, so the demo runs the real I/O path.
 
     3D: an nnU-Net v2 raw folder (`dataset.json`, `imagesTr/CASE_0000.nii.gz`, `labelsTr/CASE.nii.gz`).
     2D: `images/CASE.png` (8-bit grey), `masks/CASE.png` (label values 0, 1, 2).
-    Both: `text.csv` with one sentence per case.
+    Both: `text.csv` with one sentence per case. With `raters` = K, also K annotations per case,
+    `raters/rater_k/` (same names as the masks; `add_raters` says how they disagree), and the
+    masks hold the model's consensus.
     """
     out = Path(out_dir)
     rows = []
     for i in range(num_cases):
         case = f"{prefix}_{i:03d}"
         ph = make_phantom(spatial_dims, size, seed * 100_000 + i, ambiguous)
+        if raters:
+            ph = add_raters(ph, raters, np.random.default_rng([seed, i, 17]))
+        for k, mask in enumerate(ph.raters):
+            folder = out / "raters" / f"rater_{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if spatial_dims == 2:
+                Image.fromarray(mask).save(folder / f"{case}.png")
+            else:
+                nib.save(nib.Nifti1Image(mask, np.eye(4)), str(folder / f"{case}.nii.gz"))
         if spatial_dims == 2:
             (out / "images").mkdir(parents=True, exist_ok=True)
             (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -211,3 +224,62 @@ def write_phantom_dataset(
         writer.writerow(["filename" if spatial_dims == 2 else "case", "text"])
         writer.writerows(rows)
     return out
+
+
+# --- several annotators (issue 17): a known model of disagreement ------------------------------
+
+RATER_SHIFTS = (0, 2, -2, 1, -1)  # boundary bias of rater k (voxels; + dilates), cycled
+
+
+def _shift(mask: np.ndarray, voxels: int) -> np.ndarray:
+    if voxels == 0:
+        return mask.copy()
+    op = ndimage.binary_dilation if voxels > 0 else ndimage.binary_erosion
+    return op(mask, iterations=abs(voxels))
+
+
+def _ambiguous_structures(ph: Phantom, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw into `ph.image` a faint lesion and two lesions a narrow gap apart; returns their masks
+    (faint, pair, gap) inside the organ."""
+    size = ph.label.shape[0]
+    organ = ph.label > 0
+    free = organ & ~ndimage.binary_dilation(ph.label == LABELS["lesion"], iterations=3)
+    inside = ndimage.distance_transform_edt(free)
+    grid = np.indices(ph.label.shape, dtype=np.float32)
+    masks = []
+    for radius in (0.05 * size, 0.11 * size):  # the faint lesion; then room for the pair
+        spots = np.argwhere(inside > radius + 1)
+        if not len(spots):
+            masks.append(np.zeros_like(organ))
+            continue
+        centre = spots[rng.integers(len(spots))].astype(np.float32)
+        masks.append(np.sqrt(((grid - centre.reshape(-1, *[1] * organ.ndim)) ** 2).sum(0)) <= radius)
+        inside = np.where(masks[-1], 0, inside)
+    faint, room = masks
+    axis_line = np.indices(organ.shape)[1]
+    centre = ndimage.center_of_mass(room) if room.any() else (0, 0)
+    gap = room & (np.abs(axis_line - (centre[1] if len(centre) > 1 else 0)) <= 1)
+    pair = room & ~gap
+    ph.image[0][faint] += 0.08  # barely brighter than the organ: some raters see it, some do not
+    ph.image[0][pair] = 0.78 + 0.03 * rng.standard_normal(int(pair.sum())).astype(np.float32)
+    return faint, pair, gap
+
+
+def add_raters(ph: Phantom, count: int, rng: np.random.Generator) -> Phantom:
+    """K annotations of `ph` from a known model of disagreement: rater k shifts every boundary by
+    RATER_SHIFTS[k % 5] voxels; the faint lesion is drawn by the first half of the raters only; raters
+    0 and 1 merge the two touching lesions into one (they fill the gap). `ph.label` becomes the
+    consensus of the model (no shift, the faint lesion by majority, the pair kept apart)."""
+    faint, pair, gap = _ambiguous_structures(ph, rng)
+    organ, lesion = ph.label > 0, ph.label == LABELS["lesion"]
+    raters = []
+    for k in range(count):
+        shift = RATER_SHIFTS[k % len(RATER_SHIFTS)]
+        lesions = lesion | pair | (faint if k < (count + 1) // 2 else False) | (gap if k < 2 else False)
+        label = _shift(organ, shift).astype(np.uint8)
+        label[_shift(lesions, shift) & (label > 0)] = LABELS["lesion"]
+        raters.append(label)
+    ph.label = ph.label.copy()
+    ph.label[pair | (faint if (count + 1) // 2 > count / 2 else False)] = LABELS["lesion"]
+    ph.raters = raters
+    return ph

@@ -30,13 +30,16 @@ def plan_patch(requested: Sequence[int], shapes: Sequence[Sequence[int]], dims: 
     return [min(p, m) for p, m in zip(patch, median_shape(shapes), strict=True)]
 
 
-def plan_strides(patch: Sequence[int], spacing: Sequence[float], num_downsamplings: int) -> list[list[int]]:
+def plan_strides(
+    patch: Sequence[int], spacing: Sequence[float], num_downsamplings: int, frozen: Sequence[int] = ()
+) -> list[list[int]]:
     """One per-axis stride list per stage. An axis is halved while it keeps >= MIN_FEATURE voxels
-    and its spacing is at most twice the finest spacing among the axes that can still be halved."""
+    and its spacing is at most twice the finest spacing among the axes that can still be halved;
+    `frozen` axes are never halved (see `frozen_axes`)."""
     sizes, spacing = [float(p) for p in patch], [float(s) for s in spacing]
     strides = []
     for _ in range(num_downsamplings):
-        can_halve = [size / 2 >= MIN_FEATURE for size in sizes]
+        can_halve = [size / 2 >= MIN_FEATURE and axis not in frozen for axis, size in enumerate(sizes)]
         if not any(can_halve):
             break
         finest = min(sp for sp, ok in zip(spacing, can_halve, strict=True) if ok)
@@ -67,3 +70,79 @@ def plan_denoiser_strides(latent: Sequence[int], levels: int) -> list[list[int]]
         strides.append(stage)
         sizes = [math.ceil(s / f) for s, f in zip(sizes, stage, strict=True)]
     return strides
+
+
+MAX_CEILING_CASES = 16  # label ceilings are measured on at most this many training cases
+
+
+def label_ceiling(labels: Sequence[np.ndarray], num_classes: int, total: Sequence[int]) -> list[float]:
+    """How well a latent downsampled by `total` per axis can hold the labels: per foreground class,
+    the mean Dice over cases of argmax(upsample(average-pool(one-hot))) against the label (a cheap
+    proxy of a trained label autoencoder's reconstruction). Classes a case lacks are skipped there."""
+    import torch
+    import torch.nn.functional as F
+
+    per_class: list[list[float]] = [[] for _ in range(1, num_classes)]
+    picks = np.linspace(0, len(labels) - 1, min(len(labels), MAX_CEILING_CASES)).round().astype(int)
+    for label in (labels[i] for i in sorted(set(picks.tolist()))):
+        y = torch.as_tensor(np.asarray(label)).long().reshape(np.asarray(label).shape[-len(total) :])
+        onehot = F.one_hot(y, num_classes).movedim(-1, 0)[None].float()  # (1, C, *S)
+        pool = (F.avg_pool2d, F.avg_pool3d)[len(total) - 2]
+        coarse = pool(onehot, kernel_size=list(total), stride=list(total), ceil_mode=True)
+        back = F.interpolate(coarse, size=tuple(y.shape), mode=("bilinear", "trilinear")[len(total) - 2])
+        pred = back[0].argmax(0)
+        for c in range(1, num_classes):
+            p, r = pred == c, y == c
+            if p.any() or r.any():
+                per_class[c - 1].append(float(2 * (p & r).sum() / (p.sum() + r.sum())))
+    return [float(np.mean(v)) if v else 1.0 for v in per_class]
+
+
+def frozen_axes(labels: Sequence[np.ndarray], num_classes: int, dims: int, threshold: float = 0.98) -> list[int]:
+    """Axes along which halving the labels alone loses a class below `threshold` (the slice axis of
+    a volume with few, thick slices, whatever its header says): they are never downsampled."""
+    frozen = []
+    for axis in range(dims):
+        stride = [2 if a == axis else 1 for a in range(dims)]
+        if min(label_ceiling(labels, num_classes, stride)) < threshold:
+            frozen.append(axis)
+    return frozen
+
+
+def plan_latent(
+    labels: Sequence[np.ndarray],
+    num_classes: int,
+    patch: Sequence[int],
+    spacing: Sequence[float],
+    threshold: float = 0.98,
+    min_downsamplings: int = 3,
+    max_downsamplings: int = 4,
+) -> dict:
+    """The latent of a dataset, from its training labels: axes that cannot be halved without losing
+    a class are frozen; then the coarsest number of downsamplings (from `min_downsamplings` to
+    `max_downsamplings`) whose label ceiling reaches `threshold` for every class, without decoder
+    skips; where none does, the coarsest latent with skips from the image encoder (the decoder then
+    takes the boundaries from the image side). Returns the choice and every ceiling measured."""
+    frozen = frozen_axes(labels, num_classes, len(patch), threshold)
+    ceilings: dict[int, list[float]] = {}
+    for n in range(1, max_downsamplings + 1):
+        strides = plan_strides(patch, spacing, n, frozen)
+        if len(strides) < n:  # no axis can be halved again
+            break
+        total = total_stride(strides, len(patch))
+        ceilings[n] = [round(v, 4) for v in label_ceiling(labels, num_classes, total)]
+    fits = [n for n, c in ceilings.items() if n >= min_downsamplings and min(c) >= threshold]
+    choice = max(fits) if fits else max(ceilings, default=1)
+    return {"num_downsamplings": choice, "decoder_skips": not fits, "frozen_axes": frozen, "ceilings": ceilings}
+
+
+def describe_latent(latent: dict, strides: Sequence, dims: int) -> str:
+    """One line for check-dataset and train: the choice and the ceilings behind it."""
+    total = "x".join(str(v) for v in total_stride(strides, dims))
+    ceilings = "; ".join(f"{n}: {', '.join(f'{v:.3f}' for v in c)}" for n, c in latent["ceilings"].items())
+    frozen = f", axes {latent['frozen_axes']} kept whole" if latent["frozen_axes"] else ""
+    skips = "with" if latent["decoder_skips"] else "without"
+    return (
+        f"latent: {latent['num_downsamplings']} downsamplings (1/{total}){frozen}, {skips} decoder skips; "
+        f"label ceiling per class by downsamplings: {ceilings}"
+    )

@@ -5,6 +5,7 @@ split by patient and preprocess. The decisions are recorded in a fingerprint sav
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,11 @@ from latentseg.config import Config, DataConfig
 from latentseg.data.datasets import DatasetSpec, discover_dataset, load_dataset, num_classes_of
 from latentseg.data.planning import (
     MIN_FEATURE,
+    describe_latent,
+    label_ceiling,
     median_shape,
     plan_denoiser_strides,
+    plan_latent,
     plan_patch,
     plan_strides,
     round_up,
@@ -35,6 +39,7 @@ class TrainingData:
     val: list[dict[str, Any]]
     fingerprint: dict[str, Any]
     labels_by_dataset: dict[str, dict[int, str]]  # each dataset's own label names (background included)
+    latent: dict | None = None  # the latent planned from the labels: choice and ceilings (plans.json)
 
 
 def load_datasets(data_dirs: list[Path], data: DataConfig) -> tuple[list[DatasetSpec], list[dict[str, Any]]]:
@@ -89,12 +94,18 @@ def plan_preprocessing(config: Config, specs: list[DatasetSpec], samples: list[d
     )
 
 
-def plan_network(config: Config, shapes: list[tuple[int, ...]], spacing: list[float]) -> None:
-    """Patch size and per-axis strides (unless configured), the channel lists cut to match."""
+def plan_network(
+    config: Config, shapes: list[tuple[int, ...]], spacing: list[float], labels: list[np.ndarray] | None = None
+) -> dict | None:
+    """Patch size, latent and per-axis strides (unless configured), the channel lists cut to match.
+    With `model.num_downsamplings` or `model.decoder_skips` left to "auto", the latent is planned
+    from the training `labels` (`plan_latent`); returns that plan's report (None when not planned)."""
     m, dims = config.model, config.model.spatial_dims
     patch = plan_patch(config.data.patch_size, shapes, dims)
+    latent = _plan_latent(config, patch, spacing, labels)
     if not m.strides:
-        m.strides = plan_strides(patch, spacing, m.num_downsamplings)
+        frozen = latent["frozen_axes"] if latent else []
+        m.strides = plan_strides(patch, spacing, _downsamplings(m, latent), frozen)
         if not m.strides:
             raise LatentSegError(
                 f"data.patch_size {patch} is too small for the network: an axis needs at least "
@@ -103,11 +114,57 @@ def plan_network(config: Config, shapes: list[tuple[int, ...]], spacing: list[fl
         n = len(m.strides)
         for name in ("image_encoder_channels", "label_encoder_channels", "decoder_channels"):
             setattr(m, name, getattr(m, name)[: n + 1])
-        m.attention_stages = min(m.attention_stages, n)
+        m.attention_stages = min(m.attention_stages, attention_stages_within(patch, m.strides, dims))
+    m.num_downsamplings = len(m.strides)
+    if m.decoder_skips == "auto":  # skips need the learned image encoder and a decoder trained with it
+        can_skip = m.label_autoencoder == "joint" and m.image_encoder == "learned"
+        m.decoder_skips = bool(latent and latent["decoder_skips"]) and can_skip
     config.data.patch_size = round_up(patch, total_stride(m.strides, dims))
     if not m.denoiser_strides:
-        latent = [p // t for p, t in zip(config.data.patch_size, total_stride(m.strides, dims), strict=True)]
-        m.denoiser_strides = plan_denoiser_strides(latent, len(m.denoiser_channels))
+        grid = [p // t for p, t in zip(config.data.patch_size, total_stride(m.strides, dims), strict=True)]
+        m.denoiser_strides = plan_denoiser_strides(grid, len(m.denoiser_channels))
+    return latent
+
+
+DEFAULT_DOWNSAMPLINGS = 4  # 003 section IV-B, when the latent is not planned from labels
+MAX_ATTENTION_TOKENS = 1024  # self-attention over more voxels than this costs more than it gives on a CPU
+
+
+def attention_stages_within(patch: list[int], strides: list, dims: int) -> int:
+    """How many of the image encoder's last stages have at most MAX_ATTENTION_TOKENS voxels."""
+    grids = [math.prod(p // t for p, t in zip(patch, total_stride(strides[: i + 1], dims), strict=True))
+             for i in range(len(strides))]  # fmt: skip
+    count = 0
+    for tokens in reversed(grids):
+        if tokens > MAX_ATTENTION_TOKENS:
+            break
+        count += 1
+    return count
+
+
+def _downsamplings(m, latent: dict | None) -> int:
+    if isinstance(m.num_downsamplings, int):
+        return m.num_downsamplings
+    return latent["num_downsamplings"] if latent else DEFAULT_DOWNSAMPLINGS
+
+
+def _plan_latent(config: Config, patch: list[int], spacing: list[float], labels) -> dict | None:
+    m = config.model
+    wanted = "auto" in (m.num_downsamplings, m.decoder_skips) and m.mode == "ldseg"
+    if not wanted or not labels:
+        return None
+    if m.strides:  # the user's strides: only whether their latent needs skips is planned
+        total = total_stride(m.strides, m.spatial_dims)
+        ceiling = [round(v, 4) for v in label_ceiling(labels, m.num_classes, total)]
+        fits = min(ceiling) >= m.latent_ceiling
+        return {"num_downsamplings": len(m.strides), "decoder_skips": not fits, "frozen_axes": [],
+                "ceilings": {len(m.strides): ceiling}}  # fmt: skip
+    latent = plan_latent(labels, m.num_classes, patch, spacing, m.latent_ceiling, m.min_latent_downsamplings)
+    if isinstance(m.num_downsamplings, int):  # chosen by the user: skips follow that latent's ceiling
+        ceiling = latent["ceilings"].get(m.num_downsamplings)
+        latent["num_downsamplings"] = m.num_downsamplings
+        latent["decoder_skips"] = ceiling is None or min(ceiling) < m.latent_ceiling
+    return latent
 
 
 def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData:
@@ -136,8 +193,12 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     for s in samples:
         s.update(preprocess_sample(s, prep))
         del s["meta"]
+    raters = use_raters(samples, config.data.raters)
     shapes = [s["image"].shape[1:] for s in samples]
-    plan_network(config, shapes, prep.spacing or [float(v) for v in np.median(spacings, axis=0)])
+    train_labels = [s["label"][0] for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
+    latent = plan_network(config, shapes, prep.spacing or [float(v) for v in np.median(spacings, axis=0)], train_labels)
+    if latent:
+        log.info("%s", describe_latent(latent, config.model.strides, config.model.spatial_dims))
 
     names = labels or {i: str(i) for i in range(config.model.num_classes)}
     fingerprint = {
@@ -152,10 +213,12 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
         "preprocessing": prep.to_dict(),
         "train_cases": [f"{d}/{c}" for d, c in train_ids],
         "val_cases": [f"{d}/{c}" for d, c in val_ids],
+        "raters": raters,
     }
     train = [s for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
     val = [s for s in samples if (s["dataset"], s["case_id"]) in set(val_ids)]
-    return TrainingData(train, val, fingerprint, {spec.name: _label_names(spec, samples) for spec in specs})
+    names_by_dataset = {spec.name: _label_names(spec, samples) for spec in specs}
+    return TrainingData(train, val, fingerprint, names_by_dataset, latent)
 
 
 def _label_names(spec: DatasetSpec, samples: list[dict[str, Any]]) -> dict[int, str]:
@@ -164,3 +227,34 @@ def _label_names(spec: DatasetSpec, samples: list[dict[str, Any]]) -> dict[int, 
         return spec.labels
     values = {int(v) for s in samples if s["dataset"] == spec.name for v in np.unique(s["label"])}
     return {i: str(i) for i in sorted(values)}
+
+
+def use_raters(samples: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """Several annotators: `random` keeps their masks for training to draw from, `majority` makes
+    their per-voxel majority the label, `none` drops them. Returns what the fingerprint records."""
+    from latentseg.metrics import majority
+
+    with_raters = [s for s in samples if "raters" in s]
+    if not with_raters:
+        return {}
+    mode = "random" if mode == "auto" else mode
+    counts = sorted({len(s["raters"]) for s in with_raters})
+    for s in with_raters:
+        if mode == "majority":
+            s["label"] = majority(list(s["raters"]))[None]
+        if mode != "random":
+            del s["raters"]
+    return {"mode": mode, "cases": len(with_raters), "annotators_per_case": counts}
+
+
+def check_latent(samples: list[dict[str, Any]], num_classes: int, config: Config) -> str:
+    """What `train` would plan for the latent, from the labels as stored (check-dataset's line)."""
+    dims = samples[0]["meta"].spatial_dims
+    shapes = [s["label"].shape[1:] for s in samples]
+    spacing = [float(v) for v in np.median([s["meta"].spacing for s in samples], axis=0)]
+    patch = plan_patch(config.data.patch_size, shapes, dims)
+    m = config.model
+    latent = plan_latent([s["label"][0] for s in samples], num_classes, patch, spacing, m.latent_ceiling,
+                         m.min_latent_downsamplings)  # fmt: skip
+    strides = plan_strides(patch, spacing, latent["num_downsamplings"], latent["frozen_axes"])
+    return describe_latent(latent, strides, dims)

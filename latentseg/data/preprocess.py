@@ -91,7 +91,7 @@ class Preprocessing:
         if self.orientation and self.spatial_dims == 3:
             steps.append(Orientationd(keys, axcodes=self.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
         if self.spacing:
-            modes = ["nearest" if k == "label" else "bilinear" for k in keys]
+            modes = ["bilinear" if k == "image" else "nearest" for k in keys]  # labels and annotators' masks
             steps.append(Spacingd(keys, pixdim=self.spacing, mode=modes))
         if self.crop_foreground:
             steps.append(CropForegroundd(keys, source_key="image", allow_smaller=True))
@@ -131,14 +131,14 @@ def ct_statistics(images: list[np.ndarray], labels: list[np.ndarray], channel: i
 
 
 def preprocess_sample(sample: dict[str, Any], prep: Preprocessing) -> dict[str, np.ndarray]:
-    """A training sample's image and label, mapped into the network's space."""
+    """A training sample's image and label (and its annotators' masks), mapped into the network's space."""
     meta = sample["meta"]
-    data = {"image": to_meta_tensor(sample["image"], meta), "label": to_meta_tensor(sample["label"], meta)}
-    out = prep.transform(("image", "label"))(data)
-    return {
-        "image": out["image"].numpy().astype(np.float32),
-        "label": np.rint(out["label"].numpy()).astype(np.int64),
-    }
+    keys = ("image", "label", "raters") if "raters" in sample else ("image", "label")
+    data = {key: to_meta_tensor(sample[key], meta) for key in keys}
+    out = prep.transform(keys)(data)
+    mapped = {"image": out["image"].numpy().astype(np.float32)}
+    mapped |= {key: np.rint(out[key].numpy()).astype(np.int64) for key in keys[1:]}
+    return mapped
 
 
 def prepare_image(image: np.ndarray, meta: ImageMeta, prep: Preprocessing) -> tuple[MetaTensor, Compose]:

@@ -14,6 +14,7 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     Flipd,
+    MapTransform,
     RandCropByPosNegLabeld,
     RandomizableTransform,
     RandRotated,
@@ -93,25 +94,70 @@ class RandFlipTextd(RandomizableTransform):
         return out
 
 
+class RandRaterd(RandomizableTransform):
+    """The label replaced by one annotator's mask, drawn at random each time (samples without
+    annotators pass unchanged)."""
+
+    def __init__(self) -> None:
+        RandomizableTransform.__init__(self, 1.0)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        raters = d.pop("raters", None)
+        if raters is not None:
+            d["label"] = raters[self.R.randint(len(raters))][None]
+        return d
+
+
+class RandForegroundCropd(RandomizableTransform, MapTransform):
+    """A `patch_size` crop of `keys` (padded first where the image is smaller): with probability
+    `foreground`, centred on a random foreground voxel of the label (kept inside the image),
+    otherwise anywhere, uniformly (nnU-Net's patch placement)."""
+
+    def __init__(self, keys: Sequence[str], patch_size: Sequence[int], foreground: float, label_key: str = "label"):
+        RandomizableTransform.__init__(self, 1.0)
+        MapTransform.__init__(self, keys)
+        self.patch, self.foreground, self.label_key = [int(p) for p in patch_size], foreground, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        d = dict(data)
+        label = d[self.label_key]
+        shape = label.shape[1:]
+        centred = self.R.random() < self.foreground
+        if centred and bool((label[0] > 0).any()):
+            voxels = (label[0] > 0).nonzero()
+            centre = [int(v) for v in voxels[self.R.randint(len(voxels))]]
+            start = [min(max(0, c - p // 2), s - p) for c, p, s in zip(centre, self.patch, shape, strict=True)]
+        else:
+            start = [self.R.randint(0, s - p + 1) for p, s in zip(self.patch, shape, strict=True)]
+        window = (slice(None), *(slice(a, a + p) for a, p in zip(start, self.patch, strict=True)))
+        for key in self.key_iterator(d):
+            d[key] = d[key][window]
+        return [d]  # a list of one patch, as MONAI's cropping transforms with num_samples=1
+
+
 def train_transforms(patch_size: Sequence[int], config: DataConfig, swap_text: bool = True) -> Compose:
     """Pad, crop (a share of patches centred on foreground, as nnU-Net), flip, rotate in-plane,
     jitter intensity. With `swap_text`, flips swap `config.text_flip_words` in the "text" (off for
     prompts that name a structure: a mirrored left ventricle is still the left ventricle)."""
     keys = ["image", "label"]
     fg = config.foreground_fraction
-    steps: list = [
-        SpatialPadd(keys, spatial_size=patch_size),
-        RandCropByPosNegLabeld(keys, "label", patch_size, pos=fg, neg=1 - fg, num_samples=1),
-    ]
-    if config.flips:
+    crop = (
+        RandForegroundCropd(keys, patch_size, fg)
+        if config.patch_sampling == "uniform"
+        else RandCropByPosNegLabeld(keys, "label", patch_size, pos=fg, neg=1 - fg, num_samples=1)
+    )
+    steps: list = [SpatialPadd(keys, spatial_size=patch_size), crop]
+    augment = config.augmentation != "off"  # "auto" is decided by the plan before training
+    if config.flips and augment:
         words = flip_word_pairs(config.text_flip_words, len(patch_size)) if swap_text else {}
         steps += [RandFlipTextd(keys, axis, words.get(axis, []), prob=0.5) for axis in range(len(patch_size))]
-    if config.rotation_degrees > 0:
+    if config.rotation_degrees > 0 and augment:
         angle = math.radians(config.rotation_degrees)
         # in the plane of the first two axes: range_x in 2D, a rotation about the last axis in 3D
         in_plane = {"range_x": angle} if len(patch_size) == 2 else {"range_z": angle}
         steps.append(RandRotated(keys, prob=0.2, mode=("bilinear", "nearest"), padding_mode="zeros", **in_plane))
-    if config.intensity_augmentation:
+    if config.intensity_augmentation and augment:
         steps += [RandScaleIntensityd("image", factors=0.1, prob=0.3), RandShiftIntensityd("image", 0.1, prob=0.3)]
     steps.append(EnsureTyped(keys, track_meta=False))
     return Compose(steps)

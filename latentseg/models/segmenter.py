@@ -47,9 +47,9 @@ def ldseg_problems(config: ModelConfig) -> list[str]:
         found.append("a text model needs text_dim (set by `train` from the text encoder)")
     if c.prompt != "none" and c.text_fusion == "none":
         found.append("a prompted model needs text_fusion=attention or concat (how the prompt joins the image)")
-    if c.label_autoencoder == "pretrained" and c.decoder_skips:
+    if c.label_autoencoder == "pretrained" and c.decoder_skips is True:
         found.append("label_autoencoder=pretrained decodes the mask latent alone; it cannot use decoder_skips")
-    if c.image_encoder == "downsample" and (c.decoder_skips or c.condition == "pretrained"):
+    if c.image_encoder == "downsample" and (c.decoder_skips is True or c.condition == "pretrained"):
         found.append(
             "image_encoder=downsample has no features at finer resolutions: it cannot be used with "
             "decoder_skips or condition=pretrained"
@@ -124,7 +124,8 @@ class LatentSegmenter(nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
         self.config = c = config
-        strides = c.strides or [2] * c.num_downsamplings  # `resolve` plans per-axis strides from the data
+        # `resolve` plans per-axis strides from the data; unplanned, 003's four halvings
+        strides = c.strides or [2] * (c.num_downsamplings if isinstance(c.num_downsamplings, int) else 4)
         self.schedule = DiffusionSchedule(c.schedule, c.num_timesteps)
         self.image_encoder = _image_encoder(c, strides)
         self.label_encoder = _label_encoder(c, strides)
@@ -135,7 +136,8 @@ class LatentSegmenter(nn.Module):
             self.condition_head = LabelDecoder(
                 c.spatial_dims, c.image_latent_channels, c.num_classes, c.decoder_channels, strides, head_skips
             )
-        skips = image_side if c.decoder_skips else None
+        self.skips = c.decoder_skips is True  # "auto" is planned; unplanned it means none
+        skips = image_side if self.skips else None
         self.label_decoder = LabelDecoder(
             c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides, skips
         )
@@ -156,7 +158,7 @@ class LatentSegmenter(nn.Module):
         """Everything the networks are conditioned on, in one dict: z_image (003 Eq. 9; fused with
         the text, 000 Eq. 2, for text models) for the denoiser and, with `decoder_skips`, the image
         features for the decoder."""
-        if self.config.decoder_skips:
+        if self.skips:
             z_image, features = self.image_encoder.forward_features(image)
             cond = {"z_image": z_image, "image_features": features}
         else:

@@ -27,3 +27,69 @@ def test_patch_shrinks_to_the_median_image_and_rounds_to_the_stride():
 def test_denoiser_strides_skip_short_latent_axes():
     assert plan_denoiser_strides([8, 8, 5], 2) == [[2, 2, 2]]
     assert plan_denoiser_strides([8, 8, 2], 2) == [[2, 2, 1]]
+
+
+# --- the latent planned from the labels (issue 16) ---------------------------------------------
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from latentseg.data.planning import frozen_axes, label_ceiling, plan_latent  # noqa: E402
+
+
+def disc(shape, radius, centre=None) -> np.ndarray:
+    grid = np.indices(shape)
+    centre = centre or [s / 2 for s in shape]
+    return (sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2).astype(np.int64)
+
+
+def test_label_ceiling_is_one_for_blocks_on_the_grid_and_low_for_thin_lines():
+    block = np.zeros((64, 64), np.int64)
+    block[16:48, 16:48] = 1  # aligned with 16-voxel cells
+    assert label_ceiling([block], 2, [16, 16]) == [1.0]
+    line = np.zeros((64, 64), np.int64)
+    line[:, 31] = 1  # one voxel wide: pooling by 4 leaves a quarter of a cell
+    assert label_ceiling([line], 2, [4, 4])[0] < 0.5
+    assert label_ceiling([line], 2, [1, 1]) == [1.0]
+
+
+def test_thin_slices_freeze_the_slice_axis():
+    volume = np.stack([disc((64, 64), 20 - 3 * k) for k in range(6)], axis=-1)  # each slice differs
+    volume[..., 1::2] *= 0  # alternate empty slices: halving that axis merges them
+    assert frozen_axes([volume], 2, 3) == [2]
+    assert frozen_axes([disc((64, 64, 64), 20)], 2, 3) == []
+
+
+def test_plan_latent_takes_the_coarsest_latent_that_holds_every_class():
+    big = disc((128, 128), 40)
+    latent = plan_latent([big], 2, [128, 128], [1.0, 1.0], threshold=0.95, min_downsamplings=2)
+    assert latent["decoder_skips"] is False and latent["num_downsamplings"] >= 3
+    assert set(latent["ceilings"]) == {1, 2, 3, 4}
+    small = disc((128, 128), 3)  # a structure a coarse latent cannot hold: skips, at the coarsest latent
+    latent = plan_latent([small], 2, [128, 128], [1.0, 1.0], threshold=0.98, min_downsamplings=3)
+    assert latent["decoder_skips"] is True and latent["num_downsamplings"] == 4
+    assert min(latent["ceilings"][4]) < 0.98
+
+
+@pytest.mark.parametrize("setting", ["model.num_downsamplings=2", "model.decoder_skips=false"])
+def test_the_planned_latent_can_be_overridden(tmp_path, data2d, setting):
+    import json
+
+    from latentseg.cli import main
+    from tests.conftest import TINY_2D
+
+    out = tmp_path / "m"
+    settings = [s for s in TINY_2D if "channels" not in s]
+    assert main(["train", "--data", str(data2d["train"]), "--out", str(out), *settings, setting]) == 0
+    plan = json.loads((out / "plans.json").read_text())
+    key, value = setting.split("=")[0].split(".")[1], setting.split("=")[1]
+    assert str(plan["model"][key]).lower() == value
+    assert plan["latent"]["ceilings"]  # the measured ceilings are kept either way
+    assert "1" in plan["latent"]["ceilings"]
+
+
+def test_attention_only_where_the_tokens_are_few():
+    from latentseg.data.prepare import attention_stages_within
+
+    assert attention_stages_within([256, 256], [[2, 2]] * 4, 2) == 2  # 32^2 = 1024 and 16^2 tokens
+    assert attention_stages_within([128, 128, 8], [[2, 2, 1]] * 4, 3) == 1  # 16x16x8 = 2048 is too many

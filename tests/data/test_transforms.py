@@ -59,3 +59,22 @@ def test_flips_keep_the_sentence_true_of_the_image():
     plain = train_transforms([64, 64], config.data, swap_text=False)  # prompts: words stay
     plain.set_random_state(seed=0)
     assert {plain(dict(sample))[0]["text"] for _ in range(8)} == {phantom.text}
+
+
+def test_uniform_patch_sampling_puts_a_share_of_patches_on_the_foreground():
+    """nnU-Net's placement (`data.patch_sampling=uniform`): one patch in three centred on a random
+    foreground voxel, the others anywhere; every patch lies inside the (padded) image."""
+    from latentseg.config import DataConfig
+
+    config = DataConfig(flips=False, rotation_degrees=0, intensity_augmentation=False, foreground_fraction=0.5)
+    transform = train_transforms([16, 16], config)
+    transform.set_random_state(seed=0)
+    image = np.random.default_rng(0).random((1, 40, 30)).astype(np.float32)
+    label = np.zeros((1, 40, 30), np.int64)
+    label[0, 36:38, 26:28] = 1  # a corner a uniform patch rarely reaches
+    hits = 0
+    for _ in range(400):
+        (out,) = transform({"image": image, "label": label, "text": ""})
+        assert tuple(out["image"].shape) == (1, 16, 16)
+        hits += int(out["label"].sum() > 0)
+    assert 0.5 <= hits / 400 <= 0.75  # a half centred, plus the uniform patches that happen to reach it

@@ -1,0 +1,176 @@
+"""Calibration, error detection and agreement with annotators (issue 17): the maths against
+torchmetrics / scikit-learn and a hand-computed case, and the files `evaluate` reads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentseg.cli import main
+from latentseg.data.phantoms import write_phantom_dataset
+from latentseg.uncertainty import (
+    binary_calibration,
+    boundary_band,
+    error_auroc,
+    expected_calibration_error,
+    generalized_energy_distance,
+    hungarian_iou,
+    iou_distance,
+    mean_pairwise_iou,
+    qubiq_dice,
+    top_label_ece,
+)
+
+torchmetrics = pytest.importorskip("torchmetrics")
+
+
+def test_ece_equals_torchmetrics_binary_and_top_label():
+    from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
+
+    rng = np.random.default_rng(0)
+    p = rng.random(20_000)
+    y = rng.random(20_000) < p**1.7
+    p[:40], p[40:80], p[80:90] = 0.0, 1.0, 1 / 15  # bin edges, and exactly 1
+    oracle = BinaryCalibrationError(n_bins=15, norm="l1")(torch.tensor(p), torch.tensor(y).long())
+    assert expected_calibration_error(p, y) == pytest.approx(float(oracle), abs=1e-9)
+    probs = rng.dirichlet([0.5, 1, 2], size=8000).T
+    ref = rng.integers(0, 3, 8000)
+    oracle = MulticlassCalibrationError(num_classes=3, n_bins=15, norm="l1")(torch.tensor(probs.T), torch.tensor(ref))
+    assert top_label_ece(probs, ref) == pytest.approx(float(oracle), abs=1e-6)
+
+
+def test_brier_and_auroc_are_scikit_learns():
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    rng = np.random.default_rng(1)
+    p, y = rng.random(500), rng.random(500) < 0.3
+    assert binary_calibration(p, y)["Brier"] == pytest.approx(brier_score_loss(y, p))
+    u, wrong = rng.random(500), rng.random(500) < 0.2
+    assert error_auroc(u, wrong) == pytest.approx(roc_auc_score(wrong, u))
+    assert error_auroc(u, np.zeros(500, bool)) is None  # nothing wrong: undefined
+
+
+def test_perfectly_calibrated_and_confidently_wrong():
+    rng = np.random.default_rng(2)
+    p = rng.random(200_000)
+    assert expected_calibration_error(p, rng.random(200_000) < p) < 0.01
+    assert expected_calibration_error(np.full(100, 0.99), np.zeros(100, bool)) == pytest.approx(0.99)
+
+
+def test_ged_and_hungarian_iou_by_hand():
+    """Two raters A (4 voxels) and B (2 of them); samples A and an empty mask.
+    d(A, B) = 1 - 2/4 = 0.5; d(empty, A) = d(empty, B) = 1; d(x, x) = 0.
+    E d(S, Y) = (0 + 0.5 + 1 + 1) / 4 = 0.625; E d(S, S') = (0 + 1 + 1 + 0) / 4 = 0.5;
+    E d(Y, Y') = (0 + 0.5 + 0.5 + 0) / 4 = 0.25; GED^2 = 1.25 - 0.5 - 0.25 = 0.5.
+    Best matching: S=A to Y=A (IoU 1), S=empty to Y=B (IoU 0): HM-IoU 0.5."""
+    a = np.zeros((4, 4), bool)
+    a[0, :4] = True
+    b = np.zeros((4, 4), bool)
+    b[0, :2] = True
+    empty = np.zeros((4, 4), bool)
+    assert iou_distance(empty, empty) == 0.0 and iou_distance(a, b) == 0.5
+    assert generalized_energy_distance([a, empty], [a, b]) == pytest.approx(0.5)
+    assert hungarian_iou([a, empty], [a, b]) == pytest.approx(0.5)
+    assert generalized_energy_distance([a, b], [a, b]) == pytest.approx(0.0)  # the raters' own spread
+    assert mean_pairwise_iou([a, b]) == pytest.approx(0.5) and mean_pairwise_iou([a]) is None
+
+
+def test_qubiq_dice_thresholds_both_maps():
+    raters = [np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0])]  # mean 1, .5, 0, 0
+    assert qubiq_dice(np.array([1.0, 0.5, 0.0, 0.0]), raters) == pytest.approx(1.0)
+    assert qubiq_dice(np.array([1.0, 1.0, 1.0, 1.0]), raters) < 0.8
+
+
+def test_boundary_band_surrounds_the_edges():
+    ref = np.zeros((20, 20), np.int64)
+    ref[5:15, 5:15] = 1
+    band = boundary_band(ref, 2)
+    assert band[5, 10] and band[3, 10] and not band[10, 10] and not band[0, 0]
+    assert not boundary_band(np.zeros((5, 5), np.int64)).any()
+
+
+@pytest.fixture(scope="module")
+def rater_data(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("raters") / "ds", 6, 2, 64, seed=4, raters=4)
+
+
+def test_phantom_raters_disagree_as_the_model_says(rater_data):
+    from latentseg.data.datasets import discover_dataset, load_dataset
+
+    spec = discover_dataset(rater_data)
+    samples, problems = load_dataset(spec)
+    assert not problems and all(s["raters"].shape == (4, 64, 64) for s in samples)
+    organ_sizes = [(s["raters"] > 0).sum((1, 2)) for s in samples]
+    assert all(size[1] > size[0] > size[2] for size in organ_sizes)  # rater 1 dilates, rater 2 erodes
+    pair = [iou_distance(s["raters"][0] == 2, s["raters"][3] == 2) for s in samples]
+    assert max(pair) > 0.05  # raters disagree on the lesions
+
+
+def test_bad_annotator_folders_are_named(tmp_path, capsys, rater_data):
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(rater_data, root)
+    for path in (root / "raters").glob("*/phantom_002.png"):
+        path.unlink()
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(root / "raters" / "rater_1" / "phantom_003.png")
+    Image.fromarray(np.zeros((60, 64), np.uint8)).save(root / "raters" / "rater_2" / "phantom_004.png")
+    assert main(["check-dataset", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "case phantom_002: no annotator mask" in err
+    assert "phantom_003" in err and "[7]" in err
+    assert "rater_2/phantom_004.png: annotator mask shape (60, 64)" in err
+
+
+def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, rater_data):
+    from tests.conftest import TINY_2D
+
+    model = tmp_path / "m"
+    settings = [*[s for s in TINY_2D if "channels" not in s], "data.raters=random"]
+    assert main(["train", "--data", str(rater_data), "--out", str(model), *settings]) == 0
+    fingerprint = json.loads((model / "fingerprint.json").read_text())
+    assert fingerprint["raters"]["mode"] == "random" and fingerprint["raters"]["annotators_per_case"] == [4]
+    out = tmp_path / "pred"
+    args = ["predict", "--model", str(model), "--input", str(rater_data / "images"), "--output", str(out)]
+    assert main([*args, "--samples", "3", "--save-samples"]) == 0
+    assert sorted(p.name for p in out.glob("phantom_000_sample*")) == [f"phantom_000_sample0{k}.png" for k in range(3)]
+    refs = [arg for k in range(4) for arg in ("--ref", str(rater_data / "raters" / f"rater_{k}"))]
+    assert main(["evaluate", "--pred", str(out), *refs]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    multi = summary["multirater"]["mean"]
+    assert 0 <= multi["GED"] <= 2 and 0 <= multi["HM_IoU"] <= 1 and 0 <= multi["QUBIQ_Dice"] <= 1
+    assert multi["rater_pairwise_IoU"] < 1  # the phantoms' raters disagree
+    assert all(c["raters"] == 4 for c in summary["metric_per_case"])
+    calibration = summary["calibration"]
+    assert set(calibration["overall"]) >= {"AUROC_std", "AUROC_std_boundary", "AUROC_entropy", "error_rate"}
+    assert (out / "reliability.png").stat().st_size > 1000
+    assert "annotators: GED" in capsys.readouterr().out
+
+
+def test_several_references_need_the_samples(tmp_path, capsys, model2d, data2d, rater_data):
+    out = tmp_path / "pred"
+    images = rater_data / "images"
+    assert (
+        main(["predict", "--model", str(model2d), "--input", str(images), "--output", str(out), "--samples", "1"]) == 0
+    )
+    refs = [arg for k in range(2) for arg in ("--ref", str(rater_data / "raters" / f"rater_{k}"))]
+    assert main(["evaluate", "--pred", str(out), *refs]) == 2
+    assert "predict with --save-samples" in capsys.readouterr().err
+    one = ["evaluate", "--pred", str(out), "--ref", str(rater_data)]
+    assert main(one) == 0  # one reference: single-rater metrics and calibration only
+    summary = json.loads((out / "summary.json").read_text())
+    assert "multirater" not in summary and "calibration" in summary
+
+
+def test_save_samples_with_one_sample_writes_one_mask(tmp_path, model2d, data2d):
+    out = tmp_path / "pred"
+    images = data2d["test"] / "images"
+    args = ["predict", "--model", str(model2d), "--input", str(images), "--output", str(out), "--samples", "1"]
+    assert main([*args, "--save-samples"]) == 0
+    sample = np.asarray(Image.open(out / "phantom_000_sample00.png"))
+    assert np.array_equal(sample, np.asarray(Image.open(out / "phantom_000.png")))
+    assert not (out / "phantom_000_sample01.png").exists()
