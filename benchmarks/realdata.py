@@ -49,7 +49,12 @@ DATASETS = {
 }
 COMMON = ["train.steps=1000000", "train.val_every=0", "train.checkpoint_every=1000000", "train.log_every=50"]
 # latentseg variants beside the defaults ("latentseg"): options a user may set
-VARIANTS = {"latentseg": [], "latentseg_noskips": ["model.decoder_skips=false"]}
+VARIANTS = {
+    "latentseg": [],
+    "latentseg_noskips": ["model.decoder_skips=false"],
+    "latentseg_wide": ["model.image_encoder_channels=[16,32,64,128,256]", "model.decoder_channels=[16,32,64,128,256]"],
+    "latentseg_labds": ["model.label_encoder=downsample"],
+}
 
 
 def test_cases(name: str) -> list[str]:

@@ -17,6 +17,7 @@ from latentseg.data.io import ImageMeta, read_image
 from latentseg.errors import LatentSegError
 from latentseg.infer import Prediction, predict_image, preprocessing_of, resolve_device, sample_options
 from latentseg.models import Segmenter
+from latentseg.package import model_folder
 from latentseg.prompts import text_input
 
 
@@ -59,7 +60,7 @@ class Model:
 
 def load_model(path: str | Path, device: str = "auto") -> Model:
     """The model a `latentseg train` folder holds (on CUDA when present, with `device="auto"`)."""
-    network, config, fingerprint = checkpoint.load_model(path, resolve_device(device))
+    network, config, fingerprint = checkpoint.load_model(model_folder(path), resolve_device(device))
     return Model(network, config, fingerprint)
 
 

@@ -117,8 +117,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def _check_class_prompts(model_dir: Path, prompts: list[str]) -> None:
     from latentseg.checkpoint import check_model_dir, load_config
+    from latentseg.package import model_folder
     from latentseg.prompts import text_input
 
+    model_dir = model_folder(model_dir)
     check_model_dir(model_dir)
     config = load_config(model_dir)
     text_input(config.model).check_names(config.model, prompts)
@@ -154,6 +156,18 @@ def _predict(args: argparse.Namespace, prompt: str | None, output: Path) -> None
     print(f"wrote {len(written)} files to {output}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from latentseg.package import export_model
+
+    print(f"model file written to {export_model(args.model, args.out)}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from latentseg.package import import_model
+
+    print(f"model unpacked to {import_model(args.file, args.out)}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from latentseg.serve import serve
 
@@ -169,6 +183,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     for line in uncertainty_lines(summary):
         print(line)
     print(f"summary written to {args.out or Path(args.pred) / 'summary.json'}")
+
+
+def cmd_robustness(args: argparse.Namespace) -> None:
+    from latentseg.robustness import run
+
+    sigmas = [float(v) for v in args.sigmas.split(",")]
+    if any(not 0 <= s <= 1 for s in sigmas):
+        raise LatentSegError(f"--sigmas must lie in [0, 1] (the images are scaled to [0, 1]), got {args.sigmas}")
+    result = run(args.model, args.input, args.ref, args.out, sigmas)
+    for point in result["curve"]:
+        print(f"sigma {point['sigma']:.2f}: Dice {point['dice']:.3f}")
+    print(f"curve written to {Path(args.out) / 'robustness.png'}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -313,6 +339,27 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_robustness(sub) -> None:
+    p = sub.add_parser("robustness", help="Dice against Gaussian noise on the inputs (003 Fig. 8)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True, help="images (or a dataset root)")
+    p.add_argument("--ref", required=True, help="their reference labels (same names)")
+    p.add_argument("--out", required=True, help="folder for robustness.json and robustness.png")
+    p.add_argument("--sigmas", default="0,0.05,0.1,0.2", help="noise std on images scaled to [0, 1] (003 Eq. 19)")
+    p.set_defaults(func=cmd_robustness)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="pack a model into one .zip file (config, weights, plan, model card)")
+    p.add_argument("--model", required=True, help="model directory written by train")
+    p.add_argument("--out", required=True, help="the model file to write, NAME.zip")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("import", help="unpack a model file into a model directory (checksums checked)")
+    p.add_argument("file", help="NAME.zip from latentseg export")
+    p.add_argument("--out", required=True, help="a new folder for the model")
+    p.set_defaults(func=cmd_import)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="phantoms -> train -> predict -> evaluate, no data needed")
     p.add_argument("--out", default="latentseg-demo")
@@ -364,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain_ddpm(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_robustness(sub)
+    _add_export(sub)
     _add_demo(sub)
     _add_phantoms(sub)
     _add_serve(sub)

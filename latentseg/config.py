@@ -54,6 +54,12 @@ class ModelConfig:
     # feed the image encoder's features to the label decoder (thin structures); "auto": planned, on
     # when no latent of at least `min_latent_downsamplings` reaches the ceiling
     decoder_skips: Literal["auto"] | bool = "auto"
+    # with skips, the decoder also reads z_image beside the label latent (the image's deepest
+    # features, which skips alone would leave out); auto: on with skips
+    decoder_image_latent: Literal["auto"] | bool = "auto"
+    # with skips, also fuse the input image at full resolution (a costly last stage); auto: planned
+    # off (measured: most of the decoder's time on ACDC), on for models saved before it was planned
+    decoder_full_skip: Literal["auto"] | bool = "auto"
     min_latent_downsamplings: Annotated[int, Range(1, 8)] = 3  # a finer latent makes the denoiser slow
     attention_stages: NonNegativeInt = 2  # image encoder stages ending in self-attention
     num_heads: PositiveInt = 4
@@ -323,8 +329,8 @@ def _coerce_choice(value: Any, hint: Any, parse: bool) -> Any:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             return value
-        if value_problem(parsed, hint) is None:
-            return parsed
+        if value_problem(parsed, hint) is None or not isinstance(parsed, str):
+            return parsed  # a number out of range is refused by `validate`, naming the range
     return value
 
 

@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 
 FusionName = Literal["mean", "vote", "staple"]
@@ -137,3 +138,12 @@ def check_same_shape(masks: list[torch.Tensor]) -> None:
     shapes = {tuple(m.shape) for m in masks}
     if len(shapes) > 1:
         raise ValueError(f"masks to fuse have different shapes: {sorted(shapes)}")
+
+
+def majority(masks: list[np.ndarray]) -> np.ndarray:
+    """Per voxel, the label most raters gave (ties to the lower label)."""
+    if len(masks) == 1:
+        return masks[0]
+    values = np.unique(np.concatenate([np.unique(m) for m in masks]))
+    votes = np.stack([sum((m == v).astype(np.int32) for m in masks) for v in values])
+    return values[votes.argmax(0)]

@@ -31,6 +31,7 @@ from latentseg.errors import LatentSegError, one_line
 from latentseg.fusion import check_fusion, entropy_map, fuse, uncertainty_map
 from latentseg.models import Segmenter
 from latentseg.overlay import save_overlay
+from latentseg.package import model_folder
 from latentseg.progress import progress_bar
 from latentseg.prompts import text_input
 from latentseg.schema import hints, value_problem
@@ -341,7 +342,7 @@ def predict(
     opts = replace(options or PredictOptions(), **option_values)
     if not 0 <= opts.seed < 2**63:
         raise LatentSegError(f"--seed must be in [0, 2^63), got {opts.seed}")
-    model, config, fingerprint = load_model(model_dir, resolve_device(opts.device))
+    model, config, fingerprint = load_model(model_folder(model_dir), resolve_device(opts.device))
     settings = sample_options(model, config.sample, sample)  # refused before the first case
     input_path, output_dir = Path(input_path), Path(output_dir)
     cases = discover_inputs(input_path, config.model.in_channels)

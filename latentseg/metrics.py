@@ -15,6 +15,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou,
 
 from latentseg.data.io import is_image_file, read_label
 from latentseg.errors import LatentSegError
+from latentseg.fusion import majority
 
 METRICS = ("Dice", "IoU", "NSD", "HD95")
 # MONAI 1.5+ warns about its own internal call; nothing for users to act on
@@ -68,15 +69,6 @@ def _references(ref_dirs: list[Path]) -> dict[str, list[Path]]:
         for p in files:
             found.setdefault(p.name, []).append(p)
     return found
-
-
-def majority(masks: list[np.ndarray]) -> np.ndarray:
-    """Per voxel, the label most raters gave (ties to the lower label)."""
-    if len(masks) == 1:
-        return masks[0]
-    values = np.unique(np.concatenate([np.unique(m) for m in masks]))
-    votes = np.stack([sum((m == v).astype(np.int32) for m in masks) for v in values])
-    return values[votes.argmax(0)]
 
 
 def _read_case(pred_dir: Path, name: str, refs: list[Path]) -> tuple[np.ndarray, list[np.ndarray], tuple]:

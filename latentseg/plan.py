@@ -34,6 +34,8 @@ PLANNED = {
         "num_classes",
         "num_downsamplings",
         "decoder_skips",
+        "decoder_image_latent",
+        "decoder_full_skip",
         "strides",
         "denoiser_strides",
         "image_encoder_channels",

@@ -84,8 +84,12 @@ def value_problem(value: Any, hint: Any) -> str | None:
         return None
     if origin in (Union, types.UnionType):
         options = get_args(hint)
-        if any(value_problem(value, option) is None for option in options):
+        found = [value_problem(value, option) for option in options]
+        if any(problem is None for problem in found):
             return None
+        for option, problem in zip(options, found, strict=True):  # right type, out of range: say so
+            if get_origin(option) is Annotated and value_problem(value, get_args(option)[0]) is None:
+                return problem
         return f"must be {' or '.join(_type_name(o) for o in options)}, got {value!r}"
     if origin is list:
         if not isinstance(value, list):

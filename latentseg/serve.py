@@ -27,6 +27,7 @@ from latentseg.data.io import read_image, read_label, split_suffix
 from latentseg.errors import LatentSegError
 from latentseg.fusion import FUSIONS
 from latentseg.infer import PredictOptions, predict
+from latentseg.package import model_folder
 
 log = logging.getLogger("latentseg.serve")
 ACCEPTED = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz")
@@ -217,7 +218,7 @@ def build_app(model_dir: str | Path, device: str = "auto", max_upload_mb: float 
     except ImportError as err:
         raise LatentSegError("latentseg serve needs Gradio: pip install 'latentseg[serve]'") from err
 
-    model_dir = Path(model_dir)
+    model_dir = model_folder(model_dir)
     check_model_dir(model_dir)
     config = load_config(model_dir)
     downloads = Path(tempfile.mkdtemp(prefix="latentseg-downloads-"))

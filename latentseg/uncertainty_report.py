@@ -118,7 +118,7 @@ def calibration_report(pred_dir: Path, cases: dict[str, tuple], labels: list[int
 
 
 def _reference(masks: list[np.ndarray]) -> np.ndarray:
-    from latentseg.metrics import majority
+    from latentseg.fusion import majority
 
     return majority(masks)
 

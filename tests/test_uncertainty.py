@@ -174,3 +174,19 @@ def test_save_samples_with_one_sample_writes_one_mask(tmp_path, model2d, data2d)
     sample = np.asarray(Image.open(out / "phantom_000_sample00.png"))
     assert np.array_equal(sample, np.asarray(Image.open(out / "phantom_000.png")))
     assert not (out / "phantom_000_sample01.png").exists()
+
+
+def test_noise_follows_eq_19_and_the_curve_falls(tmp_path, capsys, model2d, data2d):
+    from latentseg.robustness import add_noise
+
+    rng = np.random.default_rng(0)
+    image = np.linspace(10, 20, 10_000, dtype=np.float32).reshape(1, 100, 100)
+    noisy = add_noise(image, 0.1, rng)
+    assert np.std((noisy - image) / 10.0) == pytest.approx(0.1, rel=0.05)  # sigma on the [0, 1] scale
+    out = tmp_path / "curve"
+    args = ["robustness", "--model", str(model2d), "--input", str(data2d["test"] / "images")]
+    assert main([*args, "--ref", str(data2d["test"]), "--out", str(out), "--sigmas", "0,0.5"]) == 0
+    result = json.loads((out / "robustness.json").read_text())
+    assert [p["sigma"] for p in result["curve"]] == [0.0, 0.5] and result["cases"] == 3
+    assert (out / "robustness.png").is_file() and "sigma 0.50: Dice" in capsys.readouterr().out
+    assert main([*args, "--ref", str(data2d["test"]), "--out", str(out), "--sigmas", "2"]) == 2

@@ -119,6 +119,10 @@ def plan_network(
     if m.decoder_skips == "auto":  # skips need the learned image encoder and a decoder trained with it
         can_skip = m.label_autoencoder == "joint" and m.image_encoder == "learned"
         m.decoder_skips = bool(latent and latent["decoder_skips"]) and can_skip
+    if m.decoder_image_latent == "auto":
+        m.decoder_image_latent = m.decoder_skips is True
+    if m.decoder_full_skip == "auto":
+        m.decoder_full_skip = False
     config.data.patch_size = round_up(patch, total_stride(m.strides, dims))
     if not m.denoiser_strides:
         grid = [p // t for p, t in zip(config.data.patch_size, total_stride(m.strides, dims), strict=True)]
@@ -232,7 +236,7 @@ def _label_names(spec: DatasetSpec, samples: list[dict[str, Any]]) -> dict[int, 
 def use_raters(samples: list[dict[str, Any]], mode: str) -> dict[str, Any]:
     """Several annotators: `random` keeps their masks for training to draw from, `majority` makes
     their per-voxel majority the label, `none` drops them. Returns what the fingerprint records."""
-    from latentseg.metrics import majority
+    from latentseg.fusion import majority
 
     with_raters = [s for s in samples if "raters" in s]
     if not with_raters:

@@ -155,9 +155,11 @@ class LabelDecoder(nn.Module):
         channels: Sequence[int],
         strides: Sequence[Stride],
         skip_channels: Sequence[int] | None = None,
+        full_resolution_skip: bool = True,
     ):
         super().__init__()
         _check_widths(channels, strides)
+        self.full_resolution_skip = skip_channels is not None and full_resolution_skip
         self.inp = conv_nd(spatial_dims, latent_channels, channels[-1], 3, padding=1)
         coarse_to_fine = list(reversed(range(1, len(strides))))
         self.stages = nn.ModuleList(
@@ -170,12 +172,13 @@ class LabelDecoder(nn.Module):
         self.last = ResBlock(spatial_dims, channels[1], channels[1])
         self.last_norm = norm(channels[1])
         self.fuse = None
-        if skip_channels is None:
-            self.to_logits = transposed_conv_nd(spatial_dims, channels[1], num_classes, strides[0])
-        else:
+        if skip_channels is not None:
             self.fuse = nn.ModuleList(
                 conv_nd(spatial_dims, channels[i] + skip_channels[i], channels[i], 3, padding=1) for i in coarse_to_fine
             )
+        if not self.full_resolution_skip:  # the last step maps straight to logits, as MONAI's UNet does
+            self.to_logits = transposed_conv_nd(spatial_dims, channels[1], num_classes, strides[0])
+        else:
             self.to_full = transposed_conv_nd(spatial_dims, channels[1], channels[0], strides[0])
             self.fuse_full = conv_nd(spatial_dims, channels[0] + skip_channels[0], channels[0], 3, padding=1)
             self.to_logits = conv_nd(spatial_dims, channels[0], num_classes, 1)
@@ -189,7 +192,7 @@ class LabelDecoder(nn.Module):
             if self.fuse is not None:  # skips are finest first; the stages run coarse to fine
                 h = h + self.fuse[j](torch.cat([h, skips[len(self.stages) - j]], dim=1))
         h = F.silu(self.last_norm(self.last(h)))
-        if self.fuse is None:
+        if not self.full_resolution_skip:
             return self.to_logits(h)
         h = self.to_full(h)
         h = h + self.fuse_full(torch.cat([h, skips[0]], dim=1))

@@ -137,9 +137,12 @@ class LatentSegmenter(nn.Module):
                 c.spatial_dims, c.image_latent_channels, c.num_classes, c.decoder_channels, strides, head_skips
             )
         self.skips = c.decoder_skips is True  # "auto" is planned; unplanned it means none
+        self.image_latent_to_decoder = self.skips and c.decoder_image_latent is True
         skips = image_side if self.skips else None
+        decoder_in = c.latent_channels + (c.image_latent_channels if self.image_latent_to_decoder else 0)
+        full = c.decoder_full_skip is not False  # "auto" unplanned: as models were saved before it was planned
         self.label_decoder = LabelDecoder(
-            c.spatial_dims, c.latent_channels, c.num_classes, c.decoder_channels, strides, skips
+            c.spatial_dims, decoder_in, c.num_classes, c.decoder_channels, strides, skips, full
         )
         self.text_fusion = make_text_fusion(c)
         self.class_prompts = ClassPrompts(c.prompt_names, c.text_dim) if c.prompt == "class" else None
@@ -188,6 +191,8 @@ class LatentSegmenter(nn.Module):
 
     def decode(self, z: torch.Tensor, cond: dict) -> torch.Tensor:
         """Class logits of a clean latent (003 Eq. 13)."""
+        if self.image_latent_to_decoder:
+            z = torch.cat([z, cond["z_image"]], dim=1)
         return self.label_decoder(z, cond.get("image_features"))
 
     def encode_label(self, label: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,212 @@
+"""Uncertainty against real annotators (issue 17): latentseg's samples and the baselines users
+would otherwise pick, trained for the same minutes on the same split, scored by `latentseg
+evaluate` against every annotator (GED^2, Hungarian-matched IoU, QUBIQ Dice, the samples' and the
+raters' pairwise IoU) and for calibration (ECE, Brier, error-detection AUROC, whole image and
+boundary band).
+
+Datasets: BU-BIL (`../shared/data/bubil_cells`, 10 annotators; the first 25 images by name train,
+the last 10 test; resampled to spacing 4) and the multi-rater phantoms (`latentseg phantoms
+--raters 5`, 60 train / 20 test). Methods (each one process of one thread, two at a time):
+- unet, unet_temperature: a MONAI UNet (softmax), and the same net with a temperature fitted on
+  the validation cases (one training run, two outputs);
+- mc_dropout: the UNet with dropout 0.1, 8 passes with dropout on;
+- ensemble: 4 UNets, each trained for a quarter of the minutes;
+- pixel_diffusion: a MedSegDiff-kind model, MONAI's DiffusionModelUNet with the image
+  concatenated to the noisy mask, eps prediction, DDIM-50 (the peer users would pick);
+- latentseg (defaults: a random annotator per patch, x0, DDIM-2), latentseg_majority (trained on
+  the annotators' majority), latentseg_eps_eta1 (eps prediction, DDIM-2 with eta = 1).
+Every sampling method draws 8 samples (the ensemble: its 4 members).
+
+    python -m benchmarks.uncertainty [--datasets bubil,phantoms] [--methods ...] [--minutes bubil=8,phantoms=5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent.parent / "shared" / "data"
+WORK = ROOT / "work" / "uncertainty"
+SAMPLES = 8
+METHODS = ("unet", "mc_dropout", "ensemble", "pixel_diffusion", "latentseg", "latentseg_majority", "latentseg_eps_eta1")
+LATENTSEG = {
+    "latentseg": [],
+    "latentseg_majority": ["data.raters=majority"],
+    "latentseg_eps_eta1": ["model.prediction_type=eps", "sample.eta=1.0"],
+}
+DATASETS = {
+    "bubil": {"minutes": 8.0, "settings": ["data.spacing=[4.0,4.0]"]},
+    "phantoms": {"minutes": 5.0, "settings": []},
+}
+COMMON = ["train.steps=1000000", "train.val_every=0", "train.checkpoint_every=1000000", "data.patch_size=[128,128]"]
+
+
+def dataset(name: str) -> tuple[Path, list[str], list[str]]:
+    """(root, train case ids, test case ids)."""
+    if name == "bubil":
+        root = SHARED / "bubil_cells"
+        cases = sorted(p.stem for p in (root / "images").iterdir())
+        return root, cases[:25], cases[25:]
+    root = WORK / "phantoms" / "data"
+    if not (root / "raters").is_dir():
+        from latentseg.data.phantoms import write_phantom_dataset
+
+        write_phantom_dataset(root, 80, 2, 128, seed=7, raters=5)
+    cases = sorted(p.stem for p in (root / "images").iterdir())
+    return root, cases[:60], cases[60:]
+
+
+def prepare(name: str) -> dict:
+    """The split file, and folders of links: test images, test masks, each annotator's test masks."""
+    root, train, test = dataset(name)
+    work = WORK / name
+    work.mkdir(parents=True, exist_ok=True)
+    split = work / "split.csv"
+    with open(split, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case", "split"])
+        writer.writerows([(c, "train") for c in train] + [(c, "test") for c in test])
+    images = _links(work / "test_images", [root / "images" / f"{c}.png" for c in test])
+    raters = []
+    for folder in sorted((root / "raters").iterdir()):
+        files = [folder / f"{c}.png" for c in test if (folder / f"{c}.png").is_file()]
+        raters.append(_links(work / "test_raters" / folder.name, files))
+    return {"root": root, "split": split, "images": images, "raters": raters, "work": work}
+
+
+def _links(folder: Path, files: list[Path]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if not (folder / f.name).exists():
+            (folder / f.name).symlink_to(f)
+    return folder
+
+
+def run_latentseg(name: str, method: str, minutes: float, data: dict) -> dict:
+    from latentseg.config import load_config
+    from latentseg.infer import predict
+    from latentseg.training import train
+
+    work = data["work"] / method
+    shutil.rmtree(work, ignore_errors=True)
+    settings = COMMON + DATASETS[name]["settings"] + LATENTSEG[method]
+    config = load_config(None, [*settings, f"data.split={data['split']}", f"train.max_minutes={minutes}"])
+    train(data["root"], work / "model", config, progress=False)
+    steps = json.loads((work / "model" / "training_log.json").read_text())["step"][-1]
+    t0 = time.time()
+    predict(work / "model", data["images"], work / "pred", {"num_samples": SAMPLES}, save_samples=True, progress=False)
+    return {
+        "steps": steps,
+        "seconds_per_case": (time.time() - t0) / len(list(data["images"].iterdir())),
+        "pred": work / "pred",
+    }
+
+
+def training_data(name: str, data: dict):
+    from latentseg.config import load_config
+    from latentseg.data.prepare import prepare_training_data
+
+    config = load_config(
+        None, [*COMMON, *DATASETS[name]["settings"], f"data.split={data['split']}", "data.val_fraction=0.1"]
+    )
+    config.train.batch_size = 8
+    return config, prepare_training_data([data["root"]], config)
+
+
+def run_baseline(name: str, method: str, minutes: float, data: dict) -> list[dict]:
+    """Train the baseline, then write every test case as `predict` would (labels, maps, samples)."""
+    from benchmarks import uncertainty_baselines as b
+
+    config, prepared = training_data(name, data)
+    seconds = minutes * 60
+    models = b.train_method(method, prepared.train, config, seconds)
+    outputs = [method] + (["unet_temperature"] if method == "unet" else [])
+    results = []
+    for output in outputs:
+        segment = b.segmenter(output, models, prepared.val, config)
+        pred = data["work"] / output / "pred"
+        shutil.rmtree(pred, ignore_errors=True)
+        t0 = time.time()
+        b.write_predictions(segment, data["images"], pred, prepared.fingerprint, config)
+        n = len(list(data["images"].iterdir()))
+        results.append(
+            {"method": output, "steps": models.steps, "seconds_per_case": (time.time() - t0) / n, "pred": pred}
+        )
+    return results
+
+
+def score(result: dict, data: dict) -> dict:
+    from latentseg.metrics import evaluate
+
+    summary = evaluate(result["pred"], data["raters"])
+    keep = {k: v for k, v in result.items() if k != "pred"}
+    return keep | {
+        "dice": summary["foreground_mean"]["Dice"],
+        "multirater": summary["multirater"]["mean"],
+        "calibration": summary.get("calibration", {}).get("overall"),
+    }
+
+
+def one(spec: str, minutes: float) -> None:
+    from benchmarks.lanes import one_thread
+
+    one_thread()
+    name, method = spec.split(":")
+    data = prepare(name)
+    if method in LATENTSEG:
+        results = [{"method": method, **run_latentseg(name, method, minutes, data)}]
+    else:
+        results = run_baseline(name, method, minutes, data)
+    for r in results:
+        scored = score(r, data) | {"dataset": name, "budget_minutes": minutes}
+        scored["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        (WORK / name / f"{r['method']}.json").write_text(json.dumps(scored, indent=1))
+        print(json.dumps({k: scored[k] for k in ("dataset", "method", "dice")} | scored["multirater"]), flush=True)
+
+
+def collect(out: Path) -> dict:
+    results: dict = {"raters": {}}
+    for path in sorted(WORK.glob("*/*.json")):
+        r = json.loads(path.read_text())
+        results.setdefault(r["dataset"], {})[r["method"]] = r
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="bubil,phantoms")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--minutes", default="")
+    parser.add_argument("--lanes", type=int, default=2)
+    parser.add_argument("--one")
+    parser.add_argument("--collect", action="store_true")
+    args = parser.parse_args()
+    minutes = {k: float(v) for k, v in (item.split("=") for item in args.minutes.split(",") if item)}
+    budget = {n: minutes.get(n, DATASETS[n]["minutes"]) for n in DATASETS}
+    if args.one:
+        one(args.one, budget[args.one.split(":")[0]])
+    elif args.collect:
+        collect(ROOT / "results" / "uncertainty.json")
+    else:
+        from benchmarks.lanes import run_in_lanes
+
+        jobs = [["benchmarks.uncertainty", "--one", f"{d}:{m}", "--minutes", args.minutes]
+                for d in args.datasets.split(",") for m in args.methods.split(",")]  # fmt: skip
+        run_in_lanes(jobs, args.lanes)
+        collect(ROOT / "results" / "uncertainty.json")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    np.seterr(all="ignore")
+    main()
