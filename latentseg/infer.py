@@ -25,7 +25,7 @@ from monai.inferers import sliding_window_inference
 from latentseg.checkpoint import load_model
 from latentseg.config import Config, SampleConfig
 from latentseg.data.datasets import Case, discover_inputs, load_image
-from latentseg.data.io import ImageMeta, file_format, output_name, write_label, write_map
+from latentseg.data.io import ImageMeta, file_format, output_ending, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
 from latentseg.errors import LatentSegError, one_line
 from latentseg.fusion import check_fusion, entropy_map, fuse, uncertainty_map
@@ -199,12 +199,12 @@ OUTPUT_SUFFIXES = ("", "_prob", "_std", "_entropy")
 def output_names(case: Case, overlay: bool = True, samples: int = 0) -> list[str]:
     """The files `predict` writes for a case (`samples` sampled label maps among them), the label
     map last."""
-    ending = ".nii.gz" if file_format(case.image_paths[0]) == "nifti" else ".png"
-    names = [f"{case.case_id}{suffix}{ending}" for suffix in OUTPUT_SUFFIXES[1:]]
-    names += [f"{case.case_id}_sample{k:02d}{ending}" for k in range(samples)]
+    fmt = file_format(case.image_paths[0])
+    names = [f"{case.case_id}{suffix}{output_ending(fmt, suffix)}" for suffix in OUTPUT_SUFFIXES[1:]]
+    names += [f"{case.case_id}_sample{k:02d}{output_ending(fmt, '_sample')}" for k in range(samples)]
     if overlay:
         names.append(f"{case.case_id}_overlay.png")
-    return [*names, f"{case.case_id}{ending}"]
+    return [*names, f"{case.case_id}{output_ending(fmt)}"]
 
 
 def check_output_clashes(cases: list[Case], overlay: bool = True, samples: int = 0) -> None:
@@ -288,14 +288,16 @@ def _write_case(
     pred: Prediction,
     mask_values: list[int],
     overlay: bool,
+    label_names: dict[int, str] | None = None,
 ) -> None:
     stored = (lambda labels: np.asarray(mask_values)[labels]) if mask_values else (lambda labels: labels)  # noqa: E731
-    write_label(folder / output_name(meta, case.case_id), stored(pred.label), meta)
+    write_label(folder / output_name(meta, case.case_id), stored(pred.label), meta, label_names)
     for k, sample in enumerate(pred.samples if pred.samples is not None else []):
         write_label(folder / output_name(meta, case.case_id, f"_sample{k:02d}"), stored(sample), meta)
-    prob = pred.probabilities if meta.format == "nifti" else 1.0 - pred.probabilities[0]
+    volume = meta.format in ("nifti", "dicom")
+    prob = pred.probabilities if volume else 1.0 - pred.probabilities[0]
     write_map(folder / output_name(meta, case.case_id, "_prob"), prob, meta)
-    std = pred.uncertainty if meta.format == "nifti" else np.clip(2 * pred.uncertainty, 0, 1)
+    std = pred.uncertainty if volume else np.clip(2 * pred.uncertainty, 0, 1)
     write_map(folder / output_name(meta, case.case_id, "_std"), std, meta)
     write_map(folder / output_name(meta, case.case_id, "_entropy"), np.clip(pred.entropy, 0, 1), meta)
     if overlay:
@@ -356,9 +358,9 @@ def predict(
     _make_output_dir(output_dir)
     remove_stale_staging(output_dir)
     cases = plan_outputs(cases, output_dir, opts.overlays, opts.resume, opts.overwrite, saved)
-    job = CaseJob(
-        model, config, preprocessing_of(fingerprint, config), settings, fingerprint.get("mask_values") or [], opts
-    )
+    names = {int(k): str(v) for k, v in (fingerprint.get("labels") or {}).items()}
+    prep = preprocessing_of(fingerprint, config)
+    job = CaseJob(model, config, prep, settings, fingerprint.get("mask_values") or [], opts, names)
     try:
         return _run_cases(job, cases, texts, output_dir)
     finally:
@@ -385,6 +387,7 @@ class CaseJob:
     sample: SampleConfig
     mask_values: list[int]
     options: PredictOptions
+    label_names: dict[int, str] | None = None  # DICOM-SEG segment names
 
     def segment(self, case: Case, text, folder: Path) -> None:
         """Read, check, sample and write one case's files into `folder`."""
@@ -392,7 +395,7 @@ class CaseJob:
         _check_input(case, image, meta, self.config)
         o = self.options
         pred = predict_image(self.model, self.config, self.prep, image, meta, self.sample, o.seed, text, o.save_samples)
-        _write_case(folder, case, image, meta, pred, self.mask_values, o.overlays)
+        _write_case(folder, case, image, meta, pred, self.mask_values, o.overlays, self.label_names)
 
 
 def _run_cases(job: CaseJob, cases: list[Case], texts: dict, output_dir: Path) -> list[Path]:

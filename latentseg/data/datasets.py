@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from latentseg.data.dicom import series_folders
 from latentseg.data.io import DEFAULT_MAX_VOXELS, ImageMeta, is_image_file, read_image, read_label, split_suffix
 from latentseg.errors import LatentSegError, one_line
 
@@ -252,15 +253,19 @@ def _attach_raters(spec: DatasetSpec) -> None:
 
 
 def discover_inputs(path: str | Path, num_channels: int | None = None) -> list[Case]:
-    """Cases to predict: one file, a folder of files, or a dataset root (its `imagesTs/` or
-    `images/`). Files named as nnU-Net channels (`CASE_0000`, `CASE_0001`, ...) are grouped into
-    one multi-channel case only when every case has the channels 0..k-1 and k is the model's
-    channel count (`num_channels`); otherwise every file is a case of its own."""
+    """Cases to predict: one file, a folder of files, a dataset root (its `imagesTs/` or
+    `images/`), or DICOM: a folder holding one series, or a folder of such folders (one case each).
+    Files named as nnU-Net channels (`CASE_0000`, `CASE_0001`, ...) are grouped into one
+    multi-channel case only when every case has the channels 0..k-1 and k is the model's channel
+    count (`num_channels`); otherwise every file is a case of its own."""
     path = Path(path)
     if path.is_file():
         return [Case(split_suffix(path)[0], [path])]
     if not path.is_dir():
         raise LatentSegError(f"{path}: input not found")
+    series = series_folders(path)
+    if series:  # DICOM: one series per folder, the folder's name the case's
+        return [Case(folder.name, [folder]) for folder in series]
     folder = next((path / sub for sub in ("imagesTs", "images") if (path / sub).is_dir()), path)
     files = sorted(p for p in folder.iterdir() if is_image_file(p))
     if not files:

@@ -1,4 +1,5 @@
-"""Reading and writing images and label maps: NIfTI through nibabel, 2D images through Pillow.
+"""Reading and writing images and label maps: NIfTI through nibabel, 2D images through Pillow,
+DICOM series (a folder per series) through pydicom with DICOM-SEG written by highdicom.
 
 Readers return a channel-first array and an `ImageMeta` with the spacing, affine and header, so a
 prediction can be written back on exactly the input's grid. Every failure is a `LatentSegError`
@@ -21,7 +22,7 @@ from latentseg.errors import LatentSegError, one_line
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-FileFormat = Literal["nifti", "image2d"]
+FileFormat = Literal["nifti", "image2d", "dicom"]
 
 
 DEFAULT_MAX_VOXELS = 2**29  # 512 x 512 x 2048; `data.max_voxels` / `--max-voxels` change it
@@ -36,6 +37,7 @@ class ImageMeta:
     affine: np.ndarray | None = None  # NIfTI only
     header: Any = None  # NIfTI only: the nibabel header, copied onto outputs
     file_shape: tuple[int, ...] | None = None  # NIfTI only: the spatial shape stored (H, W, 1 for a 2D slice)
+    source: Any = None  # DICOM only: the series' datasets in slice order, which a DICOM-SEG references
 
     @property
     def spatial_dims(self) -> int:
@@ -53,6 +55,8 @@ def check_size(path: Path, shape: tuple[int, ...], max_voxels: int) -> None:
 
 
 def file_format(path: Path) -> FileFormat:
+    if path.is_dir():
+        return "dicom"  # a folder holding one DICOM series
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
@@ -136,6 +140,8 @@ def read_image(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[
     `max_voxels` values is refused before its data is read.
     """
     path = Path(path)
+    if path.is_dir():
+        return _load_dicom(path, max_voxels)
     if not path.is_file():
         raise LatentSegError(f"{path}: file not found")
     if file_format(path) == "nifti":
@@ -150,6 +156,14 @@ def read_image(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[
         data, meta = _load_2d(path, max_voxels)
         data = data[None] if data.ndim == 2 else np.moveaxis(data, -1, 0)
     return np.ascontiguousarray(data, dtype=np.float32), meta
+
+
+def _load_dicom(path: Path, max_voxels: int) -> tuple[np.ndarray, ImageMeta]:
+    from latentseg.data.dicom import read_series
+
+    volume, info = read_series(path, max_voxels)
+    meta = ImageMeta(path, "dicom", volume.shape, info["spacing"], info["affine"], source=info["datasets"])
+    return volume[None], meta
 
 
 def read_label(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
@@ -183,7 +197,7 @@ def read_label(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[
     return data, meta
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=split_suffix(path)[1], dir=path.parent)
@@ -199,23 +213,29 @@ def _atomic_write(path: Path, write) -> None:
 def _write_nifti(path: Path, data: np.ndarray, meta: ImageMeta, dtype: type) -> None:
     if meta.file_shape is not None and meta.file_shape != meta.spatial_shape:  # back to H x W x 1
         data = data.reshape(*meta.file_shape, *data.shape[meta.spatial_dims :])
-    header = meta.header.copy()
+    header = meta.header.copy() if meta.header is not None else nib.Nifti1Header()
     header.set_data_dtype(dtype)
     img = nib.Nifti1Image(data.astype(dtype), meta.affine, header=header)
     img.header.set_slope_inter(1.0, 0.0)
-    _atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
+    atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
 
 def _write_png(path: Path, data: np.ndarray) -> None:
-    _atomic_write(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
 
 
-def write_label(path: str | Path, label: np.ndarray, meta: ImageMeta) -> None:
-    """Label map on the input's grid: NIfTI keeps the input's affine and header; PNG stays PNG."""
+def write_label(path: str | Path, label: np.ndarray, meta: ImageMeta, names: dict[int, str] | None = None) -> None:
+    """Label map on the input's grid: NIfTI keeps the input's affine and header; PNG stays PNG; a
+    DICOM series gets a DICOM-SEG (`.dcm`, segments named from `names`) or, for other names, NIfTI."""
     path = Path(path)
     if tuple(label.shape) != meta.spatial_shape:
         raise ValueError(f"label shape {label.shape} does not match the input grid {meta.spatial_shape}")
-    if meta.format == "nifti":
+    if meta.format == "dicom" and path.name.endswith(".dcm"):
+        from latentseg.data.dicom import write_seg
+
+        found = {int(v) for v in np.unique(label) if v}
+        write_seg(path, label, meta.source, {k: v for k, v in (names or {}).items()} or {k: str(k) for k in found})
+    elif meta.format in ("nifti", "dicom"):
         _write_nifti(path, label, meta, np.uint8 if label.max(initial=0) < 256 else np.uint16)
     else:
         _write_png(path, label.astype(np.uint8))
@@ -224,7 +244,7 @@ def write_label(path: str | Path, label: np.ndarray, meta: ImageMeta) -> None:
 def write_map(path: str | Path, values: np.ndarray, meta: ImageMeta) -> None:
     """A float map (*S) or (C, *S) in [0, 1]: float32 NIfTI (channels last), or an 8-bit PNG."""
     path = Path(path)
-    if meta.format == "nifti":
+    if meta.format in ("nifti", "dicom"):
         data = np.moveaxis(values, 0, -1) if values.ndim == meta.spatial_dims + 1 else values
         _write_nifti(path, data, meta, np.float32)
     else:
@@ -234,6 +254,12 @@ def write_map(path: str | Path, values: np.ndarray, meta: ImageMeta) -> None:
 
 
 def output_name(meta: ImageMeta, case_id: str, suffix: str = "") -> str:
-    """File name of an output for this case, in the input's format."""
-    ending = ".nii.gz" if meta.format == "nifti" else ".png"
-    return f"{case_id}{suffix}{ending}"
+    """File name of an output for this case, in the input's format (DICOM: the label map as a
+    DICOM-SEG, maps and samples as NIfTI)."""
+    return f"{case_id}{suffix}{output_ending(meta.format, suffix)}"
+
+
+def output_ending(fmt: FileFormat, suffix: str = "") -> str:
+    if fmt == "dicom":
+        return ".dcm" if suffix == "" else ".nii.gz"
+    return ".nii.gz" if fmt == "nifti" else ".png"
