@@ -45,12 +45,20 @@ def _positive_float(text: str) -> float:
 
 
 def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
     return value
 
 
@@ -151,6 +159,8 @@ def _predict(args: argparse.Namespace, prompt: str | None, output: Path) -> None
         overwrite=args.overwrite,
         max_voxels=args.max_voxels,
         save_samples=args.save_samples,
+        num_parts=args.num_parts,
+        part_id=args.part_id,
     )
     written = predict(args.model, args.input, output, sample_overrides(args), options)
     print(f"wrote {len(written)} files to {output}")
@@ -316,6 +326,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--allow-missing-text", action="store_true", help="inputs without a sentence get 'no description'")
     p.add_argument("--max-voxels", type=_positive_int, help="largest image accepted (default: the model's)")
     p.add_argument("--save-samples", action="store_true", help="also write each sample's labels (CASE_sample00, ...)")
+    p.add_argument("--num-parts", type=_positive_int, help="split the cases into this many parts (several machines)")
+    p.add_argument(
+        "--part-id", type=_non_negative_int, help="the part this process does, 0 .. num-parts - 1 (every N-th case)"
+    )
     done = p.add_mutually_exclusive_group()
     done.add_argument(
         "--continue", dest="resume", action="store_true", help="skip the cases whose outputs are all present"

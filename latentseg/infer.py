@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -244,11 +245,20 @@ def plan_outputs(
 STAGING_PREFIX = ".latentseg-partial-"
 
 
+def staging_prefix() -> str:
+    """`.latentseg-partial-PID-HOST-`: parts of one prediction may run on several machines."""
+    host = "".join(ch for ch in socket.gethostname() if ch.isalnum())[:32] or "host"
+    return f"{STAGING_PREFIX}{os.getpid()}-{host}-"
+
+
 def remove_stale_staging(output: Path) -> None:
-    """Staging folders left by a killed run (their process is gone) are removed."""
+    """Staging folders left by a killed run on this machine (their process is gone) are removed;
+    another machine's are left alone."""
+    here = staging_prefix().split("-")[-2]
     for folder in output.glob(f"{STAGING_PREFIX}*"):
-        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or not _process_alive(int(pid)):
+        parts = folder.name[len(STAGING_PREFIX) :].split("-")  # PID-HOST-RANDOM (PID-RANDOM before 0.3)
+        pid, host = parts[0], parts[1] if len(parts) >= 3 else here
+        if host == here and (not pid.isdigit() or not _process_alive(int(pid))):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -319,6 +329,24 @@ class PredictOptions:
     overwrite: bool = False  # replace existing outputs (refused otherwise)
     max_voxels: int | None = None  # default: the model's data.max_voxels
     save_samples: bool = False  # also write each sample's labels: CASE_sample00, CASE_sample01, ...
+    # this process segments cases part_id, part_id + num_parts, ... of the sorted input (nnU-Net's
+    # -num_parts / -part_id); under torchrun, by default, one part per rank
+    num_parts: int | None = None
+    part_id: int | None = None
+
+
+def my_part(options: PredictOptions) -> tuple[int, int]:
+    """(num_parts, part_id) of this process: as given, else the torchrun rank, else (1, 0)."""
+    from latentseg.distributed import world_from_environment
+
+    if options.num_parts is None and options.part_id is None:
+        world = world_from_environment()
+        return world.size, world.rank
+    num_parts = 1 if options.num_parts is None else options.num_parts
+    part_id = 0 if options.part_id is None else options.part_id
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise LatentSegError(f"--part-id must be in [0, --num-parts), got part {part_id} of {num_parts}")
+    return num_parts, part_id
 
 
 def predict(
@@ -344,13 +372,15 @@ def predict(
     opts = replace(options or PredictOptions(), **option_values)
     if not 0 <= opts.seed < 2**63:
         raise LatentSegError(f"--seed must be in [0, 2^63), got {opts.seed}")
+    num_parts, part_id = my_part(opts)
     model, config, fingerprint = load_model(model_folder(model_dir), resolve_device(opts.device))
     settings = sample_options(model, config.sample, sample)  # refused before the first case
     input_path, output_dir = Path(input_path), Path(output_dir)
     cases = discover_inputs(input_path, config.model.in_channels)
     _check_output_dir(output_dir, input_path, cases)
     saved = settings.num_samples if opts.save_samples else 0
-    check_output_clashes(cases, opts.overlays, saved)
+    check_output_clashes(cases, opts.overlays, saved)  # over every part: their outputs share a folder
+    cases = cases[part_id::num_parts]
     request = {"prompt": opts.prompt, "text_file": opts.text_file, "allow_missing_text": opts.allow_missing_text}
     device = next(model.parameters()).device
     texts = text_input(config.model).prediction_inputs(config.model, cases, request, device)
@@ -364,7 +394,7 @@ def predict(
     try:
         return _run_cases(job, cases, texts, output_dir)
     finally:
-        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+        if created and num_parts == 1 and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()
 
 
@@ -402,7 +432,7 @@ def _run_cases(job: CaseJob, cases: list[Case], texts: dict, output_dir: Path) -
     """Each case staged in a hidden folder, then moved into place; failures listed at the end."""
     written: list[Path] = []
     failures: list[str] = []
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=output_dir))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=output_dir))
     try:
         for case in progress_bar(cases, desc="predict", unit="case", disable=not job.options.progress):
             try:

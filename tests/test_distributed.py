@@ -186,3 +186,48 @@ def test_survivor_reports_lost_peer(tmp_path, data2d):
     assert len(errors) == 1 and "rank 0 of 2: lost contact with the other training processes" in errors[0]
     assert "continue with --resume" in errors[0]
     assert load_file(str(out / "model.safetensors"))  # the last checkpoint is readable
+
+
+# --- prediction spread over processes (--num-parts / --part-id, torchrun) ------------------------
+
+
+def _label_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("phantom_*[0-9].png"))}
+
+
+def test_parts_cover_every_case_once_and_match_one_process(tmp_path, model2d, data2d):
+    images = str(data2d["train"] / "images")  # 10 cases: parts of 4, 3 and 3
+    whole = tmp_path / "whole"
+    assert main(["predict", "--model", str(model2d), "--input", images, "--output", str(whole), "--samples", "1"]) == 0
+    parts = tmp_path / "parts"
+    cmd = [sys.executable, "-m", "latentseg", "predict", "--model", str(model2d), "--input", images]
+    cmd += ["--output", str(parts), "--samples", "1", "--num-parts", "3"]
+    procs = [
+        subprocess.Popen([*cmd, "--part-id", str(k)], env=_env(), stdout=subprocess.PIPE, text=True) for k in range(3)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert [int(o.split()[1]) // 5 for o in outs] == [4, 3, 3]  # "wrote N files": 5 files a case
+    assert _label_files(parts) == _label_files(whole)  # every case once, as one process writes it
+    assert not [p for p in parts.iterdir() if p.name.startswith(".")]
+
+
+def test_torchrun_deals_the_cases_across_ranks(tmp_path, model2d, data2d):
+    out = tmp_path / "pred"
+    args = ["-m", "latentseg", "predict", "--model", str(model2d), "--input", str(data2d["train"] / "images")]
+    done = subprocess.run(
+        _torchrun(*args, "--output", str(out), "--samples", "1"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    wrote = sorted(int(line.split()[1]) // 5 for line in done.stdout.splitlines() if line.startswith("wrote"))
+    assert wrote == [5, 5] and len(_label_files(out)) == 10
+
+
+def test_a_part_id_beyond_the_parts_is_refused(tmp_path, model2d, data2d, capsys):
+    argv = ["predict", "--model", str(model2d), "--input", str(data2d["test"] / "images"), "--output", str(tmp_path)]
+    assert main([*argv, "--num-parts", "2", "--part-id", "2"]) == 2
+    assert "--part-id must be in [0, --num-parts), got part 2 of 2" in capsys.readouterr().err
