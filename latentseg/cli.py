@@ -161,6 +161,7 @@ def _predict(args: argparse.Namespace, prompt: str | None, output: Path) -> None
         save_samples=args.save_samples,
         num_parts=args.num_parts,
         part_id=args.part_id,
+        engine=args.engine,
     )
     written = predict(args.model, args.input, output, sample_overrides(args), options)
     print(f"wrote {len(written)} files to {output}")
@@ -169,7 +170,14 @@ def _predict(args: argparse.Namespace, prompt: str | None, output: Path) -> None
 def cmd_export(args: argparse.Namespace) -> None:
     from latentseg.package import export_model
 
-    print(f"model file written to {export_model(args.model, args.out)}")
+    if not (args.onnx or args.out):
+        raise LatentSegError("give --out NAME.zip (one model file), --onnx (ONNX graphs), or both")
+    if args.onnx:
+        from latentseg.onnx_engine import export_onnx
+
+        print(f"ONNX graphs written to {export_onnx(args.model, args.overwrite)}")
+    if args.out:
+        print(f"model file written to {export_model(args.model, args.out)}")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -326,6 +334,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--allow-missing-text", action="store_true", help="inputs without a sentence get 'no description'")
     p.add_argument("--max-voxels", type=_positive_int, help="largest image accepted (default: the model's)")
     p.add_argument("--save-samples", action="store_true", help="also write each sample's labels (CASE_sample00, ...)")
+    p.add_argument(
+        "--engine", choices=["torch", "onnxruntime"], default="torch", help="onnxruntime: the graphs of export --onnx"
+    )
     p.add_argument("--num-parts", type=_positive_int, help="split the cases into this many parts (several machines)")
     p.add_argument(
         "--part-id", type=_non_negative_int, help="the part this process does, 0 .. num-parts - 1 (every N-th case)"
@@ -366,7 +377,9 @@ def _add_robustness(sub) -> None:
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="pack a model into one .zip file (config, weights, plan, model card)")
     p.add_argument("--model", required=True, help="model directory written by train")
-    p.add_argument("--out", required=True, help="the model file to write, NAME.zip")
+    p.add_argument("--out", help="the model file to write, NAME.zip (with the ONNX graphs when exported)")
+    p.add_argument("--onnx", action="store_true", help="write the ONNX graphs into MODEL/onnx/ (first, with --out)")
+    p.add_argument("--overwrite", action="store_true", help="--onnx: replace graphs exported before")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("import", help="unpack a model file into a model directory (checksums checked)")
     p.add_argument("file", help="NAME.zip from latentseg export")

@@ -333,6 +333,16 @@ class PredictOptions:
     # -num_parts / -part_id); under torchrun, by default, one part per rank
     num_parts: int | None = None
     part_id: int | None = None
+    engine: str = "torch"  # torch | onnxruntime (the graphs `latentseg export --onnx` wrote)
+
+
+def _load_onnx(model_dir: Path, device: torch.device):
+    from latentseg.onnx_engine import load_onnx_model
+
+    return load_onnx_model(model_dir, device)
+
+
+ENGINES = {"torch": load_model, "onnxruntime": _load_onnx}
 
 
 def my_part(options: PredictOptions) -> tuple[int, int]:
@@ -373,7 +383,9 @@ def predict(
     if not 0 <= opts.seed < 2**63:
         raise LatentSegError(f"--seed must be in [0, 2^63), got {opts.seed}")
     num_parts, part_id = my_part(opts)
-    model, config, fingerprint = load_model(model_folder(model_dir), resolve_device(opts.device))
+    if opts.engine not in ENGINES:
+        raise LatentSegError(f"--engine must be one of {', '.join(ENGINES)}, got {opts.engine!r}")
+    model, config, fingerprint = ENGINES[opts.engine](model_folder(model_dir), resolve_device(opts.device))
     settings = sample_options(model, config.sample, sample)  # refused before the first case
     input_path, output_dir = Path(input_path), Path(output_dir)
     cases = discover_inputs(input_path, config.model.in_channels)

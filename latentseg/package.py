@@ -27,6 +27,7 @@ MANIFEST = "latentseg-model.json"
 CARD = "MODEL.md"
 FORMAT = 1  # bumped when a model file's layout changes in a way older versions cannot read
 PACKED = (CONFIG_FILE, PLAN_FILE, MODEL_FILE, FINGERPRINT_FILE, "training_log.json")
+ONNX_FILES = ("onnx/onnx.json", "onnx/condition.onnx", "onnx/denoiser.onnx", "onnx/decoder.onnx")
 MAX_UNPACKED_BYTES = 16 * 2**30  # a zip that claims more than this is refused before it is read
 
 
@@ -100,7 +101,7 @@ def export_model(model_dir: str | Path, out: str | Path) -> Path:
         raise LatentSegError(f"{out}: exists; choose another --out (nothing is overwritten)")
     if out.suffix != ".zip":
         raise LatentSegError(f"{out}: the model file must end in .zip")
-    names = [n for n in PACKED if (model_dir / n).is_file()]
+    names = [n for n in (*PACKED, *ONNX_FILES) if (model_dir / n).is_file()]
     card = model_card(model_dir)
     manifest = {
         "format": FORMAT,
@@ -140,7 +141,7 @@ def _check(path: Path, zf: zipfile.ZipFile, manifest: dict[str, Any]) -> None:
             f"{path}: written by latentseg {written_by} (model file format {fmt}); this latentseg {version()} "
             f"reads format {FORMAT}: upgrade latentseg to use it"
         )
-    allowed = {*PACKED, CARD}
+    allowed = {*PACKED, *ONNX_FILES, CARD}
     unexpected = [n for n in manifest["files"] if n not in allowed]
     if unexpected:
         raise LatentSegError(f"{path}: unexpected entries {unexpected} in the manifest")
@@ -152,23 +153,37 @@ def _check(path: Path, zf: zipfile.ZipFile, manifest: dict[str, Any]) -> None:
 
 
 def import_model(path: str | Path, out: str | Path) -> Path:
-    """Unpack a model file into a new folder, every file checked against the manifest."""
+    """Unpack a model file into a new folder, every file checked against the manifest before any
+    is written (a damaged file leaves nothing behind)."""
     path, out = Path(path), Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LatentSegError(f"{out}: exists and is not empty; choose another --out (nothing is overwritten)")
     zf, manifest = _open(path)
     with zf:
         _check(path, zf, manifest)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, expected in manifest["files"].items():  # names come from the allow-list, never from the zip
-            try:
-                data = zf.read(name)
-            except KeyError:
-                raise LatentSegError(f"{path}: {name} is listed but missing") from None
-            if hashlib.sha256(data).hexdigest() != expected:
-                raise LatentSegError(f"{path}: {name} does not match its checksum (damaged or tampered with); refused")
-            (out / name).write_bytes(data)
+        contents = {name: _checked(path, zf, name, expected) for name, expected in manifest["files"].items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-import-", dir=out.parent))
+    try:
+        for name, data in contents.items():  # names come from the allow-list, never from the zip
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _checked(path: Path, zf: zipfile.ZipFile, name: str, expected: str) -> bytes:
+    try:
+        data = zf.read(name)
+    except KeyError:
+        raise LatentSegError(f"{path}: {name} is listed but missing") from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise LatentSegError(f"{path}: {name} does not match its checksum (damaged or tampered with); refused")
+    return data
 
 
 def unpacked(path: Path) -> Path:

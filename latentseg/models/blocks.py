@@ -143,7 +143,7 @@ class DualCrossAttention(nn.Module):
         self.pool = [F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d][spatial_dims - 1]
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        c = self.proj(self.pool(cond, h.shape[2:]))
+        c = self.proj(self.pool(cond, [int(n) for n in h.shape[2:]]))  # plain ints: ONNX export needs a fixed size
         c = self.cond_from_mask(c, h)
         return self.mask_from_cond(h, c)
 

@@ -71,7 +71,8 @@ class ClassPrompts(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> TextEmbedding:
         e = self.embedding(ids)  # (B, D)
-        return TextEmbedding(e[:, None], torch.zeros(len(ids), 1, dtype=torch.bool, device=e.device), e)
+        padding = torch.zeros_like(ids, dtype=torch.bool)[:, None]  # (B, 1); from ids' shape, so it traces
+        return TextEmbedding(e[:, None], padding, e)
 
 
 ENCODER_KINDS = ("learned", "downsample")  # 000 Table II: a network, or plain downsampling (zeta_2, zeta_3)
@@ -111,7 +112,71 @@ def _denoiser(c: ModelConfig) -> Denoiser:
     )
 
 
-class LatentSegmenter(nn.Module):
+def sampling_parts(c: ModelConfig) -> tuple[DiffusionSchedule, Stages, OneHead | TwoHeads]:
+    """The schedule, the staged thresholds and the heads' maths a model samples with."""
+    schedule = DiffusionSchedule(c.schedule, c.num_timesteps)
+    heads = TwoHeads(schedule, c.eps_head_seg_loss, c.stage_high) if c.denoiser_heads == 2 else (
+        OneHead(schedule, c.prediction_type, c.x0_estimate)
+    )  # fmt: skip
+    return schedule, Stages(c.stage_high, c.stage_low, c.num_timesteps), heads
+
+
+class LatentSampling:
+    """003 Algorithm 2 over three parts a model provides: `conditioning(image, text)`,
+    `denoiser.forward_heads(z_t, t, cond, heads)` and `decode(z_0, cond)` (torch modules here,
+    ONNX Runtime sessions in `latentseg.onnx_engine`), with `config`, `schedule`, `heads` and
+    `stages` for the samplers."""
+
+    def latent_sampler(self, options: SampleConfig) -> LatentSampler:
+        """The sampler `options.sampler` names, for this model's heads."""
+        return SAMPLERS[options.sampler](self, options)
+
+    def sampling_problems(self, options: SampleConfig) -> list[str]:
+        return self.latent_sampler(options).problems(options.num_samples, self.heads.names)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        image: torch.Tensor,
+        options: SampleConfig,
+        text: TextEmbedding | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """003 Algorithm 2: class probabilities of `options.num_samples` samples per image.
+
+        The image encoder runs once per image; all samples go through the denoiser and the
+        decoder in one batch. `options.steps=None` runs the full 1000-step DDPM chain.
+
+        Returns:
+            (num_samples, B, C, *S) softmax probabilities.
+        """
+        sampler = self.latent_sampler(options)
+        problems = sampler.problems(options.num_samples, self.heads.names)
+        if problems:
+            raise ValueError(problems[0])
+        cond = self.conditioning(image, text)
+        batch, n = image.shape[0], options.num_samples
+        shape = (batch, self.config.latent_channels, *cond["z_image"].shape[2:])
+        z0 = sampler.sample(self._denoiser_fn(cond, batch), shape, n, generator, image)
+        probs = torch.softmax(self.decode(z0, repeat_samples(cond, n)), dim=1)  # line 7
+        return probs.reshape(n, batch, *probs.shape[1:])
+
+    def _denoiser_fn(self, cond: dict, batch: int):
+        """denoise(z, t, heads) -> {head: output}, the conditioning repeated to z's batch."""
+        repeated: dict[int, dict] = {}
+        index = {name: i for i, name in enumerate(self.heads.names)}
+
+        def denoise(z: torch.Tensor, t: torch.Tensor, heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
+            n = z.shape[0] // batch
+            if n not in repeated:
+                repeated[n] = repeat_samples(cond, n)
+            outputs = self.denoiser.forward_heads(z, t, repeated[n], [index[h] for h in heads])
+            return dict(zip(heads, outputs, strict=True))
+
+        return denoise
+
+
+class LatentSegmenter(LatentSampling, nn.Module):
     """The LDSeg model for any `spatial_dims`.
 
     Args:
@@ -126,7 +191,7 @@ class LatentSegmenter(nn.Module):
         self.config = c = config
         # `resolve` plans per-axis strides from the data; unplanned, 003's four halvings
         strides = c.strides or [2] * (c.num_downsamplings if isinstance(c.num_downsamplings, int) else 4)
-        self.schedule = DiffusionSchedule(c.schedule, c.num_timesteps)
+        self.schedule, self.stages, self.heads = sampling_parts(c)
         self.image_encoder = _image_encoder(c, strides)
         self.label_encoder = _label_encoder(c, strides)
         self.denoiser = _denoiser(c)
@@ -146,10 +211,6 @@ class LatentSegmenter(nn.Module):
         )
         self.text_fusion = make_text_fusion(c)
         self.class_prompts = ClassPrompts(c.prompt_names, c.text_dim) if c.prompt == "class" else None
-        self.stages = Stages(c.stage_high, c.stage_low, c.num_timesteps)
-        self.heads = TwoHeads(self.schedule, c.eps_head_seg_loss, c.stage_high) if c.denoiser_heads == 2 else (
-            OneHead(self.schedule, c.prediction_type, c.x0_estimate)
-        )  # fmt: skip
         self.decodes_in_training = c.label_autoencoder != "pretrained"  # 002 trains on the latent alone
         self.dice = soft_dice_loss()
 
@@ -267,56 +328,6 @@ class LatentSegmenter(nn.Module):
         names = {"condition": ("image_encoder", "condition_head"), "autoencoder": ("label_encoder", "label_decoder")}
         for name in names[part]:
             getattr(self, name).requires_grad_(False)
-
-    # --- sampling ---------------------------------------------------------------------------
-
-    def latent_sampler(self, options: SampleConfig) -> LatentSampler:
-        """The sampler `options.sampler` names, for this model's heads."""
-        return SAMPLERS[options.sampler](self, options)
-
-    def sampling_problems(self, options: SampleConfig) -> list[str]:
-        return self.latent_sampler(options).problems(options.num_samples, self.heads.names)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        image: torch.Tensor,
-        options: SampleConfig,
-        text: TextEmbedding | torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """003 Algorithm 2: class probabilities of `options.num_samples` samples per image.
-
-        The image encoder runs once per image; all samples go through the denoiser and the
-        decoder in one batch. `options.steps=None` runs the full 1000-step DDPM chain.
-
-        Returns:
-            (num_samples, B, C, *S) softmax probabilities.
-        """
-        sampler = self.latent_sampler(options)
-        problems = sampler.problems(options.num_samples, self.heads.names)
-        if problems:
-            raise ValueError(problems[0])
-        cond = self.conditioning(image, text)
-        batch, n = image.shape[0], options.num_samples
-        shape = (batch, self.config.latent_channels, *cond["z_image"].shape[2:])
-        z0 = sampler.sample(self._denoiser_fn(cond, batch), shape, n, generator, image)
-        probs = torch.softmax(self.decode(z0, repeat_samples(cond, n)), dim=1)  # line 7
-        return probs.reshape(n, batch, *probs.shape[1:])
-
-    def _denoiser_fn(self, cond: dict, batch: int):
-        """denoise(z, t, heads) -> {head: output}, the conditioning repeated to z's batch."""
-        repeated: dict[int, dict] = {}
-        index = {name: i for i, name in enumerate(self.heads.names)}
-
-        def denoise(z: torch.Tensor, t: torch.Tensor, heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
-            n = z.shape[0] // batch
-            if n not in repeated:
-                repeated[n] = repeat_samples(cond, n)
-            outputs = self.denoiser.forward_heads(z, t, repeated[n], [index[h] for h in heads])
-            return dict(zip(heads, outputs, strict=True))
-
-        return denoise
 
 
 def _chain_sampler(model: LatentSegmenter, options: SampleConfig) -> ChainSampler:
