@@ -54,6 +54,7 @@ VARIANTS = {
     "latentseg_noskips": ["model.decoder_skips=false"],
     "latentseg_wide": ["model.image_encoder_channels=[16,32,64,128,256]", "model.decoder_channels=[16,32,64,128,256]"],
     "latentseg_labds": ["model.label_encoder=downsample"],
+    "latentseg_p128": ["data.patch_size=[128,128,8]"],  # ACDC: the plain script's patch
 }
 
 

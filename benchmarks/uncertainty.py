@@ -90,7 +90,19 @@ def _links(folder: Path, files: list[Path]) -> Path:
     return folder
 
 
-def run_latentseg(name: str, method: str, minutes: float, data: dict) -> dict:
+# how a trained latentseg model is sampled (one training run, each sampling scored on its own):
+# x0 prediction with DDIM-2 is deterministic in all but z_T, which carries no information at
+# t = T, so its samples are the posterior mean; ancestral steps (eta = 1) through intermediate t
+# let the denoiser pick one plausible mask per sample
+SAMPLINGS = {
+    "": {},
+    "_k3eta1": {"steps": 3, "eta": 1.0},
+    "_k5eta1": {"steps": 5, "eta": 1.0},
+    "_k10eta1": {"steps": 10, "eta": 1.0},
+}
+
+
+def run_latentseg(name: str, method: str, minutes: float, data: dict) -> list[dict]:
     from latentseg.config import load_config
     from latentseg.infer import predict
     from latentseg.training import train
@@ -101,13 +113,16 @@ def run_latentseg(name: str, method: str, minutes: float, data: dict) -> dict:
     config = load_config(None, [*settings, f"data.split={data['split']}", f"train.max_minutes={minutes}"])
     train(data["root"], work / "model", config, progress=False)
     steps = json.loads((work / "model" / "training_log.json").read_text())["step"][-1]
-    t0 = time.time()
-    predict(work / "model", data["images"], work / "pred", {"num_samples": SAMPLES}, save_samples=True, progress=False)
-    return {
-        "steps": steps,
-        "seconds_per_case": (time.time() - t0) / len(list(data["images"].iterdir())),
-        "pred": work / "pred",
-    }
+    results = []
+    for suffix, sampling in SAMPLINGS.items():
+        pred = work / f"pred{suffix}"
+        t0 = time.time()
+        predict(work / "model", data["images"], pred, {"num_samples": SAMPLES, **sampling}, save_samples=True,
+                progress=False)  # fmt: skip
+        seconds = (time.time() - t0) / len(list(data["images"].iterdir()))
+        results.append({"method": method + suffix, "sampling": sampling, "steps": steps, "seconds_per_case": seconds,
+                        "pred": pred})  # fmt: skip
+    return results
 
 
 def training_data(name: str, data: dict):
@@ -162,7 +177,7 @@ def one(spec: str, minutes: float) -> None:
     name, method = spec.split(":")
     data = prepare(name)
     if method in LATENTSEG:
-        results = [{"method": method, **run_latentseg(name, method, minutes, data)}]
+        results = run_latentseg(name, method, minutes, data)
     else:
         results = run_baseline(name, method, minutes, data)
     for r in results:
