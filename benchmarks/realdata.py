@@ -138,6 +138,7 @@ def run_unet(name: str, work: Path, settings: list[str], minutes: float, net: tu
     config = load_config(None, settings)
     data = prepare_training_data([SHARED / name], config)
     net, info = train_unet(data.train, config, minutes * 60, network=net)
+    save_unet(work / "unet_model", net, config, data.fingerprint)
     prep = Preprocessing.from_dict(data.fingerprint["preprocessing"])
     mask_values = data.fingerprint["mask_values"]
     images, labels = link_test_files(name, work)
@@ -161,6 +162,20 @@ def run_unet(name: str, work: Path, settings: list[str], minutes: float, net: tu
         "inference_seconds_per_case": seconds,
         "summary": _means(summary),
     }
+
+
+def save_unet(folder: Path, net: torch.nn.Module, config, fingerprint: dict) -> None:
+    """The UNet's weights (safetensors) and what predicting with it needs, for benchmarks.robustness."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    spec = {"channels": list(net.channels), "strides": [list(s) if isinstance(s, (list, tuple)) else s
+                                                          for s in net.strides],
+            "spatial_dims": config.model.spatial_dims, "in_channels": config.model.in_channels,
+            "num_classes": config.model.num_classes, "patch_size": config.data.patch_size,
+            "fingerprint": fingerprint}  # fmt: skip
+    (folder / "unet.json").write_text(json.dumps(spec, indent=1))
 
 
 def _means(summary: dict) -> dict:

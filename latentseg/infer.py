@@ -431,35 +431,67 @@ class CaseJob:
     options: PredictOptions
     label_names: dict[int, str] | None = None  # DICOM-SEG segment names
 
-    def segment(self, case: Case, text, folder: Path) -> None:
-        """Read, check, sample and write one case's files into `folder`."""
+    def read(self, case: Case) -> tuple[np.ndarray, ImageMeta]:
+        """One case's image, checked against the model."""
         image, meta = load_image(case, self.options.max_voxels or self.config.data.max_voxels)
         _check_input(case, image, meta, self.config)
+        return image, meta
+
+    def predict(self, image: np.ndarray, meta: ImageMeta, text) -> Prediction:
         o = self.options
-        pred = predict_image(self.model, self.config, self.prep, image, meta, self.sample, o.seed, text, o.save_samples)
-        _write_case(folder, case, image, meta, pred, self.mask_values, o.overlays, self.label_names)
+        return predict_image(self.model, self.config, self.prep, image, meta, self.sample, o.seed, text, o.save_samples)
+
+    def write(self, case: Case, image: np.ndarray, meta: ImageMeta, pred: Prediction, staging: Path, output: Path):
+        """The case's files, written into its own staging folder, then moved into `output`, the
+        label map last (it marks a finished case)."""
+        folder = Path(tempfile.mkdtemp(dir=staging))
+        try:
+            _write_case(folder, case, image, meta, pred, self.mask_values, self.options.overlays, self.label_names)
+            staged = {path.name: path for path in folder.iterdir()}
+            saved = self.sample.num_samples if self.options.save_samples else 0
+            return [staged[name].replace(output / name) for name in output_names(case, self.options.overlays, saved)]
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _written(done, failures: list[str]) -> list[Path]:
+    try:
+        return done.result()
+    except LatentSegError as err:
+        failures.append(str(err))
+        return []
 
 
 def _run_cases(job: CaseJob, cases: list[Case], texts: dict, output_dir: Path) -> list[Path]:
-    """Each case staged in a hidden folder, then moved into place; failures listed at the end."""
+    """Cases run in order; the next case is read and the last one written in background threads
+    while the network runs, so a folder goes at network speed. Each case is staged in a hidden
+    folder and moved into place when whole; failures are listed at the end."""
+    from concurrent.futures import ThreadPoolExecutor
+
     written: list[Path] = []
     failures: list[str] = []
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=output_dir))
+    reader, writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    writes = []
     try:
-        for case in progress_bar(cases, desc="predict", unit="case", disable=not job.options.progress):
+        upcoming = reader.submit(job.read, cases[0]) if cases else None
+        for k, case in enumerate(progress_bar(cases, desc="predict", unit="case", disable=not job.options.progress)):
+            current, upcoming = upcoming, reader.submit(job.read, cases[k + 1]) if k + 1 < len(cases) else None
             try:
-                job.segment(case, texts.get(case.case_id), staging)
+                image, meta = current.result()
+                pred = job.predict(image, meta, texts.get(case.case_id))
             except LatentSegError as err:
                 failures.append(str(err))
                 log.debug("failed: %s", err)
-                for leftover in staging.iterdir():
-                    leftover.unlink()
                 continue
-            staged = {path.name: path for path in staging.iterdir()}
-            saved = job.sample.num_samples if job.options.save_samples else 0
-            for name in output_names(case, job.options.overlays, saved):  # the label map last: marks a finished case
-                written.append(staged[name].replace(output_dir / name))
+            writes.append(writer.submit(job.write, case, image, meta, pred, staging, output_dir))
+            while len(writes) > 1:  # at most one case waits to be written: memory stays bounded
+                written += _written(writes.pop(0), failures)
+        for done in writes:
+            written += _written(done, failures)
     finally:
+        for pool in (reader, writer):
+            pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
     if failures:  # one line per failed case
         raise LatentSegError("\n".join(failures))

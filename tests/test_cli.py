@@ -140,7 +140,7 @@ def test_time_budget_stops_training_early(data2d, tmp_path):
 
 
 def test_validation_time_is_outside_the_budget(data2d, tmp_path, monkeypatch):
-    """A 1.5 s validation after the first step does not use up a 1.2 s training budget."""
+    """A 3 s validation after the first step does not use up a 1.2 s training budget."""
     import latentseg.training
 
     calls = []
@@ -148,7 +148,7 @@ def test_validation_time_is_outside_the_budget(data2d, tmp_path, monkeypatch):
     def slow_first_validation(*args, **kwargs) -> float:
         calls.append(1)
         if len(calls) == 1:
-            time.sleep(1.5)
+            time.sleep(3.0)
         return 0.5
 
     monkeypatch.setattr(latentseg.training, "validate", slow_first_validation)
@@ -159,8 +159,9 @@ def test_validation_time_is_outside_the_budget(data2d, tmp_path, monkeypatch):
     wall = time.time() - t0
     log = json.loads((tmp_path / "m" / "training_log.json").read_text())
     assert log["step"][-1] >= 2 and len(calls) == log["step"][-1]
-    assert wall > 1.5 + 1.2  # the validation's sleep and the budget both passed
-    assert 1.2 <= log["train_seconds"] < 1.5  # the clock stopped at the budget: the 1.5 s sleep is not in it
+    assert wall > 3.0 + 1.2  # the validation's sleep and the budget both passed
+    # the clock stopped at the budget (plus at most one step, slow on a loaded machine): the sleep is not in it
+    assert 1.2 <= log["train_seconds"] < 2.5
 
 
 def test_batches_draw_every_dataset_equally_often():

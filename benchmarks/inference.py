@@ -1,0 +1,137 @@
+"""Inference speed (issue 18): seconds per case of latentseg's default network, DDIM-2 with 1 and 4
+samples, in torch and in ONNX Runtime, against a same-size MONAI UNet (the planned strides, 16-256
+channels) in the same process, interleaved (UNet, torch-1, torch-4, ort-1, ort-4, UNet, ...) so the
+machine's noise falls on all alike. A case is one patch-sized image (2D 256^2, 3D 96^3): one window
+of the sliding window, untrained weights (speed does not depend on them).
+
+A second measurement runs `predict` over a folder of 20 2D cases of 256^2 and compares its wall
+time with the sum of the per-case network times (reading, preprocessing and writing hidden by the
+prefetching loader, or not).
+
+    python -m benchmarks.inference [--repeats 10] [--threads 1]   # results/inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.step_cost import latentseg_model
+from benchmarks.unet_baseline import make_unet
+from latentseg.config import SampleConfig
+from latentseg.infer import sample_volume
+
+ROOT = Path(__file__).resolve().parent
+SETTINGS = {"2d_256": (2, [256, 256], [1.0, 1.0], 2), "3d_96": (3, [96, 96, 96], [1.0, 1.0, 1.0], 2)}
+
+
+def engines(dims: int, patch: list[int], spacing: list[float], classes: int, folder: Path) -> dict:
+    """seconds-per-case callables: the UNet, latentseg in torch and in ONNX Runtime."""
+    from monai.inferers import sliding_window_inference
+
+    from latentseg.onnx_engine import OnnxSegmenter, _write_graphs
+
+    model, _, strides = latentseg_model(dims, patch, spacing, classes, [])
+    model.eval()
+    unet = make_unet(dims, 1, classes, strides=strides).eval()
+    _write_graphs(model, patch, folder)
+    ort = OnnxSegmenter(folder, model.config, torch.device("cpu"))
+    image = torch.randn(1, *patch)
+    options = replace(SampleConfig(), steps=2, overlap=0.5)
+
+    def timed(fn):
+        def run() -> float:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            return time.perf_counter() - t0
+
+        return run
+
+    runs = {"unet": timed(lambda: sliding_window_inference(image[None], patch, 1, unet, overlap=0.5, mode="gaussian"))}
+    for name, net in (("torch", model), ("onnxruntime", ort)):
+        for n in (1, 4):
+            runs[f"{name}_{n}"] = timed(
+                lambda net=net, n=n: sample_volume(net, image, patch, replace(options, num_samples=n))
+            )
+    return runs
+
+
+def measure(name: str, repeats: int) -> dict:
+    dims, patch, spacing, classes = SETTINGS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = engines(dims, patch, spacing, classes, Path(tmp))
+        for fn in runs.values():  # warm-up
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(repeats):
+            for key, fn in runs.items():
+                times[key].append(fn())
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"seconds_per_case": medians, "ratio_to_unet": {k: v / medians["unet"] for k, v in medians.items()}}
+
+
+def folder_run(cases: int = 20) -> dict:
+    """`predict` over a folder of 2D cases against the sum of its per-case network times."""
+    from latentseg.cli import main as cli
+    from latentseg.data.phantoms import write_phantom_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_phantom_dataset(tmp / "train", 4, 2, 256, seed=1)
+        write_phantom_dataset(tmp / "test", cases, 2, 256, seed=2)
+        settings = ["train.steps=1", "train.val_every=0", "data.val_fraction=0.25", "data.patch_size=[256,256]"]
+        assert cli(["train", "--data", str(tmp / "train"), "--out", str(tmp / "model"), *settings]) == 0
+        import latentseg.infer as infer
+
+        network = []
+        original = infer.sample_volume
+
+        def counted(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = original(*args, **kwargs)
+            network.append(time.perf_counter() - t0)
+            return out
+
+        infer.sample_volume = counted
+        try:
+            t0 = time.perf_counter()
+            args = ["predict", "--model", str(tmp / "model"), "--input", str(tmp / "test" / "images")]
+            assert cli([*args, "--output", str(tmp / "pred"), "--samples", "1"]) == 0
+            total = time.perf_counter() - t0
+        finally:
+            infer.sample_volume = original
+    return {"cases": cases, "total_seconds": total, "network_seconds": sum(network), "ratio": total / sum(network)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-folder", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = ROOT / "results" / "inference.json"
+    results = {"threads": args.threads, "torch": torch.__version__, "device": args.device}
+    for name in args.settings.split(","):
+        results[name] = measure(name, args.repeats)
+        print(name, json.dumps(results[name]), flush=True)
+    if not args.skip_folder:
+        results["folder_2d_256"] = folder_run()
+        print("folder", json.dumps(results["folder_2d_256"]), flush=True)
+    results["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

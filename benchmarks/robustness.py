@@ -1,0 +1,149 @@
+"""Robustness to noise (issue 17 part 4; 003 section IV-C, Eq. 19, Fig. 8): the test images plus
+Gaussian noise I + N(0, sigma) on images scaled to [0, 1], sigma in {0, 0.05, 0.1, 0.2}, segmented
+by latentseg and by a MONAI UNet trained for the same minutes on clean images.
+
+The real-data models are the ones `benchmarks.realdata` trained (`latentseg` and `unet` of its
+work folder: run it first); the 2D phantoms get their own pair here (5 minutes each, one thread,
+side by side). Each (dataset, method) curve is one process of one thread.
+
+    python -m benchmarks.robustness [--datasets acdc,monuseg,phantoms]   # results/robustness.json, .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import realdata
+from latentseg.robustness import SIGMAS, noise_curve, plot_curves
+
+ROOT = Path(__file__).resolve().parent
+WORK = ROOT / "work" / "robustness"
+METHODS = ("latentseg", "unet")
+PHANTOM_MINUTES = 5.0
+
+
+def phantoms() -> dict[str, Path]:
+    """2D phantoms: 200 to train, 20 to test (as the demo)."""
+    from latentseg.data.phantoms import write_phantom_dataset
+
+    root = WORK / "phantoms"
+    if not (root / "train" / "images").is_dir():
+        write_phantom_dataset(root / "train", 200, 2, 128, seed=1)
+        write_phantom_dataset(root / "test", 20, 2, 128, seed=2)
+    return {"train": root / "train", "images": root / "test" / "images", "labels": root / "test" / "masks"}
+
+
+def train_phantom_model(method: str) -> Path:
+    """The phantom model of `method`, trained once (5 minutes)."""
+    from benchmarks.unet_baseline import train_unet
+    from latentseg.config import load_config
+    from latentseg.data.prepare import prepare_training_data
+    from latentseg.training import train
+
+    data, work = phantoms(), WORK / "phantoms"
+    common = [*realdata.COMMON, f"train.max_minutes={PHANTOM_MINUTES}"]
+    if method == "latentseg":
+        if not (work / "latentseg_model" / "model.safetensors").is_file():
+            train(data["train"], work / "latentseg_model", load_config(None, common), progress=False)
+        return work / "latentseg_model"
+    if not (work / "unet_model" / "model.safetensors").is_file():
+        config = load_config(None, common)
+        prepared = prepare_training_data([data["train"]], config)
+        net, _ = train_unet(prepared.train, config, PHANTOM_MINUTES * 60)
+        realdata.save_unet(work / "unet_model", net, config, prepared.fingerprint)
+    return work / "unet_model"
+
+
+def unet_segmenter(folder: Path):
+    from safetensors.torch import load_file
+
+    from benchmarks.unet_baseline import make_unet, predict_unet_image
+    from latentseg.data.preprocess import Preprocessing
+
+    spec = json.loads((folder / "unet.json").read_text())
+    net = make_unet(spec["spatial_dims"], spec["in_channels"], spec["num_classes"], spec["channels"], spec["strides"])
+    net.load_state_dict(load_file(str(folder / "model.safetensors")))
+    net.eval()
+    prep = Preprocessing.from_dict(spec["fingerprint"]["preprocessing"])
+
+    def segment(image: np.ndarray, meta) -> np.ndarray:
+        return predict_unet_image(net, image, meta, prep, spec["patch_size"])
+
+    return segment, spec["fingerprint"].get("mask_values") or []
+
+
+def curve(dataset: str, method: str) -> dict:
+    from latentseg.robustness import model_segmenter
+
+    if dataset == "phantoms":
+        folder, data = train_phantom_model(method), phantoms()
+        images, labels = data["images"], data["labels"]
+    else:
+        work = realdata.WORK / dataset
+        folder = work / ("latentseg_model" if method == "latentseg" else "unet_model")
+        if not folder.is_dir():
+            raise SystemExit(f"{folder}: run `python -m benchmarks.realdata --datasets {dataset}` first")
+        images, labels = realdata.link_test_files(dataset, work)
+    segment, mask_values = model_segmenter(folder, device="cpu") if method == "latentseg" else unet_segmenter(folder)
+    t0 = time.time()
+    result = noise_curve(segment, images, labels, SIGMAS, mask_values=mask_values)
+    return result | {"seconds": time.time() - t0, "model": str(folder)}
+
+
+def one(spec: str) -> None:
+    from benchmarks.lanes import one_thread
+
+    one_thread()
+    dataset, method = spec.split(":")
+    result = curve(dataset, method) | {"dataset": dataset, "method": method}
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / f"{dataset}_{method}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({"dataset": dataset, "method": method, "curve": result["curve"]}), flush=True)
+
+
+def collect() -> dict:
+    results: dict = {}
+    for path in sorted(WORK.glob("*_*.json")):
+        r = json.loads(path.read_text())
+        results.setdefault(r["dataset"], {})[r["method"]] = r
+    for dataset, by_method in results.items():
+        plot_curves(by_method, ROOT / "results" / f"robustness_{dataset}.png", title=dataset)
+        for r in by_method.values():
+            dice = {p["sigma"]: p["dice"] for p in r["curve"]}
+            r["dice_loss_at_0.2"] = dice[0.0] - dice[0.2]
+    (ROOT / "results" / "robustness.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {ROOT / 'results' / 'robustness.json'}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="acdc,monuseg,phantoms")
+    parser.add_argument("--one")
+    parser.add_argument("--collect", action="store_true")
+    parser.add_argument("--lanes", type=int, default=2)
+    args = parser.parse_args()
+    if args.one:
+        one(args.one)
+        return
+    if not args.collect:
+        from benchmarks.lanes import run_in_lanes
+
+        datasets = args.datasets.split(",")
+        if "phantoms" in datasets:  # the two phantom models train side by side first
+            run_in_lanes([["benchmarks.robustness", "--one", f"phantoms:{m}"] for m in METHODS], args.lanes)
+            datasets.remove("phantoms")
+        run_in_lanes([["benchmarks.robustness", "--one", f"{d}:{m}"] for d in datasets for m in METHODS], args.lanes)
+    collect()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
