@@ -55,6 +55,8 @@ VARIANTS = {
     "latentseg_wide": ["model.image_encoder_channels=[16,32,64,128,256]", "model.decoder_channels=[16,32,64,128,256]"],
     "latentseg_labds": ["model.label_encoder=downsample"],
     "latentseg_p128": ["data.patch_size=[128,128,8]"],  # ACDC: the plain script's patch
+    "latentseg_p128_2d": ["data.patch_size=[128,128]"],  # MoNuSeg: the plain script's patch
+    "latentseg_zlate": ["model.strides=[[2,2,1],[2,2,1],[2,2,2],[2,2,1]]"],  # ACDC: the slice axis halved late
 }
 
 
@@ -183,6 +185,7 @@ def _means(summary: dict) -> dict:
         "foreground_mean": summary["foreground_mean"],
         "mean": summary["mean"],
         "cases": len(summary["metric_per_case"]),
+        "calibration": (summary.get("calibration") or {}).get("overall"),  # latentseg: from its maps
     }
 
 

@@ -31,15 +31,23 @@ def plan_patch(requested: Sequence[int], shapes: Sequence[Sequence[int]], dims: 
 
 
 def plan_strides(
-    patch: Sequence[int], spacing: Sequence[float], num_downsamplings: int, frozen: Sequence[int] = ()
+    patch: Sequence[int],
+    spacing: Sequence[float],
+    num_downsamplings: int,
+    frozen: Sequence[int] = (),
+    late: Sequence[int] = (),
 ) -> list[list[int]]:
     """One per-axis stride list per stage. An axis is halved while it keeps >= MIN_FEATURE voxels
     and its spacing is at most twice the finest spacing among the axes that can still be halved;
-    `frozen` axes are never halved (see `frozen_axes`)."""
+    `frozen` axes are never halved (see `frozen_axes`), `late` axes not in the first half of the
+    stages (thin slices: the fine stages, whose features the decoder's skips carry, keep them apart)."""
     sizes, spacing = [float(p) for p in patch], [float(s) for s in spacing]
     strides = []
-    for _ in range(num_downsamplings):
-        can_halve = [size / 2 >= MIN_FEATURE and axis not in frozen for axis, size in enumerate(sizes)]
+    for index in range(num_downsamplings):
+        held = set(frozen) | (set(late) if index < num_downsamplings // 2 else set())
+        can_halve = [size / 2 >= MIN_FEATURE and axis not in held for axis, size in enumerate(sizes)]
+        if not any(can_halve):  # every axis is late: halve them now rather than not at all
+            can_halve = [size / 2 >= MIN_FEATURE and axis not in frozen for axis, size in enumerate(sizes)]
         if not any(can_halve):
             break
         finest = min(sp for sp, ok in zip(spacing, can_halve, strict=True) if ok)
@@ -47,6 +55,10 @@ def plan_strides(
         strides.append(stage)
         sizes = [s / f for s, f in zip(sizes, stage, strict=True)]
         spacing = [s * f for s, f in zip(spacing, stage, strict=True)]
+        # a late axis held back keeps up with the finest halved axis, so that it is not the only one
+        # halved when released
+        finest_halved = min((sp for sp, f in zip(spacing, stage, strict=True) if f == 2), default=0.0)
+        spacing = [max(sp, finest_halved) if axis in late and axis in held else sp for axis, sp in enumerate(spacing)]
     return strides
 
 
@@ -128,19 +140,20 @@ def plan_latent(
     fits = [n for n, c in ceilings.items() if n >= min_downsamplings and min(c) >= threshold]
     if fits:
         return {"num_downsamplings": max(fits), "decoder_skips": False, "frozen_axes": frozen, "ceilings": ceilings}
-    # with skips the decoder takes the detail from the image side: thin axes may be halved like any
-    # other (keeping a few-slice axis whole at every stage made a step on ACDC 1.7x slower)
-    ceilings = _ceilings(labels, num_classes, patch, spacing, [], max_downsamplings)
+    # with skips the decoder takes the detail from the image side: thin axes are halved, but only in
+    # the coarse half of the stages (keeping a few-slice axis whole at every stage made a step on
+    # ACDC 1.7x slower; halving it first cost the myocardium 0.07 Dice, benchmarks/results/realdata.json)
+    ceilings = _ceilings(labels, num_classes, patch, spacing, [], max_downsamplings, late=frozen)
     coarsest = max(ceilings, default=1)
     return {"num_downsamplings": coarsest, "decoder_skips": True, "frozen_axes": [], "thin_axes": frozen,
             "ceilings": ceilings}  # fmt: skip
 
 
-def _ceilings(labels, num_classes, patch, spacing, frozen, max_downsamplings) -> dict[int, list[float]]:
+def _ceilings(labels, num_classes, patch, spacing, frozen, max_downsamplings, late=()) -> dict[int, list[float]]:
     """The label ceiling of each number of downsamplings the patch allows (up to the maximum)."""
     ceilings: dict[int, list[float]] = {}
     for n in range(1, max_downsamplings + 1):
-        strides = plan_strides(patch, spacing, n, frozen)
+        strides = plan_strides(patch, spacing, n, frozen, late)
         if len(strides) < n:  # no axis can be halved again
             break
         total = total_stride(strides, len(patch))
@@ -154,7 +167,7 @@ def describe_latent(latent: dict, strides: Sequence, dims: int) -> str:
     ceilings = "; ".join(f"{n}: {', '.join(f'{v:.3f}' for v in c)}" for n, c in latent["ceilings"].items())
     frozen = f", axes {latent['frozen_axes']} kept whole" if latent["frozen_axes"] else ""
     if latent.get("thin_axes"):
-        frozen = f", axes {latent['thin_axes']} too thin to halve without skips"
+        frozen = f", axes {latent['thin_axes']} too thin to halve without skips (halved late)"
     skips = "with" if latent["decoder_skips"] else "without"
     return (
         f"latent: {latent['num_downsamplings']} downsamplings (1/{total}){frozen}, {skips} decoder skips; "

@@ -104,8 +104,8 @@ def plan_network(
     patch = plan_patch(config.data.patch_size, shapes, dims)
     latent = _plan_latent(config, patch, spacing, labels)
     if not m.strides:
-        frozen = latent["frozen_axes"] if latent else []
-        m.strides = plan_strides(patch, spacing, _downsamplings(m, latent), frozen)
+        frozen, late = (latent["frozen_axes"], latent.get("thin_axes", [])) if latent else ([], [])
+        m.strides = plan_strides(patch, spacing, _downsamplings(m, latent), frozen, late)
         if not m.strides:
             raise LatentSegError(
                 f"data.patch_size {patch} is too small for the network: an axis needs at least "
@@ -260,5 +260,6 @@ def check_latent(samples: list[dict[str, Any]], num_classes: int, config: Config
     m = config.model
     latent = plan_latent([s["label"][0] for s in samples], num_classes, patch, spacing, m.latent_ceiling,
                          m.min_latent_downsamplings)  # fmt: skip
-    strides = plan_strides(patch, spacing, latent["num_downsamplings"], latent["frozen_axes"])
+    late = latent.get("thin_axes", [])
+    strides = plan_strides(patch, spacing, latent["num_downsamplings"], latent["frozen_axes"], late)
     return describe_latent(latent, strides, dims)

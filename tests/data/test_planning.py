@@ -94,3 +94,15 @@ def test_attention_only_where_the_tokens_are_few():
 
     assert attention_stages_within([256, 256], [[2, 2]] * 4, 2) == 2  # 32^2 = 1024 and 16^2 tokens
     assert attention_stages_within([128, 128, 8], [[2, 2, 1]] * 4, 3) == 1  # 16x16x8 = 2048 is too many
+
+
+def test_thin_slices_are_halved_late_when_the_decoder_has_skips():
+    """Alternate empty slices: halving the slice axis alone loses the class, so with skips it is
+    halved only in the coarse half of the stages (the decoder's fine skips keep the slices apart)."""
+    volume = np.stack([disc((96, 96), 30 - 2 * k) for k in range(10)], axis=-1)
+    volume[..., 1::2] = 0
+    latent = plan_latent([volume], 2, [96, 96, 10], [1.0, 1.0, 1.0], threshold=0.98, min_downsamplings=3)
+    assert latent["decoder_skips"] is True and latent["thin_axes"] == [2]
+    strides = plan_strides([96, 96, 10], [1.0, 1.0, 1.0], 4, latent["frozen_axes"], latent["thin_axes"])
+    assert [s[2] for s in strides] == [1, 1, 2, 1]
+    assert plan_strides([96, 96, 10], [1.0, 1.0, 1.0], 4)[0] == [2, 2, 2]  # without: halved first
