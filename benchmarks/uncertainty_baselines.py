@@ -199,7 +199,7 @@ def write_predictions(segment, images: Path, out: Path, fingerprint: dict, confi
         n = flat.shape[0] // classes
         samples = flat.reshape(n, classes, *flat.shape[1:])  # (N, C, *S)
         mean = samples.mean(0)
-        maps = {"prob": mean, "std": uncertainty_map(samples[:, None])[0], "entropy": entropy_map(mean[None])[0]}
+        maps = {"prob": mean, "std": uncertainty_map(samples[:, None])[0], "entropy": entropy_map(samples[:, None])[0]}
         maps["samples"] = flat
         back = restore(maps, x, transform)
         per_sample = back["samples"].reshape(n, classes, *back["samples"].shape[1:]).argmax(1).astype(np.uint8)

@@ -60,6 +60,11 @@ class ModelConfig:
     # with skips, also fuse the input image at full resolution (a costly last stage); auto: planned
     # off (measured: most of the decoder's time on ACDC), on for models saved before it was planned
     decoder_full_skip: Literal["auto"] | bool = "auto"
+    # with skips, the label decoder could segment from the image side alone and leave the label
+    # latent (and so the diffusion and its samples) unused, as measured on BU-BIL: the samples were
+    # identical. Also decode the clean label latent with the image side zeroed (an autoencoder term),
+    # so the latent must hold the mask; auto: on with skips
+    latent_reconstruction: Literal["auto"] | bool = "auto"
     min_latent_downsamplings: Annotated[int, Range(1, 8)] = 3  # a finer latent makes the denoiser slow
     attention_stages: NonNegativeInt = 2  # image encoder stages ending in self-attention
     num_heads: PositiveInt = 4

@@ -36,6 +36,7 @@ PLANNED = {
         "decoder_skips",
         "decoder_image_latent",
         "decoder_full_skip",
+        "latent_reconstruction",
         "strides",
         "denoiser_strides",
         "image_encoder_channels",

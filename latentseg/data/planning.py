@@ -84,7 +84,8 @@ def plan_denoiser_strides(latent: Sequence[int], levels: int) -> list[list[int]]
     return strides
 
 
-MAX_CEILING_CASES = 16  # label ceilings are measured on at most this many training cases
+MAX_CEILING_CASES = 16
+SHORT_AXIS_RATIO = 4  # an axis this many times shorter than the longest may be a few-slice axis  # label ceilings are measured on at most this many training cases
 
 
 def label_ceiling(labels: Sequence[np.ndarray], num_classes: int, total: Sequence[int]) -> list[float]:
@@ -111,10 +112,14 @@ def label_ceiling(labels: Sequence[np.ndarray], num_classes: int, total: Sequenc
 
 
 def frozen_axes(labels: Sequence[np.ndarray], num_classes: int, dims: int, threshold: float = 0.98) -> list[int]:
-    """Axes along which halving the labels alone loses a class below `threshold` (the slice axis of
-    a volume with few, thick slices, whatever its header says): they are never downsampled."""
+    """Short axes (at most a quarter of the longest: the slice axis of a volume with few, thick
+    slices, whatever its header says) along which halving the labels alone loses a class below
+    `threshold`. Without decoder skips they are never downsampled; with skips, late."""
     frozen = []
+    shape = np.asarray(labels[0]).shape[-dims:]
     for axis in range(dims):
+        if shape[axis] * SHORT_AXIS_RATIO > max(shape):
+            continue  # not a slice axis: 2D images and near-isotropic volumes are halved as planned
         stride = [2 if a == axis else 1 for a in range(dims)]
         if min(label_ceiling(labels, num_classes, stride)) < threshold:
             frozen.append(axis)

@@ -123,6 +123,8 @@ def plan_network(
         m.decoder_image_latent = m.decoder_skips is True
     if m.decoder_full_skip == "auto":
         m.decoder_full_skip = False
+    if m.latent_reconstruction == "auto":
+        m.latent_reconstruction = m.decoder_skips is True
     config.data.patch_size = round_up(patch, total_stride(m.strides, dims))
     if not m.denoiser_strides:
         grid = [p // t for p, t in zip(config.data.patch_size, total_stride(m.strides, dims), strict=True)]

@@ -88,6 +88,8 @@ class LatentDiffusionObjective:
         seg = torch.zeros_like(diff)
         if m.decodes_in_training:  # lines 8-9, Eq. 12-16
             seg = self.segmentation(outputs, z_t, t, cond, label)
+        if m.reconstructs_latent:  # the clean latent alone must give the mask (see ModelConfig.latent_reconstruction)
+            seg = seg + m.segmentation_loss(m.decode_latent_alone(z0, cond), label, self.gamma)
         self.rule.update(t, seg + self.lam * diff)  # the unweighted loss at each t (002: importance)
         total = (seg_weight * seg + self.lam * noise_weight * diff).mean()  # Eq. 18; 004 Eq. 1 when staged
         return Losses(total, seg.mean(), diff.mean())

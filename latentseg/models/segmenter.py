@@ -212,6 +212,8 @@ class LatentSegmenter(LatentSampling, nn.Module):
         self.text_fusion = make_text_fusion(c)
         self.class_prompts = ClassPrompts(c.prompt_names, c.text_dim) if c.prompt == "class" else None
         self.decodes_in_training = c.label_autoencoder != "pretrained"  # 002 trains on the latent alone
+        # "auto" unplanned (models saved before it existed): off
+        self.reconstructs_latent = self.skips and c.latent_reconstruction is True
         self.dice = soft_dice_loss()
 
     # --- networks -------------------------------------------------------------------------
@@ -255,6 +257,12 @@ class LatentSegmenter(LatentSampling, nn.Module):
         if self.image_latent_to_decoder:
             z = torch.cat([z, cond["z_image"]], dim=1)
         return self.label_decoder(z, cond.get("image_features"))
+
+    def decode_latent_alone(self, z: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Class logits of a label latent with the image side (skips, z_image) zeroed: what the latent
+        itself holds."""
+        return self.decode(z, {k: [torch.zeros_like(x) for x in v] if isinstance(v, list) else torch.zeros_like(v)
+                               for k, v in cond.items()})  # fmt: skip
 
     def encode_label(self, label: torch.Tensor) -> torch.Tensor:
         """(B, 1, *S) integer labels -> standardized z_label (003 Eq. 10)."""

@@ -59,6 +59,7 @@ def test_thin_slices_freeze_the_slice_axis():
     volume[..., 1::2] *= 0  # alternate empty slices: halving that axis merges them
     assert frozen_axes([volume], 2, 3) == [2]
     assert frozen_axes([disc((64, 64, 64), 20)], 2, 3) == []
+    assert frozen_axes([disc((128, 128), 3)], 2, 2) == []  # 2D has no slice axis, however small the object
 
 
 def test_plan_latent_takes_the_coarsest_latent_that_holds_every_class():

@@ -150,6 +150,33 @@ def test_decoder_with_image_skips(dims):
         model.label_decoder(torch.randn(1, 4, *(2,) * dims))
 
 
+def test_latent_reconstruction_makes_the_label_latent_hold_the_mask():
+    """With skips the decoder can segment from the image side alone; the reconstruction term decodes
+    the clean label latent with the image side zeroed, so the label encoder learns from the mask."""
+    image, label = phantom_batch()
+    image, label = image.repeat(4, 1, 1, 1), label.repeat(4, 1, 1, 1)
+
+    def encoder_grad_without_noise_term(option: bool) -> float:
+        model = tiny_model(decoder_skips=True, decoder_image_latent=True, latent_reconstruction=option)
+        losses = training_losses(model, image, label, lam=0.0, generator=torch.Generator().manual_seed(0))
+        losses.total.backward()
+        grads = [p.grad for p in model.label_encoder.parameters() if p.grad is not None]
+        return sum(float(g.abs().sum()) for g in grads)
+
+    assert encoder_grad_without_noise_term(True) > 100 * encoder_grad_without_noise_term(False) >= 0
+    model = tiny_model(decoder_skips=True, decoder_image_latent=True, latent_reconstruction=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = training_losses(model, image, label, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+    with torch.no_grad():
+        cond = model.conditioning(image[:1])
+        alone = model.decode_latent_alone(model.encode_label(label[:1]), cond).argmax(1)
+    assert (alone == label[:1, 0]).float().mean() > 0.9  # the latent alone gives the mask back
+
+
 def test_two_head_staged_training_decreases_the_loss():
     losses = overfit(tiny_model(denoiser_heads=2), timesteps="staged")
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
