@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent.parent / "shared" / "data"
 WORK = ROOT / "work" / "uncertainty"
 SAMPLES = 8
+VAL_CASES = 3
 METHODS = ("unet", "mc_dropout", "ensemble", "pixel_diffusion", "latentseg", "latentseg_majority", "latentseg_eps_eta1")
 LATENTSEG = {
     "latentseg": [],
@@ -73,7 +74,9 @@ def prepare(name: str) -> dict:
     with open(split, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case", "split"])
-        writer.writerows([(c, "train") for c in train] + [(c, "test") for c in test])
+        val = train[-VAL_CASES:]  # every method's validation cases (the temperature is fitted on them)
+        rows = [(c, "val" if c in val else "train") for c in train] + [(c, "test") for c in test]
+        writer.writerows(rows)
     images = _links(work / "test_images", [root / "images" / f"{c}.png" for c in test])
     raters = []
     for folder in sorted((root / "raters").iterdir()):

@@ -19,14 +19,22 @@ def median_shape(shapes: Sequence[Sequence[int]]) -> list[int]:
     return [int(v) for v in np.median(np.asarray(shapes), axis=0)]
 
 
-def plan_patch(requested: Sequence[int], shapes: Sequence[Sequence[int]], dims: int) -> list[int]:
-    """The configured patch (or 256^2 / 96^3), shrunk per axis to the median image size."""
+SHORT_RUN_MINUTES = 30.0  # a time budget up to this is a short run: 2D patches of SHORT_RUN_PATCH_2D
+SHORT_RUN_PATCH_2D = 128  # MoNuSeg, 10 minutes on a CPU thread: 256^2 made 329 steps (Dice 0.781), 128^2 1273 (0.795)
+
+
+def plan_patch(
+    requested: Sequence[int], shapes: Sequence[Sequence[int]], dims: int, budget_minutes: float = 0.0
+) -> list[int]:
+    """The configured patch, or 256^2 (128^2 for a short time budget: more steps in the same
+    minutes) / 96^3, shrunk per axis to the median image size."""
     if requested:
         if len(requested) != dims:
             raise LatentSegError(f"data.patch_size {list(requested)} must have {dims} entries for {dims}D data")
         patch = [int(p) for p in requested]
     else:
-        patch = [DEFAULT_PATCH[dims]] * dims
+        short = dims == 2 and 0 < budget_minutes <= SHORT_RUN_MINUTES
+        patch = [SHORT_RUN_PATCH_2D if short else DEFAULT_PATCH[dims]] * dims
     return [min(p, m) for p, m in zip(patch, median_shape(shapes), strict=True)]
 
 

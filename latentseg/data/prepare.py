@@ -101,7 +101,7 @@ def plan_network(
     With `model.num_downsamplings` or `model.decoder_skips` left to "auto", the latent is planned
     from the training `labels` (`plan_latent`); returns that plan's report (None when not planned)."""
     m, dims = config.model, config.model.spatial_dims
-    patch = plan_patch(config.data.patch_size, shapes, dims)
+    patch = plan_patch(config.data.patch_size, shapes, dims, config.train.max_minutes)
     latent = _plan_latent(config, patch, spacing, labels)
     if not m.strides:
         frozen, late = (latent["frozen_axes"], latent.get("thin_axes", [])) if latent else ([], [])

@@ -107,3 +107,12 @@ def test_thin_slices_are_halved_late_when_the_decoder_has_skips():
     strides = plan_strides([96, 96, 10], [1.0, 1.0, 1.0], 4, latent["frozen_axes"], latent["thin_axes"])
     assert [s[2] for s in strides] == [1, 1, 2, 1]
     assert plan_strides([96, 96, 10], [1.0, 1.0, 1.0], 4)[0] == [2, 2, 2]  # without: halved first
+
+
+def test_short_time_budgets_take_smaller_2d_patches():
+    shapes = [(512, 512)] * 3
+    assert plan_patch([], shapes, 2) == [256, 256]  # by steps: as before
+    assert plan_patch([], shapes, 2, budget_minutes=10) == [128, 128]  # more steps in the same minutes
+    assert plan_patch([], shapes, 2, budget_minutes=120) == [256, 256]
+    assert plan_patch([], [(200, 200, 9)], 3, budget_minutes=10) == [96, 96, 9]  # 3D as planned
+    assert plan_patch([192, 192], shapes, 2, budget_minutes=10) == [192, 192]  # asked for: kept
