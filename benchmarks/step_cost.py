@@ -44,7 +44,7 @@ def latentseg_model(dims: int, patch: list[int], spacing: list[float], classes: 
         setattr(m, name, getattr(m, name)[: len(m.strides) + 1])
     m.decoder_skips = m.decoder_skips is True or m.decoder_skips == "auto"
     m.decoder_image_latent = m.decoder_skips if m.decoder_image_latent == "auto" else m.decoder_image_latent
-    m.latent_reconstruction = m.decoder_skips if m.latent_reconstruction == "auto" else m.latent_reconstruction
+    m.latent_reconstruction = False if m.latent_reconstruction == "auto" else m.latent_reconstruction
     m.num_downsamplings = len(m.strides)
     grid = [p // t for p, t in zip(patch, total_stride(m.strides, dims), strict=True)]
     m.denoiser_strides = plan_denoiser_strides(grid, len(m.denoiser_channels))

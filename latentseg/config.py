@@ -60,10 +60,11 @@ class ModelConfig:
     # with skips, also fuse the input image at full resolution (a costly last stage); auto: planned
     # off (measured: most of the decoder's time on ACDC), on for models saved before it was planned
     decoder_full_skip: Literal["auto"] | bool = "auto"
-    # with skips, the label decoder could segment from the image side alone and leave the label
-    # latent (and so the diffusion and its samples) unused, as measured on BU-BIL: the samples were
-    # identical. Also decode the clean label latent with the image side zeroed (an autoencoder term),
-    # so the latent must hold the mask; auto: on with skips
+    # with skips, the label decoder can segment from the image side alone and leave the label latent
+    # unused. This also decodes the clean label latent with the image side zeroed (an autoencoder
+    # term), so the latent must hold the mask. Measured on BU-BIL (8 min): the samples stayed as alike
+    # (pairwise IoU 0.9996 at DDIM-2, 0.9997 at DDIM-10 eta 1, against 1.0 without) and a step cost
+    # 25% more (Dice 0.616 against 0.657); "auto": off
     latent_reconstruction: Literal["auto"] | bool = "auto"
     min_latent_downsamplings: Annotated[int, Range(1, 8)] = 3  # a finer latent makes the denoiser slow
     attention_stages: NonNegativeInt = 2  # image encoder stages ending in self-attention

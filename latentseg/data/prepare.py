@@ -124,7 +124,7 @@ def plan_network(
     if m.decoder_full_skip == "auto":
         m.decoder_full_skip = False
     if m.latent_reconstruction == "auto":
-        m.latent_reconstruction = m.decoder_skips is True
+        m.latent_reconstruction = False  # measured: no more spread in the samples, 25% slower steps
     config.data.patch_size = round_up(patch, total_stride(m.strides, dims))
     if not m.denoiser_strides:
         grid = [p // t for p, t in zip(config.data.patch_size, total_stride(m.strides, dims), strict=True)]
