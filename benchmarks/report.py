@@ -74,12 +74,72 @@ def realdata_table(r: dict) -> str:
         if name == "machine":
             continue
         for method, v in methods.items():
+            if "summary" not in v:  # the plain script reports its own Dice only
+                classes = " / ".join(_f(c) for c in v.get("dice_per_class") or [])
+                seconds = v["raw"].get("infer_s_per_case", 0.0)
+                rows.append(f"| {name} | {method} | {v['budget_minutes']:g} | {v['steps']} | {_f(v['dice'])} | "
+                            f"{classes} | | | {seconds:.2f} |")  # fmt: skip
+                continue
             fg, per = v["summary"]["foreground_mean"], v["summary"]["mean"]
             classes = " / ".join(_f(c["Dice"]) for c in per.values())
             rows.append(
                 f"| {name} | {method} | {v['budget_minutes']:g} | {v['steps']} | {_f(fg['Dice'])} | {classes} | "
                 f"{_f(fg['NSD'])} | {_f(fg['HD95'], 1)} | {v['inference_seconds_per_case']:.2f} |"
             )
+    return "\n".join(rows)
+
+
+def uncertainty_table(r: dict) -> str:
+    rows = [
+        "| dataset | method | steps | Dice | GED² | HM-IoU | QUBIQ Dice | samples' pairwise IoU (raters') | ECE | "
+        "AUROC entropy, whole / band | s/case |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, methods in r.items():
+        if name == "raters":
+            continue
+        for method, v in sorted(methods.items()):
+            m, c = v["multirater"], v.get("calibration") or {}
+            pairs = f"{_f(m.get('sample_pairwise_IoU'))} ({_f(m.get('rater_pairwise_IoU'))})"
+            auroc = f"{_f(c.get('AUROC_entropy'))} / {_f(c.get('AUROC_entropy_boundary'))}"
+            rows.append(f"| {name} | {method} | {v['steps']} | {_f(v['dice'])} | {_f(m['GED'])} | {_f(m['HM_IoU'])} | "
+                        f"{_f(m['QUBIQ_Dice'])} | {pairs} | {_f(c.get('ECE'))} | {auroc} | "
+                        f"{v['seconds_per_case']:.2f} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def pipeline_table(r: dict) -> str:
+    rows = ["| dataset | variant | steps | Dice | per-class Dice | finished |", "|---|---|---|---|---|---|"]
+    for name, variants in r.items():
+        for variant, v in variants.items():
+            per = v.get("dice_per_class") or []
+            per = per.values() if isinstance(per, dict) else per
+            rows.append(f"| {name} | {variant} | {v['steps']} | {_f(v['dice'])} | {' / '.join(_f(x) for x in per)} | "
+                        f"{v.get('finished', '')} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def inference_table(r: dict) -> str:
+    rows = ["| case | engine, samples | seconds per case | x UNet |", "|---|---|---|---|"]
+    for name, v in r.items():
+        if not isinstance(v, dict) or "seconds_per_case" not in v:
+            continue
+        for key, seconds in v["seconds_per_case"].items():
+            rows.append(f"| {name} | {key} | {seconds:.3f} | {v['ratio_to_unet'][key]:.2f} |")
+    folder = r.get("folder_2d_256")
+    if folder:
+        total, network = folder["total_seconds"], folder["network_seconds"]
+        rows.append(f"| folder of {folder['cases']} 2D cases | predict, total / network | {total:.1f} / {network:.1f} | "
+                    f"{folder['ratio']:.2f} (total / network) |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def robustness_table(r: dict) -> str:
+    rows = ["| dataset | method | Dice at sigma 0 / 0.05 / 0.1 / 0.2 | Dice lost at 0.2 |", "|---|---|---|---|"]
+    for name, methods in r.items():
+        for method, v in methods.items():
+            curve = " / ".join(_f(p["dice"]) for p in v["curve"])
+            rows.append(f"| {name} | {method} | {curve} | {_f(v.get('dice_loss_at_0.2'))} |")
     return "\n".join(rows)
 
 
@@ -166,6 +226,10 @@ TABLES = {
     "ddp": ddp_table,
     "textdiff": textdiff_table,
     "universal": universal_table,
+    "uncertainty": uncertainty_table,
+    "pipeline": pipeline_table,
+    "inference": inference_table,
+    "robustness": robustness_table,
 }
 
 
