@@ -129,8 +129,8 @@ def inference_table(r: dict) -> str:
     folder = r.get("folder_2d_256")
     if folder:
         total, network = folder["total_seconds"], folder["network_seconds"]
-        rows.append(f"| folder of {folder['cases']} 2D cases | predict, total / network | {total:.1f} / {network:.1f} | "
-                    f"{folder['ratio']:.2f} (total / network) |")  # fmt: skip
+        rows.append(f"| folder of {folder['cases']} 2D cases | predict, total / network | {total:.1f} / {network:.1f} "
+                    f"| {folder['ratio']:.2f} (total / network) |")  # fmt: skip
     return "\n".join(rows)
 
 
