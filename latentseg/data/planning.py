@@ -92,8 +92,8 @@ def plan_denoiser_strides(latent: Sequence[int], levels: int) -> list[list[int]]
     return strides
 
 
-MAX_CEILING_CASES = 16
-SHORT_AXIS_RATIO = 4  # an axis this many times shorter than the longest may be a few-slice axis  # label ceilings are measured on at most this many training cases
+MAX_CEILING_CASES = 16  # label ceilings are measured on at most this many training cases
+SHORT_AXIS_RATIO = 4  # an axis this many times shorter than the longest may be a few-slice axis
 
 
 def label_ceiling(labels: Sequence[np.ndarray], num_classes: int, total: Sequence[int]) -> list[float]:
