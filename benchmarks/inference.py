@@ -116,12 +116,11 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-folder", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = ROOT / "results" / "inference.json"
-    results = {"threads": args.threads, "torch": torch.__version__, "device": args.device}
+    results = {"threads": args.threads, "torch": torch.__version__, "device": "cpu"}
     for name in args.settings.split(","):
         results[name] = measure(name, args.repeats)
         print(name, json.dumps(results[name]), flush=True)

@@ -16,7 +16,9 @@ Variants (each relative to `pipeline`, the benchmark's UNet as it was):
 - noprep: no resampling / reorientation and no crop to the foreground;
 - randcrop: the script's patch placement (uniform, one in three centred on foreground) in place of
   MONAI's positive / negative crop;
-- defaults: the UNet with latentseg's current default data settings (whatever `DataConfig` says).
+- defaults: the UNet with latentseg's current default data settings (whatever `DataConfig` says and
+  `train` plans for the budget: augmentation off up to 60 minutes);
+- defaults_aug: the same with augmentation on (flips, rotations, intensity).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ VARIANTS: dict[str, dict] = {
     "randcrop": {"settings": ["data.patch_sampling=uniform"]},
     "net4_noaug_randcrop": {"net": "plain4", "settings": [*NO_AUG, "data.patch_sampling=uniform"]},
     "defaults": {"defaults": True},
+    "defaults_aug": {"defaults": True, "settings": ["data.augmentation=on"]},
 }
 PLAIN4 = {  # plain_unet.py's networks
     "acdc": ((16, 32, 64, 128), ((2, 2, 1), (2, 2, 2), (2, 2, 1))),

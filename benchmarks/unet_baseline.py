@@ -3,6 +3,7 @@ same patches, augmentations and split as latentseg, scored with the same metrics
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from latentseg.config import Config
+from latentseg.plan import plan_augmentation
 from latentseg.training import batches
 
 
@@ -24,12 +26,23 @@ def make_unet(
     return UNet(spatial_dims, in_channels, num_classes, channels[: len(strides) + 1], strides, num_res_units=2)
 
 
+def planned_augmentation(config: Config, seconds: float) -> Config:
+    """A copy of `config` whose `data.augmentation` "auto" is decided as `latentseg train` decides it
+    for a run of `seconds` (off up to 60 minutes), so the baselines see what latentseg sees."""
+    config = copy.deepcopy(config)
+    if config.data.augmentation == "auto":
+        config.train.max_minutes = seconds / 60
+        config.data.augmentation = plan_augmentation(config)
+    return config
+
+
 def train_unet(
     samples: list[dict[str, Any]], config: Config, seconds: float, seed: int = 0, network: tuple | None = None
 ) -> tuple[UNet, dict[str, float]]:
     """AdamW 1e-3 with Dice + CE on the same augmented patches as latentseg, for `seconds` of wall time.
     `network` = (channels, strides) replaces the 5-level UNet with the planned strides."""
     torch.manual_seed(seed)
+    config = planned_augmentation(config, seconds)
     m = config.model
     if network is None:
         net = make_unet(m.spatial_dims, m.in_channels, m.num_classes, strides=m.strides or None)
