@@ -67,8 +67,8 @@ def core_tables(r: dict) -> str:
 
 def realdata_table(r: dict) -> str:
     rows = [
-        "| dataset | method | minutes | steps | mean fg Dice | per-class Dice | NSD | HD95 | s/case |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dataset | method | minutes | steps | mean fg Dice | per-class Dice | NSD | HD95 | s/case | finished (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, methods in r.items():
         if name == "machine":
@@ -78,13 +78,14 @@ def realdata_table(r: dict) -> str:
                 classes = " / ".join(_f(c) for c in v.get("dice_per_class") or [])
                 seconds = v["raw"].get("infer_s_per_case", 0.0)
                 rows.append(f"| {name} | {method} | {v['budget_minutes']:g} | {v['steps']} | {_f(v['dice'])} | "
-                            f"{classes} | | | {seconds:.2f} |")  # fmt: skip
+                            f"{classes} | | | {seconds:.2f} | {v.get('finished', '')} |")  # fmt: skip
                 continue
             fg, per = v["summary"]["foreground_mean"], v["summary"]["mean"]
             classes = " / ".join(_f(c["Dice"]) for c in per.values())
             rows.append(
                 f"| {name} | {method} | {v['budget_minutes']:g} | {v['steps']} | {_f(fg['Dice'])} | {classes} | "
-                f"{_f(fg['NSD'])} | {_f(fg['HD95'], 1)} | {v['inference_seconds_per_case']:.2f} |"
+                f"{_f(fg['NSD'])} | {_f(fg['HD95'], 1)} | {v['inference_seconds_per_case']:.2f} | "
+                f"{v.get('finished', '')} |"
             )
     return "\n".join(rows)
 
@@ -245,8 +246,9 @@ def update_readme(path: Path) -> list[str]:
     """Replace each marked table block; returns the names replaced."""
     text, done = path.read_text(), []
     for name, table in rendered().items():
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table -->)", re.S)
-        text, n = pattern.subn(lambda m, t=table: m.group(1) + t + m.group(2), text)
+        # the block's body never crosses its own end marker, so an empty block stays one block
+        pattern = re.compile(rf"(<!-- table:{name} -->\n)(?:(?!<!-- /table -->).)*?(<!-- /table -->)", re.S)
+        text, n = pattern.subn(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
         if n:
             done.append(name)
     path.write_text(text)

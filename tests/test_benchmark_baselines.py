@@ -14,3 +14,14 @@ def test_auto_augmentation_follows_the_budget_as_train_plans_it() -> None:
 def test_an_explicit_choice_is_kept() -> None:
     config = load_config(None, ["data.augmentation=on"])
     assert planned_augmentation(config, 60).data.augmentation == "on"
+
+
+def test_report_fills_an_empty_table_block_without_eating_the_next(tmp_path, monkeypatch) -> None:
+    from benchmarks import report
+
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- table:x -->\n<!-- /table -->\nkept\n<!-- table:y -->\nold\n<!-- /table -->\n")
+    monkeypatch.setattr(report, "rendered", lambda: {"x": "| x |", "y": "| y |"})
+    assert report.update_readme(readme) == ["x", "y"]
+    expected = "a\n<!-- table:x -->\n| x |\n<!-- /table -->\nkept\n<!-- table:y -->\n| y |\n<!-- /table -->\n"
+    assert readme.read_text() == expected
