@@ -14,7 +14,8 @@ the last 10 test; resampled to spacing 4) and the multi-rater phantoms (`latents
 - pixel_diffusion: a MedSegDiff-kind model, MONAI's DiffusionModelUNet with the image
   concatenated to the noisy mask, eps prediction, DDIM-50 (the peer users would pick);
 - latentseg (defaults: a random annotator per patch, x0, DDIM-2), latentseg_majority (trained on
-  the annotators' majority), latentseg_eps_eta1 (eps prediction, DDIM-2 with eta = 1).
+  the annotators' majority), latentseg_eps_eta1 (eps prediction, DDIM-2 with eta = 1),
+  latentseg_aug and unet_aug (augmentation on whatever the budget).
 Every sampling method draws 8 samples (the ensemble: its 4 members).
 
     python -m benchmarks.uncertainty [--datasets bubil,phantoms] [--methods ...] [--minutes bubil=8,phantoms=5]
@@ -42,7 +43,10 @@ LATENTSEG = {
     "latentseg": [],
     "latentseg_majority": ["data.raters=majority"],
     "latentseg_eps_eta1": ["model.prediction_type=eps", "sample.eta=1.0"],
+    "latentseg_aug": ["data.augmentation=on"],
 }
+# baselines with changed settings: name -> (the baseline it changes, settings)
+BASELINE_VARIANTS = {"unet_aug": ("unet", ["data.augmentation=on"])}
 DATASETS = {
     "bubil": {"minutes": 8.0, "settings": ["data.spacing=[4.0,4.0]"]},
     "phantoms": {"minutes": 5.0, "settings": []},
@@ -128,13 +132,12 @@ def run_latentseg(name: str, method: str, minutes: float, data: dict) -> list[di
     return results
 
 
-def training_data(name: str, data: dict):
+def training_data(name: str, data: dict, extra: list[str] | None = None):
     from latentseg.config import load_config
     from latentseg.data.prepare import prepare_training_data
 
-    config = load_config(
-        None, [*COMMON, *DATASETS[name]["settings"], f"data.split={data['split']}", "data.val_fraction=0.1"]
-    )
+    settings = [*COMMON, *DATASETS[name]["settings"], f"data.split={data['split']}", "data.val_fraction=0.1"]
+    config = load_config(None, settings + (extra or []))
     config.train.batch_size = 8
     return config, prepare_training_data([data["root"]], config)
 
@@ -143,13 +146,14 @@ def run_baseline(name: str, method: str, minutes: float, data: dict) -> list[dic
     """Train the baseline, then write every test case as `predict` would (labels, maps, samples)."""
     from benchmarks import uncertainty_baselines as b
 
-    config, prepared = training_data(name, data)
+    base, extra = BASELINE_VARIANTS.get(method, (method, []))
+    config, prepared = training_data(name, data, extra)
     seconds = minutes * 60
-    models = b.train_method(method, prepared.train, config, seconds)
-    outputs = [method] + (["unet_temperature"] if method == "unet" else [])
+    models = b.train_method(base, prepared.train, config, seconds)
+    outputs = [(method, base)] + ([(f"{method}_temperature", "unet_temperature")] if base == "unet" else [])
     results = []
-    for output in outputs:
-        segment = b.segmenter(output, models, prepared.val, config)
+    for output, kind in outputs:
+        segment = b.segmenter(kind, models, prepared.val, config)
         pred = data["work"] / output / "pred"
         shutil.rmtree(pred, ignore_errors=True)
         t0 = time.time()
