@@ -93,8 +93,8 @@ def realdata_table(r: dict) -> str:
 def uncertainty_table(r: dict) -> str:
     rows = [
         "| dataset | method | steps | Dice | GED² | HM-IoU | QUBIQ Dice | samples' pairwise IoU (raters') | ECE | "
-        "AUROC entropy, whole / band | s/case |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "AUROC entropy, whole / band | s/case | finished (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, methods in r.items():
         if name == "raters":
@@ -105,7 +105,7 @@ def uncertainty_table(r: dict) -> str:
             auroc = f"{_f(c.get('AUROC_entropy'))} / {_f(c.get('AUROC_entropy_boundary'))}"
             rows.append(f"| {name} | {method} | {v['steps']} | {_f(v['dice'])} | {_f(m['GED'])} | {_f(m['HM_IoU'])} | "
                         f"{_f(m['QUBIQ_Dice'])} | {pairs} | {_f(c.get('ECE'))} | {auroc} | "
-                        f"{v['seconds_per_case']:.2f} |")  # fmt: skip
+                        f"{v['seconds_per_case']:.2f} | {v.get('finished', '')[11:16]} |")  # fmt: skip
     return "\n".join(rows)
 
 

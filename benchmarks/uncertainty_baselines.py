@@ -16,7 +16,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import DiffusionModelUNet, UNet
 
-from benchmarks.unet_baseline import planned_augmentation
+from benchmarks.unet_baseline import as_train_plans
 from latentseg.config import Config
 from latentseg.data.datasets import discover_inputs, load_image
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
@@ -49,7 +49,7 @@ def _unet(config: Config, dropout: float = 0.0) -> UNet:
 def _train_loop(net, loss_fn: Callable, samples, config: Config, seconds: float, seed: int) -> int:
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    stream = batches(samples, planned_augmentation(config, seconds), total=10**7, seed=seed)
+    stream = batches(samples, as_train_plans(config, seconds), total=10**7, seed=seed)
     start, steps = time.time(), 0
     net.train()
     while time.time() - start < seconds:

@@ -14,7 +14,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from latentseg.config import Config
-from latentseg.plan import plan_augmentation
+from latentseg.plan import AUTO_BATCH, plan_augmentation
 from latentseg.training import batches
 
 
@@ -26,13 +26,16 @@ def make_unet(
     return UNet(spatial_dims, in_channels, num_classes, channels[: len(strides) + 1], strides, num_res_units=2)
 
 
-def planned_augmentation(config: Config, seconds: float) -> Config:
-    """A copy of `config` whose `data.augmentation` "auto" is decided as `latentseg train` decides it
-    for a run of `seconds` (off up to 60 minutes), so the baselines see what latentseg sees."""
+def as_train_plans(config: Config, seconds: float) -> Config:
+    """A copy of `config` whose "auto" augmentation and batch size are decided as `latentseg train`
+    decides them for a run of `seconds` (augmentation off up to 60 minutes), so the baselines see
+    what latentseg sees."""
     config = copy.deepcopy(config)
     if config.data.augmentation == "auto":
         config.train.max_minutes = seconds / 60
         config.data.augmentation = plan_augmentation(config)
+    if config.train.batch_size == "auto":
+        config.train.batch_size = AUTO_BATCH[config.model.spatial_dims]
     return config
 
 
@@ -42,7 +45,7 @@ def train_unet(
     """AdamW 1e-3 with Dice + CE on the same augmented patches as latentseg, for `seconds` of wall time.
     `network` = (channels, strides) replaces the 5-level UNet with the planned strides."""
     torch.manual_seed(seed)
-    config = planned_augmentation(config, seconds)
+    config = as_train_plans(config, seconds)
     m = config.model
     if network is None:
         net = make_unet(m.spatial_dims, m.in_channels, m.num_classes, strides=m.strides or None)

@@ -1,19 +1,19 @@
 """The benchmarks' UNet baselines see the augmentation `latentseg train` would plan for their budget."""
 
-from benchmarks.unet_baseline import planned_augmentation
+from benchmarks.unet_baseline import as_train_plans
 from latentseg.config import load_config
 
 
 def test_auto_augmentation_follows_the_budget_as_train_plans_it() -> None:
     config = load_config(None, ["train.steps=1000000"])  # "auto": a step count alone would mean on
-    assert planned_augmentation(config, 15 * 60).data.augmentation == "off"
-    assert planned_augmentation(config, 90 * 60).data.augmentation == "on"
+    assert as_train_plans(config, 15 * 60).data.augmentation == "off"
+    assert as_train_plans(config, 90 * 60).data.augmentation == "on"
     assert config.data.augmentation == "auto"  # the caller's config is left as it was
 
 
 def test_an_explicit_choice_is_kept() -> None:
     config = load_config(None, ["data.augmentation=on"])
-    assert planned_augmentation(config, 60).data.augmentation == "on"
+    assert as_train_plans(config, 60).data.augmentation == "on"
 
 
 def test_report_fills_an_empty_table_block_without_eating_the_next(tmp_path, monkeypatch) -> None:
@@ -25,3 +25,11 @@ def test_report_fills_an_empty_table_block_without_eating_the_next(tmp_path, mon
     assert report.update_readme(readme) == ["x", "y"]
     expected = "a\n<!-- table:x -->\n| x |\n<!-- /table -->\nkept\n<!-- table:y -->\n| y |\n<!-- /table -->\n"
     assert readme.read_text() == expected
+
+
+def test_auto_batch_size_is_planned_per_dimension() -> None:
+    config = load_config(None, [])
+    config.model.spatial_dims = 3
+    assert as_train_plans(config, 60).train.batch_size == 2
+    config.model.spatial_dims = 2
+    assert as_train_plans(config, 60).train.batch_size == 8
