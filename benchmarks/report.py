@@ -65,28 +65,34 @@ def core_tables(r: dict) -> str:
     return table + "\n\n" + "\n".join(timing)
 
 
+def _runs(r: dict, skip: str = "", ordered: bool = False):
+    """(dataset, method, result) of every run in a results file whose top level is keyed by dataset;
+    `skip` is a top-level key that is not a dataset."""
+    for name, methods in r.items():
+        if name != skip:
+            for method, v in sorted(methods.items()) if ordered else methods.items():
+                yield name, method, v
+
+
 def realdata_table(r: dict) -> str:
     rows = [
         "| dataset | method | minutes | steps | mean fg Dice | per-class Dice | NSD | HD95 | s/case | finished (UTC) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, methods in r.items():
-        if name == "machine":
+    for name, method, v in _runs(r, skip="machine"):
+        if "summary" not in v:  # the plain script reports its own Dice only
+            classes = " / ".join(_f(c) for c in v.get("dice_per_class") or [])
+            seconds = v["raw"].get("infer_s_per_case", 0.0)
+            rows.append(f"| {name} | {method} | {v['budget_minutes']:g} | {v['steps']} | {_f(v['dice'])} | "
+                        f"{classes} | | | {seconds:.2f} | {v.get('finished', '')} |")  # fmt: skip
             continue
-        for method, v in methods.items():
-            if "summary" not in v:  # the plain script reports its own Dice only
-                classes = " / ".join(_f(c) for c in v.get("dice_per_class") or [])
-                seconds = v["raw"].get("infer_s_per_case", 0.0)
-                rows.append(f"| {name} | {method} | {v['budget_minutes']:g} | {v['steps']} | {_f(v['dice'])} | "
-                            f"{classes} | | | {seconds:.2f} | {v.get('finished', '')} |")  # fmt: skip
-                continue
-            fg, per = v["summary"]["foreground_mean"], v["summary"]["mean"]
-            classes = " / ".join(_f(c["Dice"]) for c in per.values())
-            rows.append(
-                f"| {name} | {method} | {v['budget_minutes']:g} | {v['steps']} | {_f(fg['Dice'])} | {classes} | "
-                f"{_f(fg['NSD'])} | {_f(fg['HD95'], 1)} | {v['inference_seconds_per_case']:.2f} | "
-                f"{v.get('finished', '')} |"
-            )
+        fg, per = v["summary"]["foreground_mean"], v["summary"]["mean"]
+        classes = " / ".join(_f(c["Dice"]) for c in per.values())
+        rows.append(
+            f"| {name} | {method} | {v['budget_minutes']:g} | {v['steps']} | {_f(fg['Dice'])} | {classes} | "
+            f"{_f(fg['NSD'])} | {_f(fg['HD95'], 1)} | {v['inference_seconds_per_case']:.2f} | "
+            f"{v.get('finished', '')} |"
+        )
     return "\n".join(rows)
 
 
@@ -96,27 +102,23 @@ def uncertainty_table(r: dict) -> str:
         "AUROC entropy, whole / band | s/case | finished (UTC) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, methods in r.items():
-        if name == "raters":
-            continue
-        for method, v in sorted(methods.items()):
-            m, c = v["multirater"], v.get("calibration") or {}
-            pairs = f"{_f(m.get('sample_pairwise_IoU'))} ({_f(m.get('rater_pairwise_IoU'))})"
-            auroc = f"{_f(c.get('AUROC_entropy'))} / {_f(c.get('AUROC_entropy_boundary'))}"
-            rows.append(f"| {name} | {method} | {v['steps']} | {_f(v['dice'])} | {_f(m['GED'])} | {_f(m['HM_IoU'])} | "
-                        f"{_f(m['QUBIQ_Dice'])} | {pairs} | {_f(c.get('ECE'))} | {auroc} | "
-                        f"{v['seconds_per_case']:.2f} | {v.get('finished', '')[11:16]} |")  # fmt: skip
+    for name, method, v in _runs(r, skip="raters", ordered=True):
+        m, c = v["multirater"], v.get("calibration") or {}
+        pairs = f"{_f(m.get('sample_pairwise_IoU'))} ({_f(m.get('rater_pairwise_IoU'))})"
+        auroc = f"{_f(c.get('AUROC_entropy'))} / {_f(c.get('AUROC_entropy_boundary'))}"
+        rows.append(f"| {name} | {method} | {v['steps']} | {_f(v['dice'])} | {_f(m['GED'])} | {_f(m['HM_IoU'])} | "
+                    f"{_f(m['QUBIQ_Dice'])} | {pairs} | {_f(c.get('ECE'))} | {auroc} | "
+                    f"{v['seconds_per_case']:.2f} | {v.get('finished', '')[11:16]} |")  # fmt: skip
     return "\n".join(rows)
 
 
 def pipeline_table(r: dict) -> str:
     rows = ["| dataset | variant | steps | Dice | per-class Dice | finished |", "|---|---|---|---|---|---|"]
-    for name, variants in r.items():
-        for variant, v in variants.items():
-            per = v.get("dice_per_class") or []
-            per = per.values() if isinstance(per, dict) else per
-            rows.append(f"| {name} | {variant} | {v['steps']} | {_f(v['dice'])} | {' / '.join(_f(x) for x in per)} | "
-                        f"{v.get('finished', '')} |")  # fmt: skip
+    for name, variant, v in _runs(r):
+        per = v.get("dice_per_class") or []
+        per = per.values() if isinstance(per, dict) else per
+        rows.append(f"| {name} | {variant} | {v['steps']} | {_f(v['dice'])} | {' / '.join(_f(x) for x in per)} | "
+                    f"{v.get('finished', '')} |")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -137,10 +139,9 @@ def inference_table(r: dict) -> str:
 
 def robustness_table(r: dict) -> str:
     rows = ["| dataset | method | Dice at sigma 0 / 0.05 / 0.1 / 0.2 | Dice lost at 0.2 |", "|---|---|---|---|"]
-    for name, methods in r.items():
-        for method, v in methods.items():
-            curve = " / ".join(_f(p["dice"]) for p in v["curve"])
-            rows.append(f"| {name} | {method} | {curve} | {_f(v.get('dice_loss_at_0.2'))} |")
+    for name, method, v in _runs(r):
+        curve = " / ".join(_f(p["dice"]) for p in v["curve"])
+        rows.append(f"| {name} | {method} | {curve} | {_f(v.get('dice_loss_at_0.2'))} |")
     return "\n".join(rows)
 
 
@@ -150,16 +151,13 @@ def staged_table(r: dict) -> str:
         "epochs trained | s/case |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, methods in r.items():
-        if name == "machine":
-            continue
-        for method, v in methods.items():
-            for label, e in v["evaluations"].items():
-                rows.append(
-                    f"| {name} | {method} | {label} | {_f(e['dice'])} | {_f(e['nsd'])} | {e['network_calls']} | "
-                    f"{e['latent_evaluations']} | {_f(v['plateau_epoch'], 1)} | {v['epochs']:.1f} | "
-                    f"{e['seconds_per_case']:.2f} |"
-                )
+    for name, method, v in _runs(r, skip="machine"):
+        for label, e in v["evaluations"].items():
+            rows.append(
+                f"| {name} | {method} | {label} | {_f(e['dice'])} | {_f(e['nsd'])} | {e['network_calls']} | "
+                f"{e['latent_evaluations']} | {_f(v['plateau_epoch'], 1)} | {v['epochs']:.1f} | "
+                f"{e['seconds_per_case']:.2f} |"
+            )
     return "\n".join(rows)
 
 

@@ -14,7 +14,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from latentseg.config import Config
-from latentseg.plan import AUTO_BATCH, plan_augmentation
+from latentseg.plan import plan_batches
 from latentseg.training import batches
 
 
@@ -31,11 +31,8 @@ def as_train_plans(config: Config, seconds: float) -> Config:
     decides them for a run of `seconds` (augmentation off up to 60 minutes), so the baselines see
     what latentseg sees."""
     config = copy.deepcopy(config)
-    if config.data.augmentation == "auto":
-        config.train.max_minutes = seconds / 60
-        config.data.augmentation = plan_augmentation(config)
-    if config.train.batch_size == "auto":
-        config.train.batch_size = AUTO_BATCH[config.model.spatial_dims]
+    config.train.max_minutes = seconds / 60  # the baselines' loops stop on `seconds`, not on this
+    plan_batches(config)
     return config
 
 

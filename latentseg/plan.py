@@ -161,9 +161,7 @@ def resolve(user: Config, data_dirs: list[Path]) -> Resolved:
     if problems:
         raise LatentSegError("\n".join(problems))
     encoder = texts.training_texts(data, config, encoder)  # prompts: binary tasks and their names
-    config.data.augmentation = plan_augmentation(config)
-    if config.train.batch_size == "auto":
-        config.train.batch_size = AUTO_BATCH[config.model.spatial_dims]
+    plan_batches(config)
     check_settings(config)
     plan = Plan.from_config(config)
     plan.latent = _json_keys(data.latent or {})
@@ -178,6 +176,14 @@ def _json_keys(report: dict) -> dict:
 AUTO_BATCH = {2: 8, 3: 2}  # patches per step: nnU-Net's 3D batch; 2D as the accuracy bar trains
 AUGMENT_AFTER_MINUTES = 60.0
 AUGMENT_AFTER_STEPS = 5000
+
+
+def plan_batches(config: Config) -> None:
+    """Decide, in place, what the training batches need: augmentation from the budget and the batch
+    size from the dimension ("auto" settings only)."""
+    config.data.augmentation = plan_augmentation(config)
+    if config.train.batch_size == "auto":
+        config.train.batch_size = AUTO_BATCH[config.model.spatial_dims]
 
 
 def plan_augmentation(config: Config) -> str:
