@@ -52,6 +52,8 @@ COMMON = ["train.steps=1000000", "train.val_every=0", "train.checkpoint_every=10
 VARIANTS = {
     "latentseg": [],
     "latentseg_noskips": ["model.decoder_skips=false"],
+    # the label encoder trained by decoding its own latent, not by the diffusion loss (issue 17)
+    "latentseg_detached": ["model.latent_reconstruction=true", "model.diffusion_trains_label_encoder=false"],
     "latentseg_wide": ["model.image_encoder_channels=[16,32,64,128,256]", "model.decoder_channels=[16,32,64,128,256]"],
     "latentseg_labds": ["model.label_encoder=downsample"],
     "latentseg_p128": ["data.patch_size=[128,128,8]"],  # ACDC: the plain script's patch

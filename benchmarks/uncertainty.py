@@ -44,6 +44,13 @@ LATENTSEG = {
     "latentseg_majority": ["data.raters=majority"],
     "latentseg_eps_eta1": ["model.prediction_type=eps", "sample.eta=1.0"],
     "latentseg_aug": ["data.augmentation=on"],
+    "latentseg_detached": ["model.latent_reconstruction=true", "model.diffusion_trains_label_encoder=false"],
+    "latentseg_detached_eps": [
+        "model.latent_reconstruction=true",
+        "model.diffusion_trains_label_encoder=false",
+        "model.prediction_type=eps",
+        "sample.eta=1.0",
+    ],
 }
 # baselines with changed settings: name -> (the baseline it changes, settings)
 BASELINE_VARIANTS = {"unet_aug": ("unet", ["data.augmentation=on"])}

@@ -7,7 +7,7 @@ Each override must match its default's type. The resolved config is logged and s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_origin
@@ -60,12 +60,16 @@ class ModelConfig:
     # with skips, also fuse the input image at full resolution (a costly last stage); auto: planned
     # off (measured: most of the decoder's time on ACDC), on for models saved before it was planned
     decoder_full_skip: Literal["auto"] | bool = "auto"
-    # with skips, the label decoder can segment from the image side alone and leave the label latent
-    # unused. This also decodes the clean label latent with the image side zeroed (an autoencoder
-    # term), so the latent must hold the mask. Measured on BU-BIL (8 min): the samples stayed as alike
-    # (pairwise IoU 0.9996 at DDIM-2, 0.9997 at DDIM-10 eta 1, against 1.0 without) and a step cost
-    # 25% more (Dice 0.616 against 0.657); "auto": off
+    # also decode the clean label latent with the image side (skips, z_image) zeroed: an autoencoder
+    # term, so the latent must hold the mask. "auto": planned on with decoder skips, where the decoder
+    # could segment from the image side alone (see `diffusion_trains_label_encoder`)
     latent_reconstruction: Literal["auto"] | bool = "auto"
+    # the diffusion loss (and the segmentation of the denoiser's estimate) train the label encoder
+    # too (003, end to end). With skips that lets the encoder make a latent the denoiser predicts
+    # exactly from the image (BU-BIL: a full and an empty mask encoded 0.5% apart; the decoder
+    # ignored the latent, so every sample was the same). false: those terms take the latent as a
+    # constant and the encoder learns from `latent_reconstruction` alone. "auto": false with skips
+    diffusion_trains_label_encoder: Literal["auto"] | bool = "auto"
     min_latent_downsamplings: Annotated[int, Range(1, 8)] = 3  # a finer latent makes the denoiser slow
     attention_stages: NonNegativeInt = 2  # image encoder stages ending in self-attention
     num_heads: PositiveInt = 4
@@ -202,7 +206,10 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    steps: PositiveInt = 2  # DDIM steps K (003 section V-B: 2 suffice)
+    # DDIM steps K (003 section V-B: 2 suffice) and eta; "auto": planned by `train` from the data
+    # (latentseg.data.prepare.plan_sampling): DDIM-2, eta 0, or DDIM-10, eta 1 where the training
+    # data has several annotators (the samples then spread as the annotators disagree)
+    steps: Literal["auto"] | PositiveInt = "auto"
     num_samples: PositiveInt = 4
     sampler: Literal["ddim", "staged"] = (
         "ddim"  # ddim (DDPM when steps is None) | staged (004 section 2.2; needs denoiser_heads=2)
@@ -212,7 +219,7 @@ class SampleConfig:
         "eps"  # staged: the head of the last step from stage_low-1 (004: eps) | x0
     )
     fusion: Literal["mean", "vote", "staple"] = "mean"  # mean | vote | staple (004 section 2.4)
-    eta: Fraction = 0.0
+    eta: Literal["auto"] | Fraction = "auto"
     overlap: OpenFraction = 0.5  # sliding-window overlap
     sw_batch_size: PositiveInt = 1
 
@@ -260,6 +267,17 @@ class Config:
         if not isinstance(raw, dict):
             raise LatentSegError(f"{path}: a config must hold a JSON object of sections, got {type(raw).__name__}")
         return cls.from_dict(raw, str(path))
+
+
+# what "auto" sampling means for a model whose plan does not set it (saved before it was planned,
+# or built without `train`): 003's DDIM-2, deterministic
+UNPLANNED_SAMPLING = {"steps": 2, "eta": 0.0}
+
+
+def concrete_sampling(sample: SampleConfig) -> SampleConfig:
+    """`sample` with "auto" steps and eta as UNPLANNED_SAMPLING (a planned model has none left)."""
+    changes = {k: v for k, v in UNPLANNED_SAMPLING.items() if getattr(sample, k) == "auto"}
+    return replace(sample, **changes) if changes else sample
 
 
 def _sections(config: Config) -> dict[str, Any]:

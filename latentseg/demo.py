@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from latentseg.config import load_config
+from latentseg.config import concrete_sampling, load_config
 from latentseg.data.phantoms import LABELS, write_phantom_dataset
 from latentseg.infer import predict
 from latentseg.metrics import evaluate, format_table
@@ -43,7 +43,7 @@ def run_demo(out: Path, dims: int = 2, overrides: list[str] | None = None) -> di
     print(f"[2/4] training for {config.train.steps} steps (batch {config.train.batch_size})")
     model_dir = train(train_dir, out / "model", config)
     print(
-        f"[3/4] predicting the held-out phantoms with DDIM-{config.sample.steps}, "
+        f"[3/4] predicting the held-out phantoms with DDIM-{concrete_sampling(config.sample).steps}, "
         f"{config.sample.num_samples} samples each"
     )
     inputs = test_dir / ("images" if dims == 2 else "imagesTr")

@@ -37,6 +37,7 @@ PLANNED = {
         "decoder_image_latent",
         "decoder_full_skip",
         "latent_reconstruction",
+        "diffusion_trains_label_encoder",
         "strides",
         "denoiser_strides",
         "image_encoder_channels",
@@ -50,6 +51,7 @@ PLANNED = {
     ),
     "data": ("patch_size", "augmentation"),
     "train": ("batch_size",),
+    "sample": ("steps", "eta"),
 }
 DERIVED_ONLY = ("spatial_dims", "in_channels", "num_classes", "text_dim", "prompt_names", "backbone_config")
 
@@ -61,6 +63,7 @@ class Plan:
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    sample: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
     latent: dict[str, Any] = field(default_factory=dict)  # how the latent was chosen: label ceilings
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from latentseg.checkpoint import FINGERPRINT_FILE, check_model_dir, load_config, read_fingerprint
+from latentseg.config import concrete_sampling
 from latentseg.data.io import read_image, read_label, split_suffix
 from latentseg.errors import LatentSegError
 from latentseg.fusion import FUSIONS
@@ -190,7 +191,7 @@ def _prompt_box(gr, m):
 
 
 def _inputs(gr, config) -> list:
-    m, s = config.model, config.sample
+    m, s = config.model, concrete_sampling(config.sample)
     upload = gr.File(label="Image (PNG, JPEG) or NIfTI volume", file_types=list(ACCEPTED), elem_id="upload")
     prompt = _prompt_box(gr, m)
     steps = gr.Slider(1, 50, value=s.steps, step=1, label="Sampling steps")

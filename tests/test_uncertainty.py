@@ -134,6 +134,8 @@ def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, r
     assert main(["train", "--data", str(rater_data), "--out", str(model), *settings]) == 0
     fingerprint = json.loads((model / "fingerprint.json").read_text())
     assert fingerprint["raters"]["mode"] == "random" and fingerprint["raters"]["annotators_per_case"] == [4]
+    plan = json.loads((model / "plans.json").read_text())
+    assert plan["sample"] == {"steps": 10, "eta": 1.0}  # samples that spread as the annotators do
     out = tmp_path / "pred"
     args = ["predict", "--model", str(model), "--input", str(rater_data / "images"), "--output", str(out)]
     assert main([*args, "--samples", "3", "--save-samples"]) == 0

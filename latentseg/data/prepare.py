@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from latentseg.config import Config, DataConfig
+from latentseg.config import UNPLANNED_SAMPLING, Config, DataConfig
 from latentseg.data.datasets import DatasetSpec, discover_dataset, load_dataset, num_classes_of
 from latentseg.data.planning import (
     MIN_FEATURE,
@@ -123,13 +123,41 @@ def plan_network(
         m.decoder_image_latent = m.decoder_skips is True
     if m.decoder_full_skip == "auto":
         m.decoder_full_skip = False
-    if m.latent_reconstruction == "auto":
-        m.latent_reconstruction = False  # measured: no more spread in the samples, 25% slower steps
+    plan_label_encoder_training(m)
     config.data.patch_size = round_up(patch, total_stride(m.strides, dims))
     if not m.denoiser_strides:
         grid = [p // t for p, t in zip(config.data.patch_size, total_stride(m.strides, dims), strict=True)]
         m.denoiser_strides = plan_denoiser_strides(grid, len(m.denoiser_channels))
     return latent
+
+
+def plan_label_encoder_training(m) -> None:
+    """With decoder skips the label encoder learns by decoding its own latent (`latent_reconstruction`)
+    and not from the diffusion loss, which collapses it (BU-BIL, 8 min: a full and an empty mask
+    encoded 0.5% apart and the decoder ignored the latent; detached: 140% apart, the decoder reads
+    it, benchmarks/latent_collapse.py). Without skips the decoder reads the latent alone, so the
+    latent cannot collapse: 003's end-to-end training."""
+    detach = m.decoder_skips is True
+    if m.latent_reconstruction == "auto":
+        explicit = m.diffusion_trains_label_encoder is False  # the encoder then learns from it alone
+        m.latent_reconstruction = explicit or (detach and m.diffusion_trains_label_encoder is not True)
+    if m.diffusion_trains_label_encoder == "auto":
+        m.diffusion_trains_label_encoder = not (detach and m.latent_reconstruction is True)
+
+
+# DDIM steps and eta: one sample as good as the mean in 2 steps (003 section V-B) | samples that
+# spread as annotators do (BU-BIL, 10 annotators: the samples' pairwise IoU 0.804 at DDIM-10,
+# eta 1, the annotators' 0.764, against 0.933 at DDIM-2; benchmarks/results/uncertainty.json)
+SINGLE_RATER_SAMPLING = UNPLANNED_SAMPLING
+MULTI_RATER_SAMPLING = {"steps": 10, "eta": 1.0}
+
+
+def plan_sampling(sample, multi_rater: bool) -> None:
+    """Fill `sample.steps` and `sample.eta` left to "auto" (see MULTI_RATER_SAMPLING)."""
+    planned = MULTI_RATER_SAMPLING if multi_rater else SINGLE_RATER_SAMPLING
+    for key, value in planned.items():
+        if getattr(sample, key) == "auto":
+            setattr(sample, key, value)
 
 
 DEFAULT_DOWNSAMPLINGS = 4  # 003 section IV-B, when the latent is not planned from labels
@@ -200,6 +228,7 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
         s.update(preprocess_sample(s, prep))
         del s["meta"]
     raters = use_raters(samples, config.data.raters)
+    plan_sampling(config.sample, multi_rater=raters.get("mode") == "random")
     shapes = [s["image"].shape[1:] for s in samples]
     train_labels = [s["label"][0] for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
     latent = plan_network(config, shapes, prep.spacing or [float(v) for v in np.median(spacings, axis=0)], train_labels)

@@ -80,11 +80,12 @@ class LatentDiffusionObjective:
         m = self.model
         cond = m.conditioning(image, text)  # line 3
         z0 = m.encode_label(label)  # line 4
+        z_clean = z0 if m.diffusion_trains_label_encoder else z0.detach()
         t, noise_weight, seg_weight = self.rule.sample(z0.shape[0], z0.device, generator)  # line 5
         noise = randn(z0.shape, generator, z0)  # line 6
-        z_t = m.schedule.q_sample(z0, t, noise)  # line 7, Eq. 11
+        z_t = m.schedule.q_sample(z_clean, t, noise)  # line 7, Eq. 11
         outputs = m.denoise_all(z_t, t, cond)
-        diff = m.heads.diffusion_loss(outputs, z0, noise, t)  # Eq. 17
+        diff = m.heads.diffusion_loss(outputs, z_clean, noise, t)  # Eq. 17
         seg = torch.zeros_like(diff)
         if m.decodes_in_training:  # lines 8-9, Eq. 12-16
             seg = self.segmentation(outputs, z_t, t, cond, label)

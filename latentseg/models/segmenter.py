@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentseg.config import Config, ModelConfig, SampleConfig, TrainConfig
+from latentseg.config import Config, ModelConfig, SampleConfig, TrainConfig, concrete_sampling
 from latentseg.diffusion import ChainSampler, DiffusionSchedule, LatentSampler, StagedSampler, Stages
 from latentseg.models.denoiser import Denoiser
 from latentseg.models.encoders import DownsampleEncoder, ImageEncoder, LabelDecoder, LabelEncoder, standardize
@@ -49,6 +49,10 @@ def ldseg_problems(config: ModelConfig) -> list[str]:
         found.append("a prompted model needs text_fusion=attention or concat (how the prompt joins the image)")
     if c.label_autoencoder == "pretrained" and c.decoder_skips is True:
         found.append("label_autoencoder=pretrained decodes the mask latent alone; it cannot use decoder_skips")
+    if c.diffusion_trains_label_encoder is False and c.latent_reconstruction is False:
+        found.append(
+            "diffusion_trains_label_encoder=false leaves the label encoder to latent_reconstruction: turn it on"
+        )
     if c.image_encoder == "downsample" and (c.decoder_skips is True or c.condition == "pretrained"):
         found.append(
             "image_encoder=downsample has no features at finer resolutions: it cannot be used with "
@@ -213,7 +217,8 @@ class LatentSegmenter(LatentSampling, nn.Module):
         self.class_prompts = ClassPrompts(c.prompt_names, c.text_dim) if c.prompt == "class" else None
         self.decodes_in_training = c.label_autoencoder != "pretrained"  # 002 trains on the latent alone
         # "auto" unplanned (models saved before it existed): off
-        self.reconstructs_latent = self.skips and c.latent_reconstruction is True
+        self.reconstructs_latent = c.latent_reconstruction is True
+        self.diffusion_trains_label_encoder = c.diffusion_trains_label_encoder is not False  # auto unplanned: 003
         self.dice = soft_dice_loss()
 
     # --- networks -------------------------------------------------------------------------
@@ -339,7 +344,7 @@ class LatentSegmenter(LatentSampling, nn.Module):
 
 
 def _chain_sampler(model: LatentSegmenter, options: SampleConfig) -> ChainSampler:
-    c = model.config
+    c, options = model.config, concrete_sampling(options)
     return ChainSampler(
         model.schedule,
         c.prediction_type,

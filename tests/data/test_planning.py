@@ -116,3 +116,34 @@ def test_short_time_budgets_take_smaller_2d_patches():
     assert plan_patch([], shapes, 2, budget_minutes=120) == [256, 256]
     assert plan_patch([], [(200, 200, 9)], 3, budget_minutes=10) == [96, 96, 9]  # 3D as planned
     assert plan_patch([192, 192], shapes, 2, budget_minutes=10) == [192, 192]  # asked for: kept
+
+
+def test_label_encoder_training_is_planned_from_the_decoder_skips():
+    from latentseg.config import ModelConfig
+    from latentseg.data.prepare import plan_label_encoder_training
+
+    def planned(**kw) -> tuple:
+        m = ModelConfig(**kw)
+        plan_label_encoder_training(m)
+        return m.latent_reconstruction, m.diffusion_trains_label_encoder
+
+    assert planned(decoder_skips=True) == (True, False)  # skips: the encoder learns from its own latent
+    assert planned(decoder_skips=False) == (False, True)  # no skips: 003 end to end
+    assert planned(decoder_skips=True, diffusion_trains_label_encoder=True) == (False, True)
+    assert planned(decoder_skips=False, diffusion_trains_label_encoder=False) == (True, False)
+    assert planned(decoder_skips=True, latent_reconstruction=False) == (False, True)
+
+
+def test_sampling_is_planned_from_the_annotators_and_kept_when_set():
+    from latentseg.config import SampleConfig, concrete_sampling
+    from latentseg.data.prepare import plan_sampling
+
+    single, multi, fixed = SampleConfig(), SampleConfig(), SampleConfig(steps=3)
+    plan_sampling(single, multi_rater=False)
+    plan_sampling(multi, multi_rater=True)
+    plan_sampling(fixed, multi_rater=True)
+    assert (single.steps, single.eta) == (2, 0.0)
+    assert (multi.steps, multi.eta) == (10, 1.0)
+    assert (fixed.steps, fixed.eta) == (3, 1.0)
+    unplanned = concrete_sampling(SampleConfig())  # a model saved before sampling was planned
+    assert (unplanned.steps, unplanned.eta) == (2, 0.0)

@@ -177,6 +177,33 @@ def test_latent_reconstruction_makes_the_label_latent_hold_the_mask():
     assert (alone == label[:1, 0]).float().mean() > 0.9  # the latent alone gives the mask back
 
 
+def test_detached_latent_trains_the_label_encoder_from_reconstruction_alone():
+    """diffusion_trains_label_encoder=false: the diffusion and decoded-estimate terms give the label
+    encoder no gradient (they cannot pull the latent towards what the denoiser predicts); the
+    reconstruction term still does, and the denoiser still learns from the diffusion loss."""
+    image, label = phantom_batch()
+
+    def grads(**options) -> tuple[float, float]:
+        model = tiny_model(decoder_skips=True, decoder_image_latent=True, **options)
+        untrained_but_not_zero(model).train()
+        training_losses(model, image, label, generator=torch.Generator().manual_seed(0)).total.backward()
+        encoder = sum(float(p.grad.abs().sum()) for p in model.label_encoder.parameters() if p.grad is not None)
+        denoiser = sum(float(p.grad.abs().sum()) for p in model.denoiser.parameters() if p.grad is not None)
+        return encoder, denoiser
+
+    joint = grads(latent_reconstruction=False)
+    detached = grads(latent_reconstruction=True, diffusion_trains_label_encoder=False)
+    assert joint[0] > 0 and joint[1] > 0
+    assert detached[0] > 0 and detached[1] > 0
+    model = tiny_model(decoder_skips=True, decoder_image_latent=True, latent_reconstruction=True,
+                       diffusion_trains_label_encoder=False)  # fmt: skip
+    model.reconstructs_latent = False  # the diffusion terms alone
+    training_losses(model, image, label, generator=torch.Generator().manual_seed(0)).total.backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.label_encoder.parameters())
+    with pytest.raises(ValueError, match="latent_reconstruction"):
+        tiny_model(decoder_skips=True, latent_reconstruction=False, diffusion_trains_label_encoder=False)
+
+
 def test_two_head_staged_training_decreases_the_loss():
     losses = overfit(tiny_model(denoiser_heads=2), timesteps="staged")
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
