@@ -95,9 +95,14 @@ def plan_preprocessing(config: Config, specs: list[DatasetSpec], samples: list[d
 
 
 def plan_network(
-    config: Config, shapes: list[tuple[int, ...]], spacing: list[float], labels: list[np.ndarray] | None = None
+    config: Config,
+    shapes: list[tuple[int, ...]],
+    spacing: list[float],
+    labels: list[np.ndarray] | None = None,
+    multi_rater: bool = False,
 ) -> dict | None:
-    """Patch size, latent and per-axis strides (unless configured), the channel lists cut to match.
+    """Patch size, latent and per-axis strides (unless configured), the channel lists cut to match;
+    how the label encoder trains (`plan_label_encoder_training`; `multi_rater`: several annotators).
     With `model.num_downsamplings` or `model.decoder_skips` left to "auto", the latent is planned
     from the training `labels` (`plan_latent`); returns that plan's report (None when not planned)."""
     m, dims = config.model, config.model.spatial_dims
@@ -123,7 +128,7 @@ def plan_network(
         m.decoder_image_latent = m.decoder_skips is True
     if m.decoder_full_skip == "auto":
         m.decoder_full_skip = False
-    plan_label_encoder_training(m)
+    plan_label_encoder_training(m, multi_rater)
     config.data.patch_size = round_up(patch, total_stride(m.strides, dims))
     if not m.denoiser_strides:
         grid = [p // t for p, t in zip(config.data.patch_size, total_stride(m.strides, dims), strict=True)]
@@ -131,13 +136,15 @@ def plan_network(
     return latent
 
 
-def plan_label_encoder_training(m) -> None:
-    """With decoder skips the label encoder learns by decoding its own latent (`latent_reconstruction`)
-    and not from the diffusion loss, which collapses it (BU-BIL, 8 min: a full and an empty mask
-    encoded 0.5% apart and the decoder ignored the latent; detached: 140% apart, the decoder reads
-    it, benchmarks/latent_collapse.py). Without skips the decoder reads the latent alone, so the
-    latent cannot collapse: 003's end-to-end training."""
-    detach = m.decoder_skips is True
+def plan_label_encoder_training(m, multi_rater: bool) -> None:
+    """Where the training data has several annotators and the decoder has skips, the label encoder
+    learns by decoding its own latent (`latent_reconstruction`) and not from the diffusion loss,
+    which collapses it (BU-BIL, 8 min: a full and an empty mask encoded 0.5% apart and the decoder
+    ignored the latent, so all samples were one mask; detached: 140% apart, and the samples spread,
+    benchmarks/latent_collapse.py). Elsewhere 003's end-to-end training: on ACDC (15 min, side by
+    side) the detached encoder cost 0.070 Dice (0.615 against 0.685) and 31% of the steps
+    (benchmarks/results/label_encoder_acdc.json)."""
+    detach = m.decoder_skips is True and multi_rater
     if m.latent_reconstruction == "auto":
         explicit = m.diffusion_trains_label_encoder is False  # the encoder then learns from it alone
         m.latent_reconstruction = explicit or (detach and m.diffusion_trains_label_encoder is not True)
@@ -228,10 +235,12 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
         s.update(preprocess_sample(s, prep))
         del s["meta"]
     raters = use_raters(samples, config.data.raters)
-    plan_sampling(config.sample, multi_rater=raters.get("mode") == "random")
+    multi_rater = raters.get("mode") == "random"
+    plan_sampling(config.sample, multi_rater)
     shapes = [s["image"].shape[1:] for s in samples]
     train_labels = [s["label"][0] for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
-    latent = plan_network(config, shapes, prep.spacing or [float(v) for v in np.median(spacings, axis=0)], train_labels)
+    spacing = prep.spacing or [float(v) for v in np.median(spacings, axis=0)]
+    latent = plan_network(config, shapes, spacing, train_labels, multi_rater)
     if latent:
         log.info("%s", describe_latent(latent, config.model.strides, config.model.spatial_dims))
 

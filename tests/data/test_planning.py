@@ -122,12 +122,13 @@ def test_label_encoder_training_is_planned_from_the_decoder_skips():
     from latentseg.config import ModelConfig
     from latentseg.data.prepare import plan_label_encoder_training
 
-    def planned(**kw) -> tuple:
+    def planned(multi_rater=True, **kw) -> tuple:
         m = ModelConfig(**kw)
-        plan_label_encoder_training(m)
+        plan_label_encoder_training(m, multi_rater)
         return m.latent_reconstruction, m.diffusion_trains_label_encoder
 
-    assert planned(decoder_skips=True) == (True, False)  # skips: the encoder learns from its own latent
+    assert planned(decoder_skips=True) == (True, False)  # annotators + skips: it learns from its own latent
+    assert planned(decoder_skips=True, multi_rater=False) == (False, True)  # one mask per case: 003
     assert planned(decoder_skips=False) == (False, True)  # no skips: 003 end to end
     assert planned(decoder_skips=True, diffusion_trains_label_encoder=True) == (False, True)
     assert planned(decoder_skips=False, diffusion_trains_label_encoder=False) == (True, False)
