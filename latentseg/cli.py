@@ -44,6 +44,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 
@@ -138,6 +148,7 @@ def sample_overrides(args: argparse.Namespace) -> dict:
     """The sampling settings given on the command line (None: the model's own)."""
     return {
         "steps": args.steps,
+        "eta": args.eta,
         "num_samples": args.samples,
         "sampler": args.sampler,
         "fusion": args.fusion,
@@ -302,7 +313,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--model", required=True, help="model directory written by train")
     p.add_argument("--input", required=True, help="an image file or a folder of them")
     p.add_argument("--output", required=True, help="folder for the outputs (not the input folder)")
-    p.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model's, 2)")
+    p.add_argument(
+        "--steps", type=_positive_int, help="DDIM steps (default: the model's, 2; 10 if trained on several annotators)"
+    )
+    p.add_argument("--eta", type=_fraction, help="DDIM eta, 0 deterministic to 1 (default: the model's)")
     p.add_argument("--samples", type=_positive_int, help="samples per case (default: the model's, 4)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -126,6 +126,15 @@ def test_missing_or_incomplete_model_dir(tmp_path, capsys, model2d, data2d):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("eta", ["1.5", "-0.1", "x"])
+def test_eta_outside_zero_to_one(tmp_path, capsys, model2d, data2d, eta):
+    with pytest.raises(SystemExit) as exc:
+        main(predict_args(model2d, data2d["test"] / "images", tmp_path / "o", "--eta", eta))
+    assert exc.value.code == 2
+    assert "--eta:" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("steps", ["0", "-3"])
 def test_non_positive_steps(tmp_path, capsys, model2d, data2d, steps):
     with pytest.raises(SystemExit) as exc:

@@ -139,6 +139,8 @@ def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, r
     out = tmp_path / "pred"
     args = ["predict", "--model", str(model), "--input", str(rater_data / "images"), "--output", str(out)]
     assert main([*args, "--samples", "3", "--save-samples"]) == 0
+    still = ["predict", "--model", str(model), "--input", str(rater_data / "images"), "--output", str(tmp_path / "p0")]
+    assert main([*still, "--samples", "2", "--save-samples", "--eta", "0", "--steps", "2"]) == 0
     assert sorted(p.name for p in out.glob("phantom_000_sample*")) == [f"phantom_000_sample0{k}.png" for k in range(3)]
     refs = [arg for k in range(4) for arg in ("--ref", str(rater_data / "raters" / f"rater_{k}"))]
     assert main(["evaluate", "--pred", str(out), *refs]) == 0
