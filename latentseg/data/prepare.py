@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from latentseg.config import UNPLANNED_SAMPLING, Config, DataConfig
+from latentseg.config import UNPLANNED_SAMPLING, Config, DataConfig, ModelConfig, SampleConfig
 from latentseg.data.datasets import DatasetSpec, discover_dataset, load_dataset, num_classes_of
 from latentseg.data.planning import (
     MIN_FEATURE,
@@ -136,7 +136,7 @@ def plan_network(
     return latent
 
 
-def plan_label_encoder_training(m, multi_rater: bool) -> None:
+def plan_label_encoder_training(m: ModelConfig, multi_rater: bool) -> None:
     """Where the training data has several annotators and the decoder has skips, the label encoder
     learns by decoding its own latent (`latent_reconstruction`) and not from the diffusion loss,
     which collapses it (BU-BIL, 8 min: a full and an empty mask encoded 0.5% apart and the decoder
@@ -159,7 +159,7 @@ SINGLE_RATER_SAMPLING = UNPLANNED_SAMPLING
 MULTI_RATER_SAMPLING = {"steps": 10, "eta": 1.0}
 
 
-def plan_sampling(sample, multi_rater: bool) -> None:
+def plan_sampling(sample: SampleConfig, multi_rater: bool) -> None:
     """Fill `sample.steps` and `sample.eta` left to "auto" (see MULTI_RATER_SAMPLING)."""
     planned = MULTI_RATER_SAMPLING if multi_rater else SINGLE_RATER_SAMPLING
     for key, value in planned.items():
