@@ -44,7 +44,8 @@ LATENTSEG = {
     "latentseg_majority": ["data.raters=majority"],
     "latentseg_eps_eta1": ["model.prediction_type=eps", "sample.eta=1.0"],
     "latentseg_aug": ["data.augmentation=on"],
-    "latentseg_seed1": ["train.seed=1"],  # the defaults, another seed: how far one run is from the next
+    "latentseg_seed1": ["train.seed=1"],  # the defaults, other seeds: how far one run is from the next
+    "latentseg_seed2": ["train.seed=2"],
     "latentseg_detached": ["model.latent_reconstruction=true", "model.diffusion_trains_label_encoder=false"],
     "latentseg_detached_eps": [
         "model.latent_reconstruction=true",
