@@ -126,9 +126,10 @@ def test_bad_annotator_folders_are_named(tmp_path, capsys, rater_data):
     assert "rater_2/phantom_004.png: annotator mask shape (60, 64)" in err
 
 
-def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, rater_data):
+def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, caplog, rater_data):
     from tests.conftest import TINY_2D
 
+    caplog.set_level("INFO", logger="latentseg")
     model = tmp_path / "m"
     settings = [*[s for s in TINY_2D if "channels" not in s], "data.raters=random"]
     assert main(["train", "--data", str(rater_data), "--out", str(model), *settings]) == 0
@@ -136,6 +137,8 @@ def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, r
     assert fingerprint["raters"]["mode"] == "random" and fingerprint["raters"]["annotators_per_case"] == [4]
     plan = json.loads((model / "plans.json").read_text())
     assert plan["sample"] == {"steps": 10, "eta": 1.0}  # samples that spread as the annotators do
+    assert "several annotators: the label encoder learns" in caplog.text
+    assert "(ddim, 10 steps" in capsys.readouterr().out  # validation samples as predict will
     out = tmp_path / "pred"
     args = ["predict", "--model", str(model), "--input", str(rater_data / "images"), "--output", str(out)]
     assert main([*args, "--samples", "3", "--save-samples"]) == 0

@@ -243,6 +243,10 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     latent = plan_network(config, shapes, spacing, train_labels, multi_rater)
     if latent:
         log.info("%s", describe_latent(latent, config.model.strides, config.model.spatial_dims))
+    if multi_rater:
+        m, smp = config.model, config.sample
+        encoder = "end to end" if m.diffusion_trains_label_encoder else "from its own latent (latent_reconstruction)"
+        log.info("several annotators: the label encoder learns %s; DDIM-%s, eta %s", encoder, smp.steps, smp.eta)
 
     names = labels or {i: str(i) for i in range(config.model.num_classes)}
     fingerprint = {
