@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.metrics import compute_dice
 
 from latentseg.api import load_model
 from latentseg.data.prepare import prepare_training_data
@@ -46,10 +47,9 @@ def centre_crop(array: np.ndarray, label: np.ndarray, size: list[int]) -> tuple[
     return out_image, out_label
 
 
-def dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a > 0, b > 0
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2 * int((a & b).sum()) / total
+def foreground_dice(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Mean foreground Dice of (B, *S) label maps against (B, 1, *S) labels (MONAI's compute_dice)."""
+    return float(compute_dice((pred > 0)[:, None].float(), (label > 0).float(), include_background=True).mean())
 
 
 @torch.no_grad()
@@ -76,11 +76,11 @@ def measure(folder: Path, data: Path, cases: int) -> dict:
         "empty_gap": round(float(empty_gap), 4),
         "between_cases": round(float(between), 4),
         "decoder_flip": round(float((own != other).float().mean()), 4),
-        "own_latent_dice": round(float(np.mean([dice(o, lab[0]) for o, lab in zip(own, labels, strict=True)])), 4),
+        "own_latent_dice": round(foreground_dice(own, labels), 4),
     }
     if getattr(net, "skips", False):
         alone = net.decode_latent_alone(z, cond).argmax(1)
-        result["alone_dice"] = round(float(np.mean([dice(a, lab[0]) for a, lab in zip(alone, labels, strict=True)])), 4)
+        result["alone_dice"] = round(foreground_dice(alone, labels), 4)
     log = json.loads((folder / "training_log.json").read_text())
     result["last_diff"] = log["diff"][-1] if log.get("diff") else None
     return result

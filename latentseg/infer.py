@@ -24,7 +24,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from latentseg.checkpoint import load_model
-from latentseg.config import Config, SampleConfig, concrete_sampling
+from latentseg.config import Config, SampleConfig
 from latentseg.data.datasets import Case, discover_inputs, load_image
 from latentseg.data.io import ImageMeta, file_format, output_ending, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
@@ -174,7 +174,7 @@ def sample_options(model: Segmenter, base: SampleConfig, overrides: dict[str, An
             problems.append(f"{FLAGS.get(key, key)} {problem}")
     if problems:
         raise LatentSegError("\n".join(problems))
-    options = concrete_sampling(replace(base, **changes))
+    options = replace(base, **changes)
     try:
         check_fusion(options.fusion, options.num_samples)
     except ValueError as err:

@@ -144,12 +144,11 @@ def plan_label_encoder_training(m: ModelConfig, multi_rater: bool) -> None:
     benchmarks/latent_collapse.py). Elsewhere 003's end-to-end training: on ACDC (15 min, side by
     side) the detached encoder cost 0.070 Dice (0.615 against 0.685) and 31% of the steps
     (benchmarks/results/label_encoder_acdc.json)."""
-    detach = m.decoder_skips is True and multi_rater
-    if m.latent_reconstruction == "auto":
-        explicit = m.diffusion_trains_label_encoder is False  # the encoder then learns from it alone
-        m.latent_reconstruction = explicit or (detach and m.diffusion_trains_label_encoder is not True)
     if m.diffusion_trains_label_encoder == "auto":
-        m.diffusion_trains_label_encoder = not (detach and m.latent_reconstruction is True)
+        detach = m.decoder_skips is True and multi_rater and m.latent_reconstruction is not False
+        m.diffusion_trains_label_encoder = not detach
+    if m.latent_reconstruction == "auto":  # a detached encoder learns from reconstruction alone
+        m.latent_reconstruction = not m.diffusion_trains_label_encoder
 
 
 # DDIM steps and eta: one sample as good as the mean in 2 steps (003 section V-B) | samples that
