@@ -49,6 +49,7 @@ LATENTSEG = {
     "latentseg_aug": ["data.augmentation=on"],
     "latentseg_seed1": ["train.seed=1"],  # the defaults, other seeds: how far one run is from the next
     "latentseg_seed2": ["train.seed=2"],
+    "latentseg_seed3": ["train.seed=3"],
     "latentseg_detached": DETACHED,
     "latentseg_detached_eps": [*DETACHED, "model.prediction_type=eps", "sample.eta=1.0"],
 }
