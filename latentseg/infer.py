@@ -135,15 +135,40 @@ def predict_image(
     the image's own grid (with `keep_samples`, each sample's labels too)."""
     x, transform = prepare_image(image, meta, prep)
     options = options or config.sample
+    maps = sample_prepared(model, config, x, options, seed, text, keep_samples)
+    return restored_prediction(maps, x, transform)
+
+
+def sample_prepared(
+    model: Segmenter,
+    config: Config,
+    x: MetaTensor,
+    options: SampleConfig,
+    seed: int = 0,
+    text: TextEmbedding | torch.Tensor | None = None,
+    keep_samples: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The network's part of `predict_image`: the maps of one preprocessed image on its
+    preprocessed grid (`prob`, `std`, `entropy`, and with `keep_samples` every sample's
+    probabilities as `samples`, (N, C, *S))."""
     mean, std, entropy, samples = sample_volume(model, x, config.data.patch_size, options, seed, text, keep_samples)
     maps = {"prob": mean, "std": std, "entropy": entropy}
     if keep_samples:
+        maps["samples"] = samples
+    return maps
+
+
+def restored_prediction(maps: dict[str, torch.Tensor], x: MetaTensor, transform: Any) -> Prediction:
+    """`sample_prepared`'s maps mapped back onto the image's own grid."""
+    maps = dict(maps)
+    samples = maps.pop("samples", None)
+    if samples is not None:
         maps["samples"] = samples.flatten(0, 1)  # (N*C, *S): restored like any map, then one argmax each
     back = restore(maps, x, transform)
     probabilities = back["prob"]
     labels = None
-    if keep_samples:
-        per_sample = back["samples"].reshape(options.num_samples, -1, *back["samples"].shape[1:])
+    if samples is not None:
+        per_sample = back["samples"].reshape(samples.shape[0], -1, *back["samples"].shape[1:])
         labels = per_sample.argmax(1).astype(np.uint8)
     label = probabilities.argmax(0).astype(np.uint8)
     return Prediction(probabilities, back["std"][0], label, back["entropy"][0], labels)
@@ -420,36 +445,48 @@ def _make_output_dir(output_dir: Path) -> None:
 
 
 @dataclass
+class CaseInput:
+    """One case as read (raw image and its geometry) and as the network takes it."""
+
+    image: np.ndarray
+    meta: ImageMeta
+    x: MetaTensor
+    transform: Any
+
+
+@dataclass
 class CaseJob:
     """What every case of one `predict` call shares."""
 
     model: Segmenter
     config: Config
     prep: Preprocessing
-    sample: SampleConfig
+    sample_config: SampleConfig
     mask_values: list[int]
     options: PredictOptions
     label_names: dict[int, str] | None = None  # DICOM-SEG segment names
 
-    def read(self, case: Case) -> tuple[np.ndarray, ImageMeta]:
-        """One case's image, checked against the model."""
+    def read(self, case: Case) -> CaseInput:
+        """One case's image, checked against the model, and preprocessed."""
         image, meta = load_image(case, self.options.max_voxels or self.config.data.max_voxels)
         _check_input(case, image, meta, self.config)
-        return image, meta
+        return CaseInput(image, meta, *prepare_image(image, meta, self.prep))
 
-    def predict(self, image: np.ndarray, meta: ImageMeta, text) -> Prediction:
+    def sample(self, case: CaseInput, text) -> dict[str, torch.Tensor]:
         o = self.options
-        return predict_image(self.model, self.config, self.prep, image, meta, self.sample, o.seed, text, o.save_samples)
+        return sample_prepared(self.model, self.config, case.x, self.sample_config, o.seed, text, o.save_samples)
 
-    def write(self, case: Case, image: np.ndarray, meta: ImageMeta, pred: Prediction, staging: Path, output: Path):
-        """The case's files, written into its own staging folder, then moved into `output`, the
-        label map last (it marks a finished case)."""
+    def write(self, case: Case, read: CaseInput, maps: dict[str, torch.Tensor], staging: Path, output: Path):
+        """The case's maps restored to its grid and its files written into its own staging
+        folder, then moved into `output`, the label map last (it marks a finished case)."""
+        pred = restored_prediction(maps, read.x, read.transform)
         folder = Path(tempfile.mkdtemp(dir=staging))
         try:
-            _write_case(folder, case, image, meta, pred, self.mask_values, self.options.overlays, self.label_names)
+            o = self.options
+            _write_case(folder, case, read.image, read.meta, pred, self.mask_values, o.overlays, self.label_names)
             staged = {path.name: path for path in folder.iterdir()}
-            saved = self.sample.num_samples if self.options.save_samples else 0
-            return [staged[name].replace(output / name) for name in output_names(case, self.options.overlays, saved)]
+            saved = self.sample_config.num_samples if o.save_samples else 0
+            return [staged[name].replace(output / name) for name in output_names(case, o.overlays, saved)]
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -463,8 +500,9 @@ def _written(done, failures: list[str]) -> list[Path]:
 
 
 def _run_cases(job: CaseJob, cases: list[Case], texts: dict, output_dir: Path) -> list[Path]:
-    """Cases run in order; the next case is read and the last one written in background threads
-    while the network runs, so a folder goes at network speed. Each case is staged in a hidden
+    """Cases run in order; the next case is read and preprocessed, and the last one restored to its
+    grid and written, in background threads while the network runs, so a folder goes at network
+    speed. Each case is staged in a hidden
     folder and moved into place when whole; failures are listed at the end."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -478,13 +516,13 @@ def _run_cases(job: CaseJob, cases: list[Case], texts: dict, output_dir: Path) -
         for k, case in enumerate(progress_bar(cases, desc="predict", unit="case", disable=not job.options.progress)):
             current, upcoming = upcoming, reader.submit(job.read, cases[k + 1]) if k + 1 < len(cases) else None
             try:
-                image, meta = current.result()
-                pred = job.predict(image, meta, texts.get(case.case_id))
+                read = current.result()
+                maps = job.sample(read, texts.get(case.case_id))
             except LatentSegError as err:
                 failures.append(str(err))
                 log.debug("failed: %s", err)
                 continue
-            writes.append(writer.submit(job.write, case, image, meta, pred, staging, output_dir))
+            writes.append(writer.submit(job.write, case, read, maps, staging, output_dir))
             while len(writes) > 1:  # at most one case waits to be written: memory stays bounded
                 written += _written(writes.pop(0), failures)
         for done in writes:

@@ -28,6 +28,7 @@ from latentseg.data.io import read_image, read_label, split_suffix
 from latentseg.errors import LatentSegError
 from latentseg.fusion import FUSIONS
 from latentseg.infer import PredictOptions, predict
+from latentseg.overlay import colour_panels, display_slice
 from latentseg.package import model_folder
 
 log = logging.getLogger("latentseg.serve")
@@ -118,26 +119,11 @@ def segment_file(
     return Result(image, label, uncertainty[0], tuple(meta.spacing), download, names)
 
 
-def _normalised(a: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(a, [0.5, 99.5])
-    return np.clip((a - lo) / (hi - lo + 1e-8), 0, 1)
-
-
 def render(result: Result, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(overlay, heat map) as (H, W, 3) uint8 pictures; for 3D, slice `index` of the last axis."""
-    import matplotlib
-
-    image, label, unc = result.image, result.label, result.uncertainty
-    if result.is_3d:
-        k = label.shape[-1] // 2 if index is None else int(np.clip(index, 0, label.shape[-1] - 1))
-        image, label, unc = image[..., k], label[..., k], unc[..., k]
-    grey = np.moveaxis(_normalised(image), 0, -1) if image.shape[0] == 3 else _normalised(image[0])[..., None]
-    rgb = np.repeat(grey, 3 // grey.shape[-1], axis=-1)
-    colours = np.asarray(matplotlib.colormaps["tab10"].colors)[(label - 1) % 10]
-    alpha = 0.45 * (label > 0)[..., None]
-    overlay = rgb * (1 - alpha) + colours * alpha
-    heat = matplotlib.colormaps["magma"](unc / (unc.max() + 1e-8))[..., :3]
-    return (overlay * 255).astype(np.uint8), (heat * 255).astype(np.uint8)
+    image, label, unc = display_slice(result.image, result.label, result.uncertainty, index)
+    _, overlay, heat = colour_panels(image, label, unc)
+    return overlay, heat
 
 
 def class_sizes(result: Result) -> list[list[Any]]:
