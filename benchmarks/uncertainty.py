@@ -12,11 +12,13 @@ the last 10 test; resampled to spacing 4) and the multi-rater phantoms (`latents
 - mc_dropout: the UNet with dropout 0.1, 8 passes with dropout on;
 - ensemble: 4 UNets, each trained for a quarter of the minutes;
 - pixel_diffusion: a MedSegDiff-kind model, MONAI's DiffusionModelUNet with the image
-  concatenated to the noisy mask, eps prediction, DDIM-50 (the peer users would pick);
+  concatenated to the noisy mask, eps prediction, DDIM-50 (the peer users would pick); 4 samples,
+  and on the first 5 test cases only (`CASE_LIMIT`: minutes per case on this CPU); compare it with
+  another method's run scored on the same cases by `--rescore DATASET:METHOD:5`;
 - latentseg (defaults: a random annotator per patch, x0, DDIM-2), latentseg_majority (trained on
   the annotators' majority), latentseg_eps_eta1 (eps prediction, DDIM-2 with eta = 1),
   latentseg_aug and unet_aug (augmentation on whatever the budget).
-Every sampling method draws 8 samples (the ensemble: its 4 members).
+Every other sampling method draws 8 samples (the ensemble: its 4 members).
 
     python -m benchmarks.uncertainty [--datasets bubil,phantoms] [--methods ...] [--minutes bubil=8,phantoms=5]
 """
@@ -53,6 +55,8 @@ LATENTSEG = {
     "latentseg_detached": DETACHED,
     "latentseg_detached_eps": [*DETACHED, "model.prediction_type=eps", "sample.eta=1.0"],
 }
+# methods too slow for every test case: the first N test cases only
+CASE_LIMIT = {"pixel_diffusion": 5}
 # baselines with changed settings: name -> (the baseline it changes, settings)
 BASELINE_VARIANTS = {"unet_aug": ("unet", ["data.augmentation=on"])}
 DATASETS = {
@@ -77,8 +81,9 @@ def dataset(name: str) -> tuple[Path, list[str], list[str]]:
     return root, cases[:60], cases[60:]
 
 
-def prepare(name: str) -> dict:
-    """The split file, and folders of links: test images, test masks, each annotator's test masks."""
+def prepare(name: str, limit: int | None = None) -> dict:
+    """The split file, and folders of links: test images and each annotator's test masks (of the
+    first `limit` test cases only, when given)."""
     root, train, test = dataset(name)
     work = WORK / name
     work.mkdir(parents=True, exist_ok=True)
@@ -89,12 +94,14 @@ def prepare(name: str) -> dict:
         val = train[-VAL_CASES:]  # every method's validation cases (the temperature is fitted on them)
         rows = [(c, "val" if c in val else "train") for c in train] + [(c, "test") for c in test]
         writer.writerows(rows)
-    images = _links(work / "test_images", [root / "images" / f"{c}.png" for c in test])
+    tag = f"_first{limit}" if limit else ""
+    test = test[:limit] if limit else test
+    images = _links(work / f"test_images{tag}", [root / "images" / f"{c}.png" for c in test])
     raters = []
     for folder in sorted((root / "raters").iterdir()):
         files = [folder / f"{c}.png" for c in test if (folder / f"{c}.png").is_file()]
-        raters.append(_links(work / "test_raters" / folder.name, files))
-    return {"root": root, "split": split, "images": images, "raters": raters, "work": work}
+        raters.append(_links(work / f"test_raters{tag}" / folder.name, files))
+    return {"root": root, "split": split, "images": images, "raters": raters, "work": work, "cases": len(test)}
 
 
 def _links(folder: Path, files: list[Path]) -> Path:
@@ -173,12 +180,13 @@ def run_baseline(name: str, method: str, minutes: float, data: dict) -> list[dic
     return results
 
 
-def score(result: dict, data: dict) -> dict:
+def score(result: dict, data: dict, output: Path | None = None) -> dict:
     from latentseg.metrics import evaluate
 
-    summary = evaluate(result["pred"], data["raters"])
+    summary = evaluate(result["pred"], data["raters"], output=output)
     keep = {k: v for k, v in result.items() if k != "pred"}
     return keep | {
+        "test_cases": data["cases"],
         "dice": summary["foreground_mean"]["Dice"],
         "multirater": summary["multirater"]["mean"],
         "calibration": summary.get("calibration", {}).get("overall"),
@@ -190,7 +198,7 @@ def one(spec: str, minutes: float) -> None:
 
     one_thread()
     name, method = spec.split(":")
-    data = prepare(name)
+    data = prepare(name, CASE_LIMIT.get(method))
     if method in LATENTSEG:
         results = run_latentseg(name, method, minutes, data)
     else:
@@ -200,6 +208,25 @@ def one(spec: str, minutes: float) -> None:
         scored["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         (WORK / name / f"{r['method']}.json").write_text(json.dumps(scored, indent=1))
         print(json.dumps({k: scored[k] for k in ("dataset", "method", "dice")} | scored["multirater"]), flush=True)
+
+
+def rescore(spec: str) -> None:
+    """DATASET:METHOD:N: a finished run's predictions scored on the first N test cases only."""
+    name, method, n = spec.split(":")
+    data = prepare(name, int(n))
+    run = json.loads((WORK / name / f"{method}.json").read_text())
+    pred = _pred_folder(name, method)
+    scored = score({**run, "pred": pred, "method": f"{method}_first{n}"}, data, pred / f"summary_first{n}.json")
+    (WORK / name / f"{method}_first{n}.json").write_text(json.dumps(scored, indent=1))
+    print(json.dumps({k: scored[k] for k in ("dataset", "method", "dice")} | scored["multirater"]), flush=True)
+
+
+def _pred_folder(name: str, method: str) -> Path:
+    """Where `one` wrote a method's predictions: a latentseg run's sampling has its own folder."""
+    base = max((m for m in LATENTSEG if method.startswith(m)), key=len, default=None)
+    if base is None:
+        return WORK / name / method / "pred"
+    return WORK / name / base / f"pred{method.removeprefix(base)}"
 
 
 def collect(out: Path) -> dict:
@@ -220,11 +247,14 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=2)
     parser.add_argument("--one")
     parser.add_argument("--collect", action="store_true")
+    parser.add_argument("--rescore", help="DATASET:METHOD:N, a finished run scored on its first N test cases")
     args = parser.parse_args()
     minutes = {k: float(v) for k, v in (item.split("=") for item in args.minutes.split(",") if item)}
     budget = {n: minutes.get(n, DATASETS[n]["minutes"]) for n in DATASETS}
     if args.one:
         one(args.one, budget[args.one.split(":")[0]])
+    elif args.rescore:
+        rescore(args.rescore)
     elif args.collect:
         collect(ROOT / "results" / "uncertainty.json")
     else:

@@ -33,3 +33,12 @@ def test_auto_batch_size_is_planned_per_dimension() -> None:
     assert as_train_plans(config, 60).train.batch_size == 2
     config.model.spatial_dims = 2
     assert as_train_plans(config, 60).train.batch_size == 8
+
+
+def test_rescoring_finds_each_methods_predictions() -> None:
+    from benchmarks.uncertainty import WORK, _pred_folder
+
+    assert _pred_folder("bubil", "latentseg_seed3_k5eta1") == WORK / "bubil" / "latentseg_seed3" / "pred_k5eta1"
+    assert _pred_folder("bubil", "latentseg_seed3") == WORK / "bubil" / "latentseg_seed3" / "pred"
+    assert _pred_folder("bubil", "latentseg") == WORK / "bubil" / "latentseg" / "pred"
+    assert _pred_folder("bubil", "unet_temperature") == WORK / "bubil" / "unet_temperature" / "pred"
