@@ -5,8 +5,9 @@ raters' pairwise IoU) and for calibration (ECE, Brier, error-detection AUROC, wh
 boundary band).
 
 Datasets: BU-BIL (`../shared/data/bubil_cells`, 10 annotators; the first 25 images by name train,
-the last 10 test; resampled to spacing 4) and the multi-rater phantoms (`latentseg phantoms
---raters 5`, 60 train / 20 test). Methods (each one process of one thread, two at a time):
+the last 10 test; resampled to spacing 4), the multi-rater phantoms (`latentseg phantoms
+--raters 5`, 60 train / 20 test) and MoNuSeg (one annotator, its given split: calibration and
+error detection only, latentseg with its own sampling). Methods (each one process of one thread, two at a time):
 - unet, unet_temperature: a MONAI UNet (softmax), and the same net with a temperature fitted on
   the validation cases (one training run, two outputs);
 - mc_dropout: the UNet with dropout 0.1, 8 passes with dropout on;
@@ -62,6 +63,8 @@ BASELINE_VARIANTS = {"unet_aug": ("unet", ["data.augmentation=on"])}
 DATASETS = {
     "bubil": {"minutes": 8.0, "settings": ["data.spacing=[4.0,4.0]"]},
     "phantoms": {"minutes": 5.0, "settings": []},
+    # one annotator: calibration and error detection only (its given split, as benchmarks.realdata)
+    "monuseg": {"minutes": 10.0, "settings": [], "samplings": [""]},
 }
 COMMON = ["train.steps=1000000", "train.val_every=0", "train.checkpoint_every=1000000", "data.patch_size=[128,128]"]
 
@@ -72,6 +75,12 @@ def dataset(name: str) -> tuple[Path, list[str], list[str]]:
         root = SHARED / "bubil_cells"
         cases = sorted(p.stem for p in (root / "images").iterdir())
         return root, cases[:25], cases[25:]
+    if name == "monuseg":
+        from benchmarks.realdata import test_cases
+
+        root, test = SHARED / "monuseg", test_cases("monuseg")
+        cases = sorted(p.stem for p in (root / "images").iterdir())
+        return root, [c for c in cases if c not in test], sorted(test)
     root = WORK / "phantoms" / "data"
     if not (root / "raters").is_dir():
         from latentseg.data.phantoms import write_phantom_dataset
@@ -98,7 +107,8 @@ def prepare(name: str, limit: int | None = None) -> dict:
     test = test[:limit] if limit else test
     images = _links(work / f"test_images{tag}", [root / "images" / f"{c}.png" for c in test])
     raters = []
-    for folder in sorted((root / "raters").iterdir()):
+    annotators = sorted((root / "raters").iterdir()) if (root / "raters").is_dir() else [root / "masks"]
+    for folder in annotators:
         files = [folder / f"{c}.png" for c in test if (folder / f"{c}.png").is_file()]
         raters.append(_links(work / f"test_raters{tag}" / folder.name, files))
     return {"root": root, "split": split, "images": images, "raters": raters, "work": work, "cases": len(test)}
@@ -136,7 +146,8 @@ def run_latentseg(name: str, method: str, minutes: float, data: dict) -> list[di
     train(data["root"], work / "model", config, progress=False)
     steps = json.loads((work / "model" / "training_log.json").read_text())["step"][-1]
     results = []
-    for suffix, sampling in SAMPLINGS.items():
+    samplings = DATASETS[name].get("samplings", SAMPLINGS)
+    for suffix, sampling in ((k, SAMPLINGS[k]) for k in samplings):
         pred = work / f"pred{suffix}"
         t0 = time.time()
         predict(work / "model", data["images"], pred, {"num_samples": SAMPLES, **sampling}, save_samples=True,
@@ -188,7 +199,7 @@ def score(result: dict, data: dict, output: Path | None = None) -> dict:
     return keep | {
         "test_cases": data["cases"],
         "dice": summary["foreground_mean"]["Dice"],
-        "multirater": summary["multirater"]["mean"],
+        "multirater": summary.get("multirater", {}).get("mean", {}),
         "calibration": summary.get("calibration", {}).get("overall"),
     }
 
