@@ -6,7 +6,8 @@ The real-data models are the ones `benchmarks.realdata` trained (`latentseg` and
 work folder: run it first); the 2D phantoms get their own pair here (5 minutes each, one thread,
 side by side). Each (dataset, method) curve is one process of one thread.
 
-    python -m benchmarks.robustness [--datasets acdc,monuseg,phantoms]   # results/robustness.json, .png
+    python -m benchmarks.robustness [--datasets acdc,monuseg,phantoms] [--methods latentseg,unet,latentseg_noskips]
+        # results/robustness.json, .png
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "work" / "robustness"
 METHODS = ("latentseg", "unet")
 PHANTOM_MINUTES = 5.0
+# latentseg variants, to find what makes it lose more Dice to noise than the UNet (on real data:
+# the models `benchmarks.realdata` trained under the same variant names)
+VARIANTS = {"latentseg": [], "latentseg_noskips": ["model.decoder_skips=false"]}
 
 
 def phantoms() -> dict[str, Path]:
@@ -48,10 +52,11 @@ def train_phantom_model(method: str) -> Path:
 
     data, work = phantoms(), WORK / "phantoms"
     common = [*realdata.COMMON, f"train.max_minutes={PHANTOM_MINUTES}"]
-    if method == "latentseg":
-        if not (work / "latentseg_model" / "model.safetensors").is_file():
-            train(data["train"], work / "latentseg_model", load_config(None, common), progress=False)
-        return work / "latentseg_model"
+    if method in VARIANTS:
+        folder = work / f"{method}_model"
+        if not (folder / "model.safetensors").is_file():
+            train(data["train"], folder, load_config(None, common + VARIANTS[method]), progress=False)
+        return folder
     if not (work / "unet_model" / "model.safetensors").is_file():
         config = load_config(None, common)
         prepared = prepare_training_data([data["train"]], config)
@@ -86,11 +91,11 @@ def curve(dataset: str, method: str) -> dict:
         images, labels = data["images"], data["labels"]
     else:
         work = realdata.WORK / dataset
-        folder = work / ("latentseg_model" if method == "latentseg" else "unet_model")
+        folder = work / f"{method}_model"
         if not folder.is_dir():
             raise SystemExit(f"{folder}: run `python -m benchmarks.realdata --datasets {dataset}` first")
         images, labels = realdata.link_test_files(dataset, work)
-    segment, mask_values = model_segmenter(folder, device="cpu") if method == "latentseg" else unet_segmenter(folder)
+    segment, mask_values = model_segmenter(folder, device="cpu") if method in VARIANTS else unet_segmenter(folder)
     t0 = time.time()
     result = noise_curve(segment, images, labels, SIGMAS, mask_values=mask_values)
     return result | {"seconds": time.time() - t0, "model": str(folder)}
@@ -126,6 +131,7 @@ def collect() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="acdc,monuseg,phantoms")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join([*VARIANTS, 'unet'])}")
     parser.add_argument("--one")
     parser.add_argument("--collect", action="store_true")
     parser.add_argument("--lanes", type=int, default=2)
@@ -136,11 +142,11 @@ def main() -> None:
     if not args.collect:
         from benchmarks.lanes import run_in_lanes
 
-        datasets = args.datasets.split(",")
-        if "phantoms" in datasets:  # the two phantom models train side by side first
-            run_in_lanes([["benchmarks.robustness", "--one", f"phantoms:{m}"] for m in METHODS], args.lanes)
+        datasets, methods = args.datasets.split(","), args.methods.split(",")
+        if "phantoms" in datasets:  # the phantom models train side by side first
+            run_in_lanes([["benchmarks.robustness", "--one", f"phantoms:{m}"] for m in methods], args.lanes)
             datasets.remove("phantoms")
-        run_in_lanes([["benchmarks.robustness", "--one", f"{d}:{m}"] for d in datasets for m in METHODS], args.lanes)
+        run_in_lanes([["benchmarks.robustness", "--one", f"{d}:{m}"] for d in datasets for m in methods], args.lanes)
     collect()
 
 
