@@ -9,8 +9,6 @@ file renamed into place, it is always consistent with itself, whatever kills the
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from latentseg.config import Config
+from latentseg.data.io import atomic_write
 from latentseg.data.preprocess import check_preprocessing
 from latentseg.errors import LatentSegError, one_line
 from latentseg.models import build_model
@@ -33,18 +32,6 @@ STATE_FILE = "train_state.safetensors"
 LEGACY_STATE_FILE = "train_state.pt"  # latentseg < 0.2: a pickle, read only on request (weights_only)
 REQUIRED = (CONFIG_FILE, MODEL_FILE, FINGERPRINT_FILE)
 STATE_FORMAT = "latentseg-train-state/1"
-
-
-def replace_into(path: Path, write) -> None:
-    """Write through a temporary file in `path`'s folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,12 +53,12 @@ def save_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     if train_state is not None:
         save_train_state(out_dir / STATE_FILE, train_state)
-    replace_into(out_dir / MODEL_FILE, lambda tmp: save_file(weights(model), tmp))
-    replace_into(out_dir / FINGERPRINT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(fingerprint, indent=2)))
+    atomic_write(out_dir / MODEL_FILE, lambda tmp: save_file(weights(model), tmp))
+    atomic_write(out_dir / FINGERPRINT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(fingerprint, indent=2)))
     if plan is not None:
-        replace_into(out_dir / PLAN_FILE, lambda tmp: plan.save(Path(tmp)))
+        atomic_write(out_dir / PLAN_FILE, lambda tmp: plan.save(Path(tmp)))
     settings = user_settings(config) if plan is not None else config.to_dict()
-    replace_into(out_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+    atomic_write(out_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
 
 
 def load_config(model_dir: Path) -> Config:
@@ -188,7 +175,7 @@ def save_train_state(path: Path, state: TrainState) -> None:
     tensors.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in state.extra.items()})
     meta = {"step": state.step, "history": state.history, "optimizer": opt_meta}
     metadata = {"format": STATE_FORMAT, "state": json.dumps(meta)}
-    replace_into(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

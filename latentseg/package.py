@@ -18,8 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from latentseg.checkpoint import CONFIG_FILE, FINGERPRINT_FILE, MODEL_FILE, check_model_dir, replace_into
+from latentseg.checkpoint import CONFIG_FILE, FINGERPRINT_FILE, MODEL_FILE, check_model_dir
 from latentseg.config import Config
+from latentseg.data.io import atomic_write
 from latentseg.errors import LatentSegError, one_line
 from latentseg.plan import PLAN_FILE
 
@@ -109,15 +110,14 @@ def export_model(model_dir: str | Path, out: str | Path) -> Path:
         "files": {n: _sha256(model_dir / n) for n in names} | {CARD: hashlib.sha256(card.encode()).hexdigest()},
     }
 
-    def write(tmp: str) -> None:
+    def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(MANIFEST, json.dumps(manifest, indent=2))
             zf.writestr(CARD, card)
             for n in names:
                 zf.write(model_dir / n, n)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    replace_into(out, write)
+    atomic_write(out, write)
     return out
 
 
