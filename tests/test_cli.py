@@ -170,7 +170,8 @@ def test_batches_draw_every_dataset_equally_often():
     from latentseg.config import load_config
     from latentseg.training import batches
 
-    config = load_config(None, ["data.patch_size=[8,8]", "train.batch_size=4", "data.rotation_degrees=0"])
+    settings = ["data.patch_size=[8,8]", "train.batch_size=4", "data.rotation_degrees=0", "data.augmentation=on"]
+    config = load_config(None, settings)
     samples = [
         {
             "image": np.full((1, 8, 8), float(d == "big"), np.float32),

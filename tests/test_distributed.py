@@ -94,6 +94,7 @@ def test_ranks_share_out_one_stream_of_cases():
     """Two ranks see disjoint halves of the stream one process would see for twice the batches."""
     config = Config()
     config.data.patch_size = [16, 16]
+    config.data.augmentation = "on"
     config.train.batch_size = 3
     samples = [
         {"image": torch.rand(1, 16, 16), "label": (torch.rand(1, 16, 16) > 0.5).float(), "text": f"case {i}"}

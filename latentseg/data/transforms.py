@@ -148,7 +148,9 @@ def train_transforms(patch_size: Sequence[int], config: DataConfig, swap_text: b
         else RandCropByPosNegLabeld(keys, "label", patch_size, pos=fg, neg=1 - fg, num_samples=1)
     )
     steps: list = [SpatialPadd(keys, spatial_size=patch_size), crop]
-    augment = config.augmentation != "off"  # "auto" is decided by the plan before training
+    if config.augmentation == "auto":  # the plan decides it from the budget (latentseg.plan.plan_augmentation)
+        raise ValueError("data.augmentation is 'auto': plan the config (latentseg.plan) before building transforms")
+    augment = config.augmentation == "on"
     if config.flips and augment:
         words = flip_word_pairs(config.text_flip_words, len(patch_size)) if swap_text else {}
         steps += [RandFlipTextd(keys, axis, words.get(axis, []), prob=0.5) for axis in range(len(patch_size))]

@@ -41,7 +41,7 @@ def _quadrant(mask: np.ndarray) -> str:
 def test_flips_keep_the_sentence_true_of_the_image():
     """Ambiguous phantoms: after every random flip the sentence still names the target's quadrant
     (relative to the image centre, which is near the organ's)."""
-    config = load_config(None, ["data.rotation_degrees=0", "data.intensity_augmentation=false"])
+    config = load_config(None, ["data.rotation_degrees=0", "data.intensity_augmentation=false", "data.augmentation=on"])
     phantom = make_phantom(2, 64, seed=3, ambiguous=True)
     target = phantom.label == 2
     assert phantom.text.endswith(f"{_quadrant(target)} of the organ")
@@ -67,6 +67,7 @@ def test_uniform_patch_sampling_puts_a_share_of_patches_on_the_foreground():
     from latentseg.config import DataConfig
 
     config = DataConfig(flips=False, rotation_degrees=0, intensity_augmentation=False, foreground_fraction=0.5)
+    config.augmentation = "off"
     transform = train_transforms([16, 16], config)
     transform.set_random_state(seed=0)
     image = np.random.default_rng(0).random((1, 40, 30)).astype(np.float32)
@@ -78,3 +79,10 @@ def test_uniform_patch_sampling_puts_a_share_of_patches_on_the_foreground():
         assert tuple(out["image"].shape) == (1, 16, 16)
         hits += int(out["label"].sum() > 0)
     assert 0.5 <= hits / 400 <= 0.75  # a half centred, plus the uniform patches that happen to reach it
+
+
+def test_unplanned_auto_augmentation_is_refused_not_taken_as_on():
+    from latentseg.config import DataConfig
+
+    with pytest.raises(ValueError, match="plan the config"):
+        train_transforms([16, 16], DataConfig(augmentation="auto"))
