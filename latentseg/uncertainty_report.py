@@ -76,6 +76,8 @@ def _pool_case(pool: _Pool, pred_dir: Path, name: str, pred: np.ndarray, ref: np
     for lab, p in _label_probabilities(prob, labels, pred).items():
         pool.add(f"p{lab}", p, index)
         pool.add(f"y{lab}", ref == lab, index)
+    pool.add("p_foreground", 1.0 - prob[0] if prob.shape[0] > 1 else prob[0], index)
+    pool.add("y_foreground", ref != 0, index)
     if prob.shape[0] > 1:
         pool.add("top_conf", prob.max(0), index)
         pool.add("top_right", prob.argmax(0) == ref, index)
@@ -100,10 +102,17 @@ def calibration_report(pred_dir: Path, cases: dict[str, tuple], labels: list[int
     for lab in labels:
         if f"p{lab}" in pool.parts:
             report["per_label"][str(lab)] = binary_calibration(pool.get(f"p{lab}"), pool.get(f"y{lab}"))
+    # foreground against background: what an 8-bit PNG map of several classes still allows
+    report["foreground"] = binary_calibration(pool.get("p_foreground"), pool.get("y_foreground"))
     if "top_conf" in pool.parts:
         report["overall"]["ECE"] = expected_calibration_error(pool.get("top_conf"), pool.get("top_right"))
+        report["overall_ECE_of"] = "the top class"
     elif len(report["per_label"]) == 1:
         report["overall"].update(next(iter(report["per_label"].values())))
+        report["overall_ECE_of"] = "the one label"
+    else:
+        report["overall"].update(report["foreground"])
+        report["overall_ECE_of"] = "foreground against background"
     wrong, band = pool.get("wrong").astype(bool), pool.get("band").astype(bool)
     for suffix in ("_std", "_entropy"):
         if suffix in pool.parts:

@@ -154,6 +154,18 @@ def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, c
     assert all(c["raters"] == 4 for c in summary["metric_per_case"])
     calibration = summary["calibration"]
     assert set(calibration["overall"]) >= {"AUROC_std", "AUROC_std_boundary", "AUROC_entropy", "error_rate"}
+    # two labels in 8-bit PNGs: calibrated as foreground against background, checked against scikit-learn
+    assert calibration["overall_ECE_of"] == "foreground against background"
+    assert calibration["overall"]["ECE"] == calibration["foreground"]["ECE"]
+    from sklearn.metrics import brier_score_loss
+
+    from latentseg.fusion import majority
+
+    cases = sorted(p.name for p in (rater_data / "raters" / "rater_0").iterdir())
+    p_fg = np.concatenate([np.asarray(Image.open(out / c.replace(".png", "_prob.png"))).ravel() / 255 for c in cases])
+    raters = [rater_data / "raters" / f"rater_{k}" for k in range(4)]
+    y_fg = np.concatenate([majority([np.asarray(Image.open(r / c)) for r in raters]).ravel() != 0 for c in cases])
+    assert calibration["foreground"]["Brier"] == pytest.approx(brier_score_loss(y_fg, p_fg))
     assert (out / "reliability.png").stat().st_size > 1000
     assert "annotators: GED" in capsys.readouterr().out
 
