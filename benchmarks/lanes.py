@@ -3,10 +3,12 @@ this two-core machine), so that runs compared with each other share the machine'
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def run_in_lanes(jobs: list[list[str]], lanes: int = 2, poll_seconds: float = 5.0) -> list[int]:
@@ -32,3 +34,12 @@ def one_thread() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("LATENTSEG_THREADS", "1")))
+
+
+def merged_runs(out: Path, runs: list[dict]) -> dict:
+    """The results file `out` as it was (rows from earlier sessions, whose work folders are gone),
+    with each (dataset, method) of `runs` added or replaced: {dataset: {method: run}, ...}."""
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for r in runs:
+        results.setdefault(r["dataset"], {})[r["method"]] = r
+    return results

@@ -224,11 +224,12 @@ def one(spec: str, minutes: float) -> None:
 
 
 def collect(out: Path) -> None:
-    results = {"machine": {"cpu_count": os.cpu_count(), "threads_per_run": 1, "torch": torch.__version__}}
-    for path in sorted(WORK.glob("*/*.json")):
-        r = json.loads(path.read_text())
-        if "method" in r:
-            results.setdefault(r["dataset"], {})[r["method"]] = r
+    """Every finished run of the work folder, added to (or replacing its row of) `out`."""
+    from benchmarks.lanes import merged_runs
+
+    runs = [r for r in (json.loads(p.read_text()) for p in sorted(WORK.glob("*/*.json"))) if "method" in r]
+    results = merged_runs(out, runs)
+    results["machine"] = {"cpu_count": os.cpu_count(), "threads_per_run": 1, "torch": torch.__version__}
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
 

@@ -114,17 +114,18 @@ def one(spec: str) -> None:
 
 
 def collect() -> dict:
-    results: dict = {}
-    for path in sorted(WORK.glob("*_*.json")):
-        r = json.loads(path.read_text())
-        results.setdefault(r["dataset"], {})[r["method"]] = r
+    """Every finished curve of the work folder, added to (or replacing its row of) the results."""
+    from benchmarks.lanes import merged_runs
+
+    out = ROOT / "results" / "robustness.json"
+    results = merged_runs(out, [json.loads(p.read_text()) for p in sorted(WORK.glob("*_*.json"))])
     for dataset, by_method in results.items():
         plot_curves(by_method, ROOT / "results" / f"robustness_{dataset}.png", title=dataset)
         for r in by_method.values():
             dice = {p["sigma"]: p["dice"] for p in r["curve"]}
             r["dice_loss_at_0.2"] = dice[0.0] - dice[0.2]
-    (ROOT / "results" / "robustness.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {ROOT / 'results' / 'robustness.json'}")
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
     return results
 
 

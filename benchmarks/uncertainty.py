@@ -241,10 +241,10 @@ def _pred_folder(name: str, method: str) -> Path:
 
 
 def collect(out: Path) -> dict:
-    results: dict = {"raters": {}}
-    for path in sorted(WORK.glob("*/*.json")):
-        r = json.loads(path.read_text())
-        results.setdefault(r["dataset"], {})[r["method"]] = r
+    """Every finished run of the work folder, added to (or replacing its row of) `out`."""
+    from benchmarks.lanes import merged_runs
+
+    results = merged_runs(out, [json.loads(p.read_text()) for p in sorted(WORK.glob("*/*.json"))])
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
     return results

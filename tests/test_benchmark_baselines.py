@@ -42,3 +42,16 @@ def test_rescoring_finds_each_methods_predictions() -> None:
     assert _pred_folder("bubil", "latentseg_seed3") == WORK / "bubil" / "latentseg_seed3" / "pred"
     assert _pred_folder("bubil", "latentseg") == WORK / "bubil" / "latentseg" / "pred"
     assert _pred_folder("bubil", "unet_temperature") == WORK / "bubil" / "unet_temperature" / "pred"
+
+
+def test_collecting_keeps_the_rows_of_earlier_sessions(tmp_path) -> None:
+    import json
+
+    from benchmarks.lanes import merged_runs
+
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"bubil": {"old": {"dataset": "bubil", "method": "old", "dice": 0.5}}}))
+    runs = [{"dataset": "bubil", "method": "new", "dice": 0.6}, {"dataset": "phantoms", "method": "new", "dice": 0.7}]
+    merged = merged_runs(out, runs)
+    assert set(merged["bubil"]) == {"old", "new"} and merged["phantoms"]["new"]["dice"] == 0.7
+    assert merged_runs(tmp_path / "none.json", runs[:1]) == {"bubil": {"new": runs[0]}}
