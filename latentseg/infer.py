@@ -502,8 +502,8 @@ def _written(done, failures: list[str]) -> list[Path]:
 def _run_cases(job: CaseJob, cases: list[Case], texts: dict, output_dir: Path) -> list[Path]:
     """Cases run in order; the next case is read and preprocessed, and the last one restored to its
     grid and written, in background threads while the network runs, so a folder goes at network
-    speed. Each case is staged in a hidden
-    folder and moved into place when whole; failures are listed at the end."""
+    speed. Each case is staged in a hidden folder and moved into place when whole; failures are
+    listed at the end."""
     from concurrent.futures import ThreadPoolExecutor
 
     written: list[Path] = []
