@@ -106,9 +106,10 @@ def uncertainty_table(r: dict) -> str:
         m, c = v["multirater"], v.get("calibration") or {}
         pairs = f"{_f(m.get('sample_pairwise_IoU'))} ({_f(m.get('rater_pairwise_IoU'))})"
         auroc = f"{_f(c.get('AUROC_entropy'))} / {_f(c.get('AUROC_entropy_boundary'))}"
-        rows.append(f"| {name} | {method} | {v['steps']} | {_f(v['dice'])} | {_f(m['GED'])} | {_f(m['HM_IoU'])} | "
-                    f"{_f(m['QUBIQ_Dice'])} | {pairs} | {_f(c.get('ECE'))} | {auroc} | "
-                    f"{v['seconds_per_case']:.2f} | {v.get('finished', '')[11:16]} |")  # fmt: skip
+        agreement = " | ".join(_f(m.get(k)) for k in ("GED", "HM_IoU", "QUBIQ_Dice"))
+        when = v.get("finished", "")[11:16]
+        rows.append(f"| {name} | {method} | {v['steps']} | {_f(v['dice'])} | {agreement} | {pairs} | "
+                    f"{_f(c.get('ECE'))} | {auroc} | {v['seconds_per_case']:.2f} | {when} |")  # fmt: skip
     return "\n".join(rows)
 
 
