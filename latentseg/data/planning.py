@@ -142,17 +142,21 @@ def plan_latent(
     threshold: float = 0.98,
     min_downsamplings: int = 3,
     max_downsamplings: int = 4,
+    skips: bool = True,
 ) -> dict:
     """The latent of a dataset, from its training labels: axes that cannot be halved without losing
     a class are frozen; then the coarsest number of downsamplings (from `min_downsamplings` to
     `max_downsamplings`) whose label ceiling reaches `threshold` for every class, without decoder
     skips; where none does, the coarsest latent with skips from the image encoder (the decoder then
-    takes the boundaries from the image side). Returns the choice and every ceiling measured."""
+    takes the boundaries from the image side), or, with `skips` refused, the workable latent whose
+    worst class keeps the most. Returns the choice and every ceiling measured."""
     frozen = frozen_axes(labels, num_classes, len(patch), threshold)
     ceilings = _ceilings(labels, num_classes, patch, spacing, frozen, max_downsamplings)
-    fits = [n for n, c in ceilings.items() if n >= min_downsamplings and min(c) >= threshold]
-    if fits:
-        return {"num_downsamplings": max(fits), "decoder_skips": False, "frozen_axes": frozen, "ceilings": ceilings}
+    workable = {n: c for n, c in ceilings.items() if n >= min_downsamplings} or ceilings
+    fits = [n for n, c in workable.items() if min(c) >= threshold]
+    if fits or (not skips and workable):
+        best = max(fits) if fits else max(workable, key=lambda n: (min(workable[n]), n))
+        return {"num_downsamplings": best, "decoder_skips": False, "frozen_axes": frozen, "ceilings": ceilings}
     # with skips the decoder takes the detail from the image side: thin axes are halved, but only in
     # the coarse half of the stages (keeping a few-slice axis whole at every stage made a step on
     # ACDC 1.7x slower; halving it first cost the myocardium 0.07 Dice, benchmarks/results/realdata.json)

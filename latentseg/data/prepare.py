@@ -199,7 +199,9 @@ def _plan_latent(config: Config, patch: list[int], spacing: list[float], labels)
         fits = min(ceiling) >= m.latent_ceiling
         return {"num_downsamplings": len(m.strides), "decoder_skips": not fits, "frozen_axes": [],
                 "ceilings": {len(m.strides): ceiling}}  # fmt: skip
-    latent = plan_latent(labels, m.num_classes, patch, spacing, m.latent_ceiling, m.min_latent_downsamplings)
+    refused = m.decoder_skips is False  # by the user: the best latent without skips
+    latent = plan_latent(labels, m.num_classes, patch, spacing, m.latent_ceiling, skips=not refused,
+                         min_downsamplings=m.min_latent_downsamplings)  # fmt: skip
     if isinstance(m.num_downsamplings, int):  # chosen by the user: skips follow that latent's ceiling
         ceiling = latent["ceilings"].get(m.num_downsamplings)
         latent["num_downsamplings"] = m.num_downsamplings

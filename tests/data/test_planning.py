@@ -71,6 +71,11 @@ def test_plan_latent_takes_the_coarsest_latent_that_holds_every_class():
     latent = plan_latent([small], 2, [128, 128], [1.0, 1.0], threshold=0.98, min_downsamplings=3)
     assert latent["decoder_skips"] is True and latent["num_downsamplings"] == 4
     assert min(latent["ceilings"][4]) < 0.98
+    # skips refused: the workable latent that keeps the most of the structure, not the coarsest
+    medium = disc((128, 128), 8)  # ceiling 0.91 at 1/8, lost at 1/16
+    latent = plan_latent([medium], 2, [128, 128], [1.0, 1.0], threshold=0.98, min_downsamplings=3, skips=False)
+    assert latent["decoder_skips"] is False and latent["num_downsamplings"] == 3
+    assert min(latent["ceilings"][3]) > 0.9 > min(latent["ceilings"][4])
 
 
 @pytest.mark.parametrize("setting", ["model.num_downsamplings=2", "model.decoder_skips=false"])
