@@ -54,6 +54,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 
@@ -149,6 +159,7 @@ def sample_overrides(args: argparse.Namespace) -> dict:
     return {
         "steps": args.steps,
         "eta": args.eta,
+        "temperature": args.temperature,
         "num_samples": args.samples,
         "sampler": args.sampler,
         "fusion": args.fusion,
@@ -317,6 +328,9 @@ def _add_predict(sub) -> None:
         "--steps", type=_positive_int, help="DDIM steps (default: the model's, 2; 10 if trained on several annotators)"
     )
     p.add_argument("--eta", type=_fraction, help="DDIM eta, 0 deterministic to 1 (default: the model's)")
+    p.add_argument(
+        "--temperature", type=_positive_float, help="of the probabilities (default: fitted at training; 1: as sampled)"
+    )
     p.add_argument("--samples", type=_positive_int, help="samples per case (default: the model's, 4)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

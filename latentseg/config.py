@@ -221,6 +221,9 @@ class SampleConfig:
     )
     fusion: Literal["mean", "vote", "staple"] = "mean"  # mean | vote | staple (004 section 2.4)
     eta: Literal["auto"] | Fraction = "auto"
+    # the fused probabilities' temperature, softmax(log p / T) (Guo et al. 2017); "auto": fitted by
+    # `train` on the validation cases at the end of training (minimum NLL), 1 = as sampled
+    temperature: Literal["auto"] | PositiveFloat = "auto"
     overlap: OpenFraction = 0.5  # sliding-window overlap
     sw_batch_size: PositiveInt = 1
 
@@ -272,11 +275,12 @@ class Config:
 
 # what "auto" sampling means for a model whose plan does not set it (saved before it was planned,
 # or built without `train`): 003's DDIM-2, deterministic
-UNPLANNED_SAMPLING = {"steps": 2, "eta": 0.0}
+UNPLANNED_SAMPLING = {"steps": 2, "eta": 0.0, "temperature": 1.0}
 
 
 def concrete_sampling(sample: SampleConfig) -> SampleConfig:
-    """`sample` with "auto" steps and eta as UNPLANNED_SAMPLING (a planned model has none left)."""
+    """`sample` with "auto" steps, eta and temperature as UNPLANNED_SAMPLING (a planned model has
+    none left but a temperature its training did not get to fit)."""
     changes = {k: v for k, v in UNPLANNED_SAMPLING.items() if getattr(sample, k) == "auto"}
     return replace(sample, **changes) if changes else sample
 

@@ -24,7 +24,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from latentseg.checkpoint import load_model
-from latentseg.config import Config, SampleConfig
+from latentseg.config import Config, SampleConfig, concrete_sampling
 from latentseg.data.datasets import Case, discover_inputs, load_image
 from latentseg.data.io import ImageMeta, file_format, output_ending, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
@@ -37,6 +37,7 @@ from latentseg.progress import progress_bar
 from latentseg.prompts import text_input
 from latentseg.schema import hints, value_problem
 from latentseg.text import TextEmbedding
+from latentseg.uncertainty import calibrated
 
 log = logging.getLogger("latentseg.predict")
 
@@ -91,10 +92,19 @@ def sample_volume(
         )  # fmt: skip
     except ValueError as err:  # e.g. staged sampling asked of a one-head model, a prompt of a text-free one
         raise LatentSegError(str(err)) from err
+    temperature = concrete_sampling(options).temperature
     if not keep_samples:
-        return mean[0], std[0], entropy_map(mean[None])[0], None
+        fused = _scaled(mean[0], temperature)
+        return fused, std[0], entropy_map(fused[None, None])[0], None
     probs = mean.reshape(options.num_samples, model.config.num_classes, *mean.shape[2:])[:, None]  # (N, 1, C, *S)
-    return fuse(probs, options.fusion).probs[0], std[0], entropy_map(probs)[0], probs[:, 0]
+    fused = _scaled(fuse(probs, options.fusion).probs[0], temperature)
+    mean_scaled = _scaled(probs.mean(0)[0], temperature)  # the entropy map is that of the samples' mean
+    return fused, std[0], entropy_map(mean_scaled[None, None])[0], probs[:, 0]
+
+
+def _scaled(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The fused (C, *S) probabilities at the model's fitted temperature (`SampleConfig.temperature`)."""
+    return torch.from_numpy(calibrated(probabilities.numpy(), temperature)) if temperature != 1.0 else probabilities
 
 
 @dataclass
@@ -182,6 +192,7 @@ FLAGS = {
     "staged_middle_steps": "--staged-middle-steps",
     "staged_final_head": "--staged-final-head",
     "eta": "--eta",
+    "temperature": "--temperature",
 }
 
 

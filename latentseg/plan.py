@@ -51,7 +51,7 @@ PLANNED = {
     ),
     "data": ("patch_size", "augmentation"),
     "train": ("batch_size",),
-    "sample": ("steps", "eta"),
+    "sample": ("steps", "eta", "temperature"),
 }
 DERIVED_ONLY = ("spatial_dims", "in_channels", "num_classes", "text_dim", "prompt_names", "backbone_config")
 

@@ -49,6 +49,7 @@ from latentseg.models.objective import Objective, Phase
 from latentseg.plan import PLAN_FILE, Plan, Resolved, resolve
 from latentseg.progress import progress_bar
 from latentseg.prompts import encode
+from latentseg.uncertainty import fit_temperature
 
 log = logging.getLogger("latentseg.training")
 
@@ -148,6 +149,30 @@ def validate(model: Segmenter, samples: list[dict[str, Any]], config: Config, en
             compute_dice(onehot(pred.label), onehot(s["label"][0]), include_background=False, ignore_empty=False)
         )
     return float(torch.cat(scores).mean().item())
+
+
+@torch.no_grad()
+def fit_calibration(run: Run) -> None:
+    """`sample.temperature` left to "auto": the temperature of the fused probabilities that
+    minimises the validation cases' NLL, sampled as `predict` samples (Guo et al. 2017); into the
+    saved plan. Without validation cases it stays "auto", read as 1."""
+    config = run.config
+    val_set = run.resolved.data.val[: config.train.val_cases]
+    if config.sample.temperature != "auto" or not val_set:
+        return
+    run.model.eval()
+    device = next(run.model.parameters()).device
+    options = replace(config.sample, temperature=1.0)
+    probabilities, labels = [], []
+    for s in val_set:
+        text = encode(run.resolved.encoder, [s["text"]], device)
+        pred = predict_array(run.model, s["image"], config.data.patch_size, options, text=text)
+        probabilities.append(pred.probabilities)
+        labels.append(s["label"][0])
+    temperature = fit_temperature(probabilities, labels)
+    config.sample.temperature = run.resolved.plan.sample["temperature"] = temperature
+    run.history["temperature"] = temperature
+    log.info("calibration: temperature %.2f, fitted on %d validation cases", temperature, len(val_set))
 
 
 def train(
@@ -339,6 +364,8 @@ def run_loop(run: Run, progress: bool) -> Path:
         last = step == total or bool(budget and from_rank0(world, run.clock.elapsed(), run.device) >= budget)
         after_step(run, step, stats, last, pretraining, bar)
     bar.close()
+    if world.is_main:
+        fit_calibration(run)
     checkpoint(run, step)
     if world.is_main:
         (run.out_dir / "training_log.json").write_text(json.dumps(run.history, indent=1))

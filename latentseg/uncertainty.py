@@ -136,3 +136,41 @@ def mean_pairwise_iou(masks: Sequence[np.ndarray]) -> float | None:
     if not pairs:
         return None
     return float(np.mean([1.0 - iou_distance(masks[i], masks[j]) for i, j in pairs]))
+
+
+TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))  # the search grid, 1 included
+
+
+def calibrated(probabilities: np.ndarray, temperature: float, axis: int = 0) -> np.ndarray:
+    """softmax(log p / T) along the class axis: temperature scaling of probabilities (for one
+    sample exactly that of its logits, as the log differs from them by a constant per voxel)."""
+    if temperature == 1.0:
+        return probabilities
+    z = np.log(np.clip(probabilities, 1e-8, None)) / temperature
+    z -= z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def fit_temperature(
+    probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray], max_voxels: int = 200_000
+) -> float:
+    """The temperature on the grid TEMPERATURES that minimises the negative log-likelihood of the
+    (*S) integer labels under the (C, *S) probabilities, every case pooled (a random subset of
+    `max_voxels` voxels per case)."""
+    rng = np.random.default_rng(0)
+    logp, y = [], []
+    for p, lab in zip(probabilities, labels, strict=True):
+        flat, target = p.reshape(p.shape[0], -1), np.ravel(lab).astype(np.int64)
+        keep = rng.choice(target.size, max_voxels, replace=False) if target.size > max_voxels else slice(None)
+        logp.append(np.log(np.clip(flat[:, keep], 1e-8, None)))
+        y.append(target[keep])
+    z, target = np.concatenate(logp, axis=1), np.concatenate(y)
+
+    def nll(t: float) -> float:
+        s = z / t
+        s = s - s.max(0, keepdims=True)
+        log_norm = np.log(np.exp(s).sum(0))
+        return float(np.mean(log_norm - s[target, np.arange(target.size)]))
+
+    return float(min(TEMPERATURES, key=nll))

@@ -45,7 +45,7 @@ def test_sample_options_reach_the_model_whole(model2d, monkeypatch):
         ({"num_samples": 1, "fusion": "vote"}, "--fusion vote needs at least 2 samples"),
         ({"sampler": "staged"}, "--sampler staged needs a model trained with model.denoiser_heads=2"),
         ({"fusion": "median"}, "--fusion must be one of mean, vote, staple"),
-        ({"temperature": 2}, "unknown sampling settings: temperature"),
+        ({"guidance": 2}, "unknown sampling settings: guidance"),
     ],
 )
 def test_sample_options_are_refused_in_the_command_lines_words(model2d, overrides, message):

@@ -15,8 +15,10 @@ from latentseg.data.phantoms import write_phantom_dataset
 from latentseg.uncertainty import (
     binary_calibration,
     boundary_band,
+    calibrated,
     error_auroc,
     expected_calibration_error,
+    fit_temperature,
     generalized_energy_distance,
     hungarian_iou,
     iou_distance,
@@ -209,3 +211,29 @@ def test_noise_follows_eq_19_and_the_curve_falls(tmp_path, capsys, model2d, data
     assert [p["sigma"] for p in result["curve"]] == [0.0, 0.5] and result["cases"] == 3
     assert (out / "robustness.png").is_file() and "sigma 0.50: Dice" in capsys.readouterr().out
     assert main([*args, "--ref", str(data2d["test"]), "--out", str(out), "--sigmas", "2"]) == 2
+
+
+def test_temperature_scaling_is_softmax_of_the_logits_over_t_and_the_fit_finds_t():
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(0, 3, (3, 40000)))
+    p = torch.softmax(logits, 0).numpy()
+    np.testing.assert_allclose(calibrated(p, 2.0), torch.softmax(logits / 2.0, 0).numpy(), atol=1e-4)  # p >= 1e-8
+    assert calibrated(p, 1.0) is p
+    # labels drawn from softmax(logits / 2): the probabilities are over-confident by a temperature of 2
+    truth = torch.softmax(logits / 2.0, 0).numpy()
+    labels = (rng.random(truth.shape[1]) > truth.cumsum(0)).sum(0)
+    assert fit_temperature([p], [labels]) == pytest.approx(2.0, rel=0.1)
+    assert fit_temperature([truth], [labels]) == pytest.approx(1.0, rel=0.1)
+
+
+def test_training_fits_the_temperature_and_predict_applies_it(model2d, data2d):
+    from latentseg.api import load_model
+
+    plan = json.loads((model2d / "plans.json").read_text())
+    fitted = plan["sample"]["temperature"]
+    assert isinstance(fitted, float) and fitted > 0
+    model = load_model(model2d)
+    image = sorted((data2d["test"] / "images").iterdir())[0]
+    hot, cool = (model.predict(image, temperature=t, num_samples=2) for t in (0.5, 2.0))
+    np.testing.assert_array_equal(hot.label, cool.label)  # a temperature never changes the argmax
+    assert hot.probabilities.max(0).mean() > cool.probabilities.max(0).mean()
