@@ -138,7 +138,8 @@ def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, c
     fingerprint = json.loads((model / "fingerprint.json").read_text())
     assert fingerprint["raters"]["mode"] == "random" and fingerprint["raters"]["annotators_per_case"] == [4]
     plan = json.loads((model / "plans.json").read_text())
-    assert plan["sample"] == {"steps": 10, "eta": 1.0}  # samples that spread as the annotators do
+    assert {k: plan["sample"][k] for k in ("steps", "eta")} == {"steps": 10, "eta": 1.0}  # spread as the raters do
+    assert plan["sample"]["temperature"] > 0  # fitted on the validation cases
     assert "several annotators: the label encoder learns" in caplog.text
     assert "(ddim, 10 steps" in capsys.readouterr().out  # validation samples as predict will
     out = tmp_path / "pred"
