@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "work" / "robustness"
 METHODS = ("latentseg", "unet")
 PHANTOM_MINUTES = 5.0
-# latentseg variants, to find what makes it lose more Dice to noise than the UNet (on real data:
-# the models `benchmarks.realdata` trained under the same variant names)
-VARIANTS = {"latentseg": [], "latentseg_noskips": ["model.decoder_skips=false"]}
+# latentseg variants (e.g. latentseg_noskips), to find what makes it lose more Dice to noise than the
+# UNet: benchmarks.realdata's, whose real-data models carry the same names
+VARIANTS = realdata.VARIANTS
 
 
 def phantoms() -> dict[str, Path]:
@@ -132,7 +132,7 @@ def collect() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="acdc,monuseg,phantoms")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join([*VARIANTS, 'unet'])}")
+    parser.add_argument("--methods", default=",".join(METHODS), help="unet or benchmarks.realdata.VARIANTS")
     parser.add_argument("--one")
     parser.add_argument("--collect", action="store_true")
     parser.add_argument("--lanes", type=int, default=2)

@@ -104,7 +104,7 @@ def sample_volume(
 
 def _scaled(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
     """The fused (C, *S) probabilities at the model's fitted temperature (`SampleConfig.temperature`)."""
-    return torch.from_numpy(calibrated(probabilities.numpy(), temperature)) if temperature != 1.0 else probabilities
+    return torch.from_numpy(calibrated(probabilities.numpy(), temperature))
 
 
 @dataclass

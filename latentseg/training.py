@@ -132,18 +132,22 @@ def validation_options(model: Segmenter, config: Config):
     return options if not model.sampling_problems(options) else replace(options, num_samples=2)
 
 
+def _predicted(model: Segmenter, samples: list[dict[str, Any]], config: Config, options, encoder):
+    """(sample, its prediction) of each preprocessed validation case, sampled with `options`."""
+    model.eval()
+    device = next(model.parameters()).device
+    for s in samples:
+        text = encode(encoder, [s["text"]], device)
+        yield s, predict_array(model, s["image"], config.data.patch_size, options, text=text)
+
+
 @torch.no_grad()
 def validate(model: Segmenter, samples: list[dict[str, Any]], config: Config, encoder=None) -> float:
     """Mean foreground Dice of the validation cases, sampled as `sample.*` says (with
     `validation_options`' number of samples)."""
-    model.eval()
-    device = next(model.parameters()).device
-    options = validation_options(model, config)
     scores = []  # compute_dice, not DiceMetric: its aggregate() gathers from every rank, and only rank 0 validates
     c = config.model.num_classes
-    for s in samples:
-        text = encode(encoder, [s["text"]], device)
-        pred = predict_array(model, s["image"], config.data.patch_size, options, text=text)
+    for s, pred in _predicted(model, samples, config, validation_options(model, config), encoder):
         onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a).long(), c).movedim(-1, 0)[None]  # noqa: E731
         scores.append(
             compute_dice(onehot(pred.label), onehot(s["label"][0]), include_background=False, ignore_empty=False)
@@ -160,16 +164,9 @@ def fit_calibration(run: Run) -> None:
     val_set = run.resolved.data.val[: config.train.val_cases]
     if config.sample.temperature != "auto" or not val_set:
         return
-    run.model.eval()
-    device = next(run.model.parameters()).device
     options = replace(config.sample, temperature=1.0)
-    probabilities, labels = [], []
-    for s in val_set:
-        text = encode(run.resolved.encoder, [s["text"]], device)
-        pred = predict_array(run.model, s["image"], config.data.patch_size, options, text=text)
-        probabilities.append(pred.probabilities)
-        labels.append(s["label"][0])
-    temperature = fit_temperature(probabilities, labels)
+    predicted = list(_predicted(run.model, val_set, config, options, run.resolved.encoder))
+    temperature = fit_temperature([p.probabilities for _, p in predicted], [s["label"][0] for s, _ in predicted])
     config.sample.temperature = run.resolved.plan.sample["temperature"] = temperature
     run.history["temperature"] = temperature
     log.info("calibration: temperature %.2f, fitted on %d validation cases", temperature, len(val_set))
