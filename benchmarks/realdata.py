@@ -58,6 +58,12 @@ VARIANTS = {
     "latentseg_labds": ["model.label_encoder=downsample"],
     "latentseg_p128": ["data.patch_size=[128,128,8]"],  # ACDC: the plain script's patch
     "latentseg_p128_2d": ["data.patch_size=[128,128]"],  # MoNuSeg: the plain script's patch
+    # issue 16 part 3: a narrower decoder and label encoder, attention at 1/16 only (2D step 1.0x a UNet's)
+    "latentseg_slim": [
+        "model.attention_stages=1",
+        "model.decoder_channels=[8,8,16,32,64]",
+        "model.label_encoder_channels=[4,4,8,16,32]",
+    ],
     "latentseg_zlate": ["model.strides=[[2,2,1],[2,2,1],[2,2,2],[2,2,1]]"],  # ACDC: the slice axis halved late
 }
 

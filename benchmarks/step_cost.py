@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.unet_baseline import make_unet
 from latentseg.config import load_config
-from latentseg.data.planning import plan_denoiser_strides, plan_strides, total_stride
+from latentseg.data.prepare import plan_network
 from latentseg.models import build_model
 from latentseg.models.losses import dice_ce, soft_dice_loss
 
@@ -35,19 +35,14 @@ SETTINGS = {
 
 
 def latentseg_model(dims: int, patch: list[int], spacing: list[float], classes: int, overrides: list[str]):
-    config = load_config(None, overrides)
+    """latentseg's default model for this patch as `train` plans it (`plan_network`), with decoder
+    skips and 4 downsamplings (what the planner chose on ACDC, LA2018 and MoNuSeg) unless
+    `overrides` say otherwise."""
+    config = load_config(None, ["model.decoder_skips=true", "model.num_downsamplings=4", *overrides])
     m = config.model
     m.spatial_dims, m.in_channels, m.num_classes = dims, 1, classes
-    n = m.num_downsamplings if isinstance(m.num_downsamplings, int) else 4
-    m.strides = plan_strides(patch, spacing, n)
-    for name in ("image_encoder_channels", "label_encoder_channels", "decoder_channels"):
-        setattr(m, name, getattr(m, name)[: len(m.strides) + 1])
-    m.decoder_skips = m.decoder_skips is True or m.decoder_skips == "auto"
-    m.decoder_image_latent = m.decoder_skips if m.decoder_image_latent == "auto" else m.decoder_image_latent
-    m.latent_reconstruction = False if m.latent_reconstruction == "auto" else m.latent_reconstruction
-    m.num_downsamplings = len(m.strides)
-    grid = [p // t for p, t in zip(patch, total_stride(m.strides, dims), strict=True)]
-    m.denoiser_strides = plan_denoiser_strides(grid, len(m.denoiser_channels))
+    config.data.patch_size = list(patch)
+    plan_network(config, [tuple(patch)], spacing)
     model = build_model(m)
     return model, model.objective(config), m.strides
 
