@@ -54,16 +54,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def _positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 

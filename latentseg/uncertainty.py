@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
+from scipy.special import log_softmax, softmax
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 ECE_BINS = 15
@@ -138,6 +139,10 @@ def mean_pairwise_iou(masks: Sequence[np.ndarray]) -> float | None:
     return float(np.mean([1.0 - iou_distance(masks[i], masks[j]) for i, j in pairs]))
 
 
+def _log(probabilities: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(probabilities, 1e-8, None))
+
+
 TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))  # the search grid, 1 included
 
 
@@ -146,10 +151,7 @@ def calibrated(probabilities: np.ndarray, temperature: float, axis: int = 0) -> 
     sample exactly that of its logits, as the log differs from them by a constant per voxel)."""
     if temperature == 1.0:
         return probabilities
-    z = np.log(np.clip(probabilities, 1e-8, None)) / temperature
-    z -= z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
+    return softmax(_log(probabilities) / temperature, axis=axis)
 
 
 def fit_temperature(
@@ -163,14 +165,11 @@ def fit_temperature(
     for p, lab in zip(probabilities, labels, strict=True):
         flat, target = p.reshape(p.shape[0], -1), np.ravel(lab).astype(np.int64)
         keep = rng.choice(target.size, max_voxels, replace=False) if target.size > max_voxels else slice(None)
-        logp.append(np.log(np.clip(flat[:, keep], 1e-8, None)))
+        logp.append(_log(flat[:, keep]))
         y.append(target[keep])
     z, target = np.concatenate(logp, axis=1), np.concatenate(y)
 
     def nll(t: float) -> float:
-        s = z / t
-        s = s - s.max(0, keepdims=True)
-        log_norm = np.log(np.exp(s).sum(0))
-        return float(np.mean(log_norm - s[target, np.arange(target.size)]))
+        return float(-np.mean(log_softmax(z / t, axis=0)[target, np.arange(target.size)]))
 
     return float(min(TEMPERATURES, key=nll))
