@@ -9,6 +9,7 @@ time with the sum of the per-case network times (reading, preprocessing and writ
 prefetching loader, or not).
 
     python -m benchmarks.inference [--repeats 10] [--threads 1]   # results/inference.json
+    python -m benchmarks.inference --overrides model.KEY=VALUE,... --out FILE   # another network
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ ROOT = Path(__file__).resolve().parent
 SETTINGS = {"2d_256": (2, [256, 256], [1.0, 1.0], 2), "3d_96": (3, [96, 96, 96], [1.0, 1.0, 1.0], 2)}
 
 
-def engines(dims: int, patch: list[int], spacing: list[float], classes: int, folder: Path) -> dict:
+def engines(
+    dims: int, patch: list[int], spacing: list[float], classes: int, folder: Path, overrides: list[str]
+) -> dict:
     """seconds-per-case callables: the UNet, latentseg in torch and in ONNX Runtime."""
     from monai.inferers import sliding_window_inference
 
     from latentseg.onnx_engine import OnnxSegmenter, _write_graphs
 
-    model, _, strides = latentseg_model(dims, patch, spacing, classes, [])
+    model, _, strides = latentseg_model(dims, patch, spacing, classes, overrides)
     model.eval()
     unet = make_unet(dims, 1, classes, strides=strides).eval()
     _write_graphs(model, patch, folder)
@@ -64,10 +67,10 @@ def engines(dims: int, patch: list[int], spacing: list[float], classes: int, fol
     return runs
 
 
-def measure(name: str, repeats: int) -> dict:
+def measure(name: str, repeats: int, overrides: list[str]) -> dict:
     dims, patch, spacing, classes = SETTINGS[name]
     with tempfile.TemporaryDirectory() as tmp:
-        runs = engines(dims, patch, spacing, classes, Path(tmp))
+        runs = engines(dims, patch, spacing, classes, Path(tmp), overrides)
         for fn in runs.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {k: [] for k in runs}
@@ -117,12 +120,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-folder", action="store_true")
+    parser.add_argument("--overrides", default="", help="latentseg settings, comma-separated key=value")
+    parser.add_argument("--out", default=str(ROOT / "results" / "inference.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out = ROOT / "results" / "inference.json"
-    results = {"threads": args.threads, "torch": torch.__version__, "device": "cpu"}
+    out = Path(args.out)
+    overrides = [o for o in args.overrides.split(",") if o]
+    results = {"threads": args.threads, "torch": torch.__version__, "device": "cpu", "overrides": overrides}
     for name in args.settings.split(","):
-        results[name] = measure(name, args.repeats)
+        results[name] = measure(name, args.repeats, overrides)
         print(name, json.dumps(results[name]), flush=True)
     if not args.skip_folder:
         results["folder_2d_256"] = folder_run()

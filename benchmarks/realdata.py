@@ -64,6 +64,11 @@ VARIANTS = {
         "model.decoder_channels=[8,8,16,32,64]",
         "model.label_encoder_channels=[4,4,8,16,32]",
     ],
+    # issue 16 parts 3 and 4: the decoder's skip fusion pointwise (1x1, the default since stop 24) or
+    # 3x3 (before); the pointwise one with attention at 1/16 only
+    "latentseg_fuse1": ["model.decoder_fuse_kernel=1"],
+    "latentseg_fuse3": ["model.decoder_fuse_kernel=3"],
+    "latentseg_fast": ["model.decoder_fuse_kernel=1", "model.attention_stages=1"],
     "latentseg_zlate": ["model.strides=[[2,2,1],[2,2,1],[2,2,2],[2,2,1]]"],  # ACDC: the slice axis halved late
 }
 

@@ -60,6 +60,11 @@ class ModelConfig:
     # with skips, also fuse the input image at full resolution (a costly last stage); auto: planned
     # off (measured: most of the decoder's time on ACDC), on for models saved before it was planned
     decoder_full_skip: Literal["auto"] | bool = "auto"
+    # kernel of the convolution that fuses an image skip into the decoder at each level: 3 (a 3x3
+    # convolution over both, as saved before it was planned) or 1 (pointwise; the residual block
+    # that follows mixes space). auto: planned 1 (cheaper, and more accurate at equal minutes on
+    # ACDC); unplanned (models saved before it existed), 3
+    decoder_fuse_kernel: Literal["auto"] | Literal[1, 3] = "auto"
     # also decode the clean label latent with the image side (skips, z_image) zeroed: an autoencoder
     # term, so the latent must hold the mask. "auto": planned on with decoder skips on data with
     # several annotators (see `diffusion_trains_label_encoder`)

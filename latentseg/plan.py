@@ -36,6 +36,7 @@ PLANNED = {
         "decoder_skips",
         "decoder_image_latent",
         "decoder_full_skip",
+        "decoder_fuse_kernel",
         "latent_reconstruction",
         "diffusion_trains_label_encoder",
         "strides",

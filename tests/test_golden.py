@@ -1,5 +1,7 @@
 """Behaviour pinned across refactors: tiny models of every family, trained and predicted before the
-redesign (issue 15, `tests/golden/make_golden.py` at 35080b7), give the same outputs to 1e-5.
+redesign (issue 15, `tests/golden/make_golden.py` at 35080b7), give the same outputs to 5e-5 and the
+same labels exactly. (float32 noise differs between CPUs: up to 1.2e-5 was measured on an AMD EPYC
+host on 2026-12-05, against fixtures made on another.)
 
 The folders are model directories in the format of that time (no `plans.json`), so these tests
 also prove that old models still load."""
@@ -33,5 +35,5 @@ def test_same_checkpoint_gives_the_same_outputs(name):
     options = replace(config.sample, num_samples=sampling["samples"], steps=sampling["steps"])
     pred = predict_image(model, config, preprocessing_of(fingerprint, config), image, meta, options, 7, text)
     for key in ("probabilities", "uncertainty", "entropy"):
-        np.testing.assert_allclose(getattr(pred, key), expected[key], atol=1e-5, rtol=0, err_msg=f"{name}: {key}")
+        np.testing.assert_allclose(getattr(pred, key), expected[key], atol=5e-5, rtol=0, err_msg=f"{name}: {key}")
     assert np.array_equal(pred.label, expected["label"]), name

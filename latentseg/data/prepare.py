@@ -128,6 +128,8 @@ def plan_network(
         m.decoder_image_latent = m.decoder_skips is True
     if m.decoder_full_skip == "auto":
         m.decoder_full_skip = False
+    if m.decoder_fuse_kernel == "auto":  # ACDC, 15 min: 0.726 in 1033 steps against 0.679 in 870 with 3x3
+        m.decoder_fuse_kernel = 1
     plan_label_encoder_training(m, multi_rater)
     config.data.patch_size = round_up(patch, total_stride(m.strides, dims))
     if not m.denoiser_strides:

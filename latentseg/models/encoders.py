@@ -143,7 +143,8 @@ class LabelDecoder(nn.Module):
     With `skip_channels` it also takes the image encoder's features at every finer resolution,
     the input image at full resolution included (skips from the image side only; the label
     latent still carries the shape), the remedy NOTES.md proposes for structures a 1/16 latent
-    cannot hold; channels[0] is then the width at full resolution.
+    cannot hold; channels[0] is then the width at full resolution. `fuse_kernel` is the kernel of
+    the convolution that merges each skip (1: pointwise; the residual block that follows mixes space).
     Returns logits; the softmax of 003 section IV-B is applied by the loss and by sampling.
     """
 
@@ -156,6 +157,7 @@ class LabelDecoder(nn.Module):
         strides: Sequence[Stride],
         skip_channels: Sequence[int] | None = None,
         full_resolution_skip: bool = True,
+        fuse_kernel: int = 3,
     ):
         super().__init__()
         _check_widths(channels, strides)
@@ -173,8 +175,10 @@ class LabelDecoder(nn.Module):
         self.last_norm = norm(channels[1])
         self.fuse = None
         if skip_channels is not None:
+            pad = fuse_kernel // 2
             self.fuse = nn.ModuleList(
-                conv_nd(spatial_dims, channels[i] + skip_channels[i], channels[i], 3, padding=1) for i in coarse_to_fine
+                conv_nd(spatial_dims, channels[i] + skip_channels[i], channels[i], fuse_kernel, padding=pad)
+                for i in coarse_to_fine
             )
         if not self.full_resolution_skip:  # the last step maps straight to logits, as MONAI's UNet does
             self.to_logits = transposed_conv_nd(spatial_dims, channels[1], num_classes, strides[0])

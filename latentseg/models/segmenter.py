@@ -210,8 +210,9 @@ class LatentSegmenter(LatentSampling, nn.Module):
         skips = image_side if self.skips else None
         decoder_in = c.latent_channels + (c.image_latent_channels if self.image_latent_to_decoder else 0)
         full = c.decoder_full_skip is not False  # "auto" unplanned: as models were saved before it was planned
+        fuse_kernel = 3 if c.decoder_fuse_kernel == "auto" else c.decoder_fuse_kernel  # unplanned: as saved before
         self.label_decoder = LabelDecoder(
-            c.spatial_dims, decoder_in, c.num_classes, c.decoder_channels, strides, skips, full
+            c.spatial_dims, decoder_in, c.num_classes, c.decoder_channels, strides, skips, full, fuse_kernel
         )
         self.text_fusion = make_text_fusion(c)
         self.class_prompts = ClassPrompts(c.prompt_names, c.text_dim) if c.prompt == "class" else None

@@ -78,7 +78,9 @@ def test_plan_latent_takes_the_coarsest_latent_that_holds_every_class():
     assert min(latent["ceilings"][3]) > 0.9 > min(latent["ceilings"][4])
 
 
-@pytest.mark.parametrize("setting", ["model.num_downsamplings=2", "model.decoder_skips=false"])
+@pytest.mark.parametrize(
+    "setting", ["model.num_downsamplings=2", "model.decoder_skips=false", "model.decoder_fuse_kernel=3"]
+)
 def test_the_planned_latent_can_be_overridden(tmp_path, data2d, setting):
     import json
 
@@ -153,3 +155,17 @@ def test_sampling_is_planned_from_the_annotators_and_kept_when_set():
     assert (fixed.steps, fixed.eta) == (3, 1.0)
     unplanned = concrete_sampling(SampleConfig())  # a model saved before sampling was planned
     assert (unplanned.steps, unplanned.eta) == (2, 0.0)
+
+
+def test_the_decoder_fuses_skips_pointwise_unless_told():
+    from latentseg.config import load_config
+    from latentseg.data.prepare import plan_network
+
+    def planned(*overrides) -> object:
+        config = load_config(None, ["model.decoder_skips=true", *overrides])
+        config.model.spatial_dims, config.data.patch_size = 2, [64, 64]
+        plan_network(config, [(64, 64)], [1.0, 1.0])
+        return config.model.decoder_fuse_kernel
+
+    assert planned() == 1
+    assert planned("model.decoder_fuse_kernel=3") == 3

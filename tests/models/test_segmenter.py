@@ -388,3 +388,22 @@ def test_text_in_the_denoiser_levels_uses_the_tokens():
     assert all(p.grad is not None for p in model.denoiser.text_attention.parameters())
     with pytest.raises(ValueError, match="needs text_fusion=attention"):
         tiny_model(text_fusion="concat", text_dim=12, text_in_denoiser=True)
+
+
+def test_decoder_fuse_kernel_sets_the_skip_fusion_and_unplanned_means_3x3():
+    """`model.decoder_fuse_kernel`: 1 fuses each image skip pointwise (fewer weights, same output
+    shape); "auto" unplanned builds the 3x3 fusion of models saved before the field existed, so
+    their weights still load."""
+    image, label = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
+    built = {k: tiny_model(decoder_skips=True, decoder_fuse_kernel=k) for k in ("auto", 3, 1)}
+    kernels = {k: {f.kernel_size for f in m.label_decoder.fuse} for k, m in built.items()}
+    assert kernels == {"auto": {(3, 3)}, 3: {(3, 3)}, 1: {(1, 1)}}
+    built[3].load_state_dict(built["auto"].state_dict())  # an older model's weights fit "auto"
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        built[1].load_state_dict(built["auto"].state_dict())
+    params = {k: sum(p.numel() for p in m.label_decoder.parameters()) for k, m in built.items()}
+    assert params[1] < params[3]
+    losses = training_losses(built[1], image, label)
+    assert torch.isfinite(losses.total)
+    losses.total.backward()
+    assert all(f.weight.grad is not None and f.weight.grad.abs().sum() > 0 for f in built[1].label_decoder.fuse)
