@@ -97,8 +97,8 @@ def sample_volume(
         fused = _scaled(mean[0], temperature)
         return fused, std[0], entropy_map(fused[None, None])[0], None
     probs = mean.reshape(options.num_samples, model.config.num_classes, *mean.shape[2:])[:, None]  # (N, 1, C, *S)
-    fused = _scaled(fuse(probs, options.fusion).probs[0], temperature)
     mean_scaled = _scaled(probs.mean(0)[0], temperature)  # the entropy map is that of the samples' mean
+    fused = mean_scaled if options.fusion == "mean" else _scaled(fuse(probs, options.fusion).probs[0], temperature)
     return fused, std[0], entropy_map(mean_scaled[None, None])[0], probs[:, 0]
 
 

@@ -90,6 +90,9 @@ def value_problem(value: Any, hint: Any) -> str | None:
         for option, problem in zip(options, found, strict=True):  # right type, out of range: say so
             if get_origin(option) is Annotated and value_problem(value, get_args(option)[0]) is None:
                 return problem
+        if all(get_origin(option) is Literal for option in options):  # Literal["auto"] | Literal[1, 3]
+            choices = [str(choice) for option in options for choice in get_args(option)]
+            return f"must be one of {', '.join(choices)}, got {value!r}"
         return f"must be {' or '.join(_type_name(o) for o in options)}, got {value!r}"
     if origin is list:
         if not isinstance(value, list):

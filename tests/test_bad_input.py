@@ -251,6 +251,7 @@ def test_predict_seed_above_2_63_is_one_line(tmp_path, capsys, model2d, data2d):
         ("sample.overlap=1.0", "sample.overlap must be in [0, 1), got 1.0"),
         ("train.max_minutes=nan", "train.max_minutes must be a finite number"),
         ("model.prediction_type=noise", "model.prediction_type must be one of eps, x0, v, got 'noise'"),
+        ("model.decoder_fuse_kernel=5", "model.decoder_fuse_kernel must be one of auto, 1, 3, got 5"),
         ("data.patch_size=[4,4]", "data.patch_size [4, 4] is too small for the network"),
         ("data.patch_size=[64,64,64]", "data.patch_size [64, 64, 64] must have 2 entries"),
     ],
