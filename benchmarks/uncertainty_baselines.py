@@ -53,7 +53,7 @@ def _unet(config: Config, dropout: float = 0.0) -> UNet:
 def _train_loop(net, loss_fn: Callable, samples, config: Config, seconds: float, seed: int) -> int:
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    stream = batches(samples, as_train_plans(config, seconds), total=10**7, seed=seed)
+    stream = batches(samples, as_train_plans(config, seconds), total=None, seed=seed)
     start, steps = time.time(), 0
     net.train()
     while time.time() - start < seconds:

@@ -51,7 +51,7 @@ def train_unet(
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     start, steps = time.time(), 0
-    stream = batches(samples, config, total=10**7, seed=seed)
+    stream = batches(samples, config, total=None, seed=seed)
     net.train()
     while time.time() - start < seconds:
         batch = next(stream)

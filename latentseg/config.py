@@ -175,7 +175,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: PositiveInt = 2000
+    # "auto": DEFAULT_TRAIN_STEPS, or with `max_minutes` no step limit (the clock ends the run and
+    # drives the learning rate), so that a time budget is used whatever the machine's speed
+    steps: Literal["auto"] | PositiveInt = "auto"
     # stop after this many minutes of training even before `steps` (0: no limit; validation is not
     # counted); the learning rate follows this clock
     max_minutes: NonNegativeFloat = 0.0
@@ -276,6 +278,17 @@ class Config:
         if not isinstance(raw, dict):
             raise LatentSegError(f"{path}: a config must hold a JSON object of sections, got {type(raw).__name__}")
         return cls.from_dict(raw, str(path))
+
+
+DEFAULT_TRAIN_STEPS = 2000
+
+
+def step_limit(train: TrainConfig) -> int | None:
+    """The run's last step: `train.steps`, or for "auto" DEFAULT_TRAIN_STEPS without a time budget
+    and None (no limit) with one."""
+    if train.steps != "auto":
+        return train.steps
+    return None if train.max_minutes > 0 else DEFAULT_TRAIN_STEPS
 
 
 # what "auto" sampling means for a model whose plan does not set it (saved before it was planned,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentseg.config import Config
+from latentseg.config import Config, step_limit
 from latentseg.data.prepare import TrainingData, prepare_training_data
 from latentseg.data.transforms import flip_word_pairs
 from latentseg.errors import LatentSegError, one_line
@@ -196,7 +196,7 @@ def plan_augmentation(config: Config) -> str:
     if config.data.augmentation != "auto":
         return config.data.augmentation
     t = config.train
-    long_run = t.max_minutes > AUGMENT_AFTER_MINUTES if t.max_minutes > 0 else t.steps > AUGMENT_AFTER_STEPS
+    long_run = t.max_minutes > AUGMENT_AFTER_MINUTES if t.max_minutes > 0 else step_limit(t) > AUGMENT_AFTER_STEPS
     return "on" if long_run else "off"
 
 

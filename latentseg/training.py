@@ -10,6 +10,7 @@ process trains on its own share of the batches in DistributedDataParallel
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from latentseg.checkpoint import (
     save_checkpoint,
     weights,
 )
-from latentseg.config import Config
+from latentseg.config import Config, step_limit
 from latentseg.data.targets import select_target
 from latentseg.data.transforms import RandRaterd, train_transforms
 from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
@@ -64,15 +65,31 @@ def learning_rate(config: Config, step: int, progress: float) -> float:
     return t.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+# batches drawn at a time when a run has no step limit (a time budget ends it)
+UNLIMITED_CHUNK = 10_000
+
+
 def batches(
-    samples: list[dict[str, Any]], config: Config, total: int, seed: int, world: World | None = None
+    samples: list[dict[str, Any]], config: Config, total: int | None, seed: int, world: World | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """`total` batches of random augmented patches for this rank; every dataset is drawn equally often.
+    """`total` batches (None: without end) of random augmented patches for this rank; every
+    dataset is drawn equally often.
 
     One stream of case indices is drawn with the same seed on every rank and dealt out by
     `DistributedSampler`, so N ranks see N different batches per step; the augmentation seed
-    differs per rank. With one process the stream is the whole of it.
+    differs per rank. With one process the stream is the whole of it. Without a `total` the
+    stream is drawn UNLIMITED_CHUNK batches at a time, each chunk from its own seed.
     """
+    if total is not None:
+        yield from _batch_stream(samples, config, total, seed, world)
+        return
+    for chunk in itertools.count():
+        yield from _batch_stream(samples, config, UNLIMITED_CHUNK, seed + 7_919 * chunk, world)
+
+
+def _batch_stream(
+    samples: list[dict[str, Any]], config: Config, total: int, seed: int, world: World | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     world = world or World()
     data = [{"image": s["image"], "label": s["label"], "text": s.get("text") or ""} for s in samples]
     for entry, s in zip(data, samples, strict=True):
@@ -340,18 +357,19 @@ def run_loop(run: Run, progress: bool) -> Path:
     """Steps until `train.steps` or `train.max_minutes`, with checkpoints and validations on the way."""
     config, world = run.config, run.world
     log_start(run)
-    total, budget = config.train.steps, config.train.max_minutes * 60
+    total, budget = step_limit(config.train), config.train.max_minutes * 60  # total None: the clock alone
     bar = progress_bar(total=total, initial=run.start, desc="train", unit="step", disable=not progress)
     data = run.resolved.data
-    stream = batches(data.train, config, total - run.start, config.train.seed + run.start, world)
+    remaining = None if total is None else total - run.start
+    stream = batches(data.train, config, remaining, config.train.seed + run.start, world)
     phases = run.model.phases(config.train)
     losses_fn, step = wrap_losses(run, phases, ()), run.start
-    while step < total:
+    while total is None or step < total:
         now = from_rank0(world, run.clock.elapsed(), run.device) if budget else 0.0  # one clock: same LR, same stop
         if budget and now >= budget:
             break
         step += 1
-        share = max(step / total, now / budget if budget else 0.0)
+        share = max(step / total if total else 0.0, now / budget if budget else 0.0)
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(config, step, share)
         pretraining = tuple(p.name for p in phases if share < p.until)

@@ -139,6 +139,20 @@ def test_time_budget_stops_training_early(data2d, tmp_path):
     assert 0.6 <= log["train_seconds"] < 30
 
 
+def test_a_time_budget_alone_is_not_cut_at_the_default_step_count(data2d, tmp_path):
+    """`train.max_minutes=M` with no step setting: the clock ends the run (it was cut at 2000 steps,
+    17 of 60 minutes on ACDC) and drives the learning rate to its floor."""
+    from tests.conftest import TINY_2D
+
+    out = tmp_path / "m"
+    settings = [s for s in TINY_2D if not s.startswith(("train.steps", "train.val_every", "train.checkpoint"))]
+    settings += ["train.max_minutes=0.01", "train.val_every=0", "train.warmup_steps=1"]
+    assert main(["train", "--data", str(data2d["train"]), "--out", str(out), *settings]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == "auto"
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["step"][-1] > 0 and 0.6 <= log["train_seconds"] < 30
+
+
 def test_validation_time_is_outside_the_budget(data2d, tmp_path, monkeypatch):
     """A 3 s validation after the first step does not use up a 1.2 s training budget."""
     import latentseg.training

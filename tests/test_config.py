@@ -12,8 +12,11 @@ def test_overrides_match_their_defaults_types(tmp_path):
     assert cfg.data.flips is False
     assert load_config(None, ["lr=1"]).train.lr == 1.0  # an int is a fine float
     assert load_config(None, ["lr=1e-4"]).train.lr == 1e-4  # YAML 1.1 reads this as text
-    for bad in ["train.steps=1.5", "train.steps=abc", "data.flips=3", "train.lr=fast"]:
+    for bad in ["model.latent_channels=1.5", "model.latent_channels=abc", "data.flips=3", "train.lr=fast"]:
         with pytest.raises(LatentSegError, match="must be a"):
+            load_config(None, [bad])
+    for bad in ["train.steps=1.5", "train.steps=abc"]:
+        with pytest.raises(LatentSegError, match="train.steps must be 'auto' or int"):
             load_config(None, [bad])
 
 

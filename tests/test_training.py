@@ -24,6 +24,32 @@ def test_learning_rate_warms_up_then_follows_the_larger_of_step_and_time_shares(
     assert learning_rate(config, 11, 0.5) == pytest.approx(0.001 + 0.009 * 0.5)
 
 
+def test_auto_steps_are_the_default_without_a_budget_and_unlimited_with_one():
+    from latentseg.config import DEFAULT_TRAIN_STEPS, step_limit
+
+    assert step_limit(load_config(None, []).train) == DEFAULT_TRAIN_STEPS == 2000
+    assert step_limit(load_config(None, ["train.max_minutes=60"]).train) is None  # the clock ends it
+    assert step_limit(load_config(None, ["train.max_minutes=60", "train.steps=500"]).train) == 500
+
+
+def test_an_unlimited_batch_stream_goes_on_past_its_chunks_with_fresh_draws(monkeypatch):
+    import numpy as np
+
+    import latentseg.training
+    from latentseg.training import batches
+
+    monkeypatch.setattr(latentseg.training, "UNLIMITED_CHUNK", 3)
+    config = load_config(None, ["data.patch_size=[4,4]", "train.batch_size=2", "data.augmentation=off"])
+    samples = [
+        {"image": np.full((1, 4, 4), float(i), np.float32), "label": np.zeros((1, 4, 4), np.int64)} for i in range(50)
+    ]
+    stream = batches(samples, config, total=None, seed=0)
+    drawn = [tuple(next(stream)["image"][:, 0, 0, 0].tolist()) for _ in range(9)]  # three chunks
+    assert len(drawn) == 9 and len(set(drawn[:3]) | set(drawn[3:6])) > 3  # the second chunk is not the first again
+    finite = [tuple(b["image"][:, 0, 0, 0].tolist()) for b in batches(samples, config, total=3, seed=0)]
+    assert finite == drawn[:3]  # a limited run draws the same stream as before
+
+
 def test_clock_leaves_out_paused_time():
     clock = Clock(before=10.0)
     clock.paused = 1e6
