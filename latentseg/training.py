@@ -80,11 +80,9 @@ def batches(
     differs per rank. With one process the stream is the whole of it. Without a `total` the
     stream is drawn UNLIMITED_CHUNK batches at a time, each chunk from its own seed.
     """
-    if total is not None:
-        yield from _batch_stream(samples, config, total, seed, world)
-        return
-    for chunk in itertools.count():
-        yield from _batch_stream(samples, config, UNLIMITED_CHUNK, seed + 7_919 * chunk, world)
+    sizes = [total] if total is not None else itertools.repeat(UNLIMITED_CHUNK)
+    for chunk, size in enumerate(sizes):  # chunk 0 draws from `seed` itself: a limited run's stream
+        yield from _batch_stream(samples, config, size, seed + 7_919 * chunk, world)
 
 
 def _batch_stream(
