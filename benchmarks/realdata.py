@@ -57,6 +57,7 @@ VARIANTS = {
     "latentseg_wide": ["model.image_encoder_channels=[16,32,64,128,256]", "model.decoder_channels=[16,32,64,128,256]"],
     "latentseg_labds": ["model.label_encoder=downsample"],
     "latentseg_p128": ["data.patch_size=[128,128,8]"],  # ACDC: the plain script's patch
+    "latentseg_p128z10": ["data.patch_size=[128,128,10]"],  # ACDC: 128^2 in-plane, all 10 planned slices
     "latentseg_p128_2d": ["data.patch_size=[128,128]"],  # MoNuSeg: the plain script's patch
     # issue 16 part 3: a narrower decoder and label encoder, attention at 1/16 only (2D step 1.0x a UNet's)
     "latentseg_slim": [

@@ -18,9 +18,8 @@ def test_coarse_slice_spacing_waits_for_the_other_axes():
 
 
 def test_patch_shrinks_to_the_median_image_and_rounds_to_the_stride():
-    shapes = [(200, 180, 9), (220, 200, 11), (240, 210, 10)]
-    patch = plan_patch([], shapes, 3)
-    assert patch == [96, 96, 10]
+    shapes = [(200, 180, 70), (220, 60, 80), (240, 60, 60)]
+    assert plan_patch([], shapes, 3) == [96, 60, 70]
     assert round_up([96, 96, 9], [16, 16, 2]) == [96, 96, 10]
 
 
@@ -121,8 +120,17 @@ def test_short_time_budgets_take_smaller_2d_patches():
     assert plan_patch([], shapes, 2) == [256, 256]  # by steps: as before
     assert plan_patch([], shapes, 2, budget_minutes=10) == [128, 128]  # more steps in the same minutes
     assert plan_patch([], shapes, 2, budget_minutes=120) == [256, 256]
-    assert plan_patch([], [(200, 200, 9)], 3, budget_minutes=10) == [96, 96, 9]  # 3D as planned
+    assert plan_patch([], [(200, 200, 60)], 3, budget_minutes=10) == [96, 96, 60]  # 3D as planned
     assert plan_patch([192, 192], shapes, 2, budget_minutes=10) == [192, 192]  # asked for: kept
+
+
+def test_volumes_of_few_slices_take_them_whole_and_128_in_plane():
+    assert plan_patch([], [(216, 256, 9)], 3) == [128, 128, 9]  # ACDC's median shape
+    assert plan_patch([], [(10, 300, 280)], 3) == [10, 128, 128]  # the slice axis first
+    assert plan_patch([], [(100, 120, 9)], 3) == [100, 120, 9]  # in-plane still capped by the image
+    assert plan_patch([], [(188, 139, 88)], 3) == [96, 96, 88]  # LA2018: near-isotropic, as before
+    assert plan_patch([], [(200, 200, 60)], 3) == [96, 96, 60]  # 60 slices: more than a quarter of 200
+    assert plan_patch([96, 96, 9], [(216, 256, 9)], 3) == [96, 96, 9]  # asked for: kept
 
 
 def test_label_encoder_training_is_planned_from_the_decoder_skips():
