@@ -6,7 +6,7 @@ boundary band).
 
 Datasets: BU-BIL (`../shared/data/bubil_cells`, 10 annotators; the first 25 images by name train,
 the last 10 test; resampled to spacing 4), the multi-rater phantoms (`latentseg phantoms
---raters 5`, 60 train / 20 test) and MoNuSeg (one annotator, its given split: calibration and
+--raters 5`, 60 train / 20 test), MoNuSeg and ACDC (3D) (one annotator, their given splits: calibration and
 error detection only, latentseg with its own sampling). Methods (each one process of one thread, two at a time):
 - unet, unet_temperature: a MONAI UNet (softmax), and the same net with a temperature fitted on
   the validation cases (one training run, two outputs);
@@ -60,13 +60,18 @@ LATENTSEG = {
 CASE_LIMIT = {"pixel_diffusion": 5}
 # baselines with changed settings: name -> (the baseline it changes, settings)
 BASELINE_VARIANTS = {"unet_aug": ("unet", ["data.augmentation=on"])}
+PATCH_2D = "data.patch_size=[128,128]"
 DATASETS = {
-    "bubil": {"minutes": 8.0, "settings": ["data.spacing=[4.0,4.0]"]},
-    "phantoms": {"minutes": 5.0, "settings": []},
+    "bubil": {"minutes": 8.0, "settings": ["data.spacing=[4.0,4.0]", PATCH_2D]},
+    "phantoms": {"minutes": 5.0, "settings": [PATCH_2D]},
     # one annotator: calibration and error detection only (its given split, as benchmarks.realdata)
-    "monuseg": {"minutes": 10.0, "settings": [], "samplings": [""]},
+    "monuseg": {"minutes": 10.0, "settings": [PATCH_2D], "samplings": [""]},
+    # 3D, one annotator: every method with the patch latentseg plans (128x128x10); the UNets at
+    # batch 2, as the plain script trains ACDC
+    "acdc": {"minutes": 15.0, "settings": [], "samplings": [""], "batch": 2},
 }
-COMMON = ["train.steps=1000000", "train.val_every=0", "train.checkpoint_every=1000000", "data.patch_size=[128,128]"]
+COMMON = ["train.steps=1000000", "train.val_every=0", "train.checkpoint_every=1000000"]
+BASELINE_BATCH = 8
 
 
 def dataset(name: str) -> tuple[Path, list[str], list[str]]:
@@ -75,11 +80,12 @@ def dataset(name: str) -> tuple[Path, list[str], list[str]]:
         root = SHARED / "bubil_cells"
         cases = sorted(p.stem for p in (root / "images").iterdir())
         return root, cases[:25], cases[25:]
-    if name == "monuseg":
+    if name in ("monuseg", "acdc"):
         from benchmarks.realdata import test_cases
+        from latentseg.data.datasets import discover_dataset
 
-        root, test = SHARED / "monuseg", test_cases("monuseg")
-        cases = sorted(p.stem for p in (root / "images").iterdir())
+        root, test = SHARED / name, test_cases(name)
+        cases = sorted(c.case_id for c in discover_dataset(root).cases)
         return root, [c for c in cases if c not in test], sorted(test)
     root = WORK / "phantoms" / "data"
     if not (root / "raters").is_dir():
@@ -93,6 +99,8 @@ def dataset(name: str) -> tuple[Path, list[str], list[str]]:
 def prepare(name: str, limit: int | None = None) -> dict:
     """The split file, and folders of links: test images and each annotator's test masks (of the
     first `limit` test cases only, when given)."""
+    from latentseg.data.splits import patient_of
+
     root, train, test = dataset(name)
     work = WORK / name
     work.mkdir(parents=True, exist_ok=True)
@@ -100,9 +108,17 @@ def prepare(name: str, limit: int | None = None) -> dict:
     with open(split, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case", "split"])
-        val = train[-VAL_CASES:]  # every method's validation cases (the temperature is fitted on them)
+        # every method's validation cases (the temperature is fitted on them): the last VAL_CASES
+        # training cases, and the other cases of their patients (a patient on one side only)
+        patients = {patient_of(c) for c in train[-VAL_CASES:]}
+        val = [c for c in train if patient_of(c) in patients]
         rows = [(c, "val" if c in val else "train") for c in train] + [(c, "test") for c in test]
         writer.writerows(rows)
+    if not (root / "images").is_dir():  # an MSD / nnU-Net layout: links named as `predict` names its outputs
+        from benchmarks.realdata import link_test_files
+
+        images, labels = link_test_files(name, work)
+        return {"root": root, "split": split, "images": images, "raters": [labels], "work": work, "cases": len(test)}
     tag = f"_first{limit}" if limit else ""
     test = test[:limit] if limit else test
     images = _links(work / f"test_images{tag}", [root / "images" / f"{c}.png" for c in test])
@@ -164,7 +180,7 @@ def training_data(name: str, data: dict, extra: list[str] | None = None):
 
     settings = [*COMMON, *DATASETS[name]["settings"], f"data.split={data['split']}", "data.val_fraction=0.1"]
     config = load_config(None, settings + (extra or []))
-    config.train.batch_size = 8
+    config.train.batch_size = DATASETS[name].get("batch", BASELINE_BATCH)
     return config, prepare_training_data([data["root"]], config)
 
 

@@ -55,3 +55,26 @@ def test_collecting_keeps_the_rows_of_earlier_sessions(tmp_path) -> None:
     merged = merged_runs(out, runs)
     assert set(merged["bubil"]) == {"old", "new"} and merged["phantoms"]["new"]["dice"] == 0.7
     assert merged_runs(tmp_path / "none.json", runs[:1]) == {"bubil": {"new": runs[0]}}
+
+
+def test_acdc_uncertainty_split_keeps_each_patient_on_one_side(tmp_path, monkeypatch) -> None:
+    import csv
+
+    import pytest
+
+    from benchmarks import uncertainty
+    from latentseg.data.splits import patient_of
+
+    if not (uncertainty.SHARED / "acdc" / "dataset.json").is_file():
+        pytest.skip("../shared/data/acdc not present")
+    monkeypatch.setattr(uncertainty, "WORK", tmp_path)
+    data = uncertainty.prepare("acdc")
+    with open(data["split"]) as fh:
+        side = {r["case"]: r["split"] for r in csv.DictReader(fh)}
+    by_patient: dict[str, set[str]] = {}
+    for case, split in side.items():
+        by_patient.setdefault(patient_of(case), set()).add(split)
+    assert all(len(sides) == 1 for sides in by_patient.values())
+    assert sum(s == "val" for s in side.values()) == 4  # the last 3 training cases are 2 patients' 4 frames
+    assert sorted(p.name for p in data["images"].iterdir()) == sorted(p.name for p in data["raters"][0].iterdir())
+    assert data["cases"] == 20
