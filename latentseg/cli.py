@@ -34,6 +34,19 @@ def _phantom_size(text: str) -> int:
     return value
 
 
+def _class_list(text: str) -> list[int]:
+    """'none' -> [], '1,3' -> [1, 3]: foreground label values."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected 'none' or label values such as 1,3, got {text!r}") from err
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"label values must be >= 1 (0 is background), got {text}")
+    return values
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -150,6 +163,7 @@ def sample_overrides(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "eta": args.eta,
         "temperature": args.temperature,
+        "largest_component": args.largest_component,
         "num_samples": args.samples,
         "sampler": args.sampler,
         "fusion": args.fusion,
@@ -320,6 +334,12 @@ def _add_predict(sub) -> None:
     p.add_argument("--eta", type=_fraction, help="DDIM eta, 0 deterministic to 1 (default: the model's)")
     p.add_argument(
         "--temperature", type=_positive_float, help="of the probabilities (default: fitted at training; 1: as sampled)"
+    )
+    p.add_argument(
+        "--largest-component",
+        type=_class_list,
+        help="classes whose label keeps only its largest connected component: 1,3 or none "
+        "(default: the model's, planned from its training labels)",
     )
     p.add_argument("--samples", type=_positive_int, help="samples per case (default: the model's, 4)")
     p.add_argument("--seed", type=_seed, default=0)

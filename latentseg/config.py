@@ -231,6 +231,10 @@ class SampleConfig:
     # the fused probabilities' temperature, softmax(log p / T) (Guo et al. 2017); "auto": fitted by
     # `train` on the validation cases at the end of training (minimum NLL), 1 = as sampled
     temperature: Literal["auto"] | PositiveFloat = "auto"
+    # classes whose label keeps only its largest connected component (latentseg.postprocess);
+    # "auto": planned by `train`, the classes that are one structure in the training labels
+    # (unplanned: none); [] for none
+    largest_component: Literal["auto"] | list[PositiveInt] = "auto"
     overlap: OpenFraction = 0.5  # sliding-window overlap
     sw_batch_size: PositiveInt = 1
 

@@ -33,6 +33,7 @@ from latentseg.fusion import check_fusion, entropy_map, fuse, uncertainty_map
 from latentseg.models import Segmenter
 from latentseg.overlay import save_overlay
 from latentseg.package import model_folder
+from latentseg.postprocess import keep_largest_component
 from latentseg.progress import progress_bar
 from latentseg.prompts import text_input
 from latentseg.schema import hints, value_problem
@@ -127,7 +128,15 @@ def predict_array(
     """Segment one already preprocessed (C, *S) array on its own grid."""
     mean, std, entropy, _ = sample_volume(model, torch.from_numpy(image), roi_size, options, seed, text)
     probabilities = mean.numpy()
-    return Prediction(probabilities, std[0].numpy(), probabilities.argmax(0).astype(np.uint8), entropy[0].numpy())
+    label = postprocessed(probabilities.argmax(0).astype(np.uint8), options)
+    return Prediction(probabilities, std[0].numpy(), label, entropy[0].numpy())
+
+
+def postprocessed(label: np.ndarray, options: SampleConfig) -> np.ndarray:
+    """The fused label with `options.largest_component`'s classes cut to their largest component
+    ("auto", a model that was never planned: none)."""
+    classes = options.largest_component
+    return keep_largest_component(label, classes) if classes != "auto" and classes else label
 
 
 def predict_image(
@@ -146,7 +155,7 @@ def predict_image(
     x, transform = prepare_image(image, meta, prep)
     options = options or config.sample
     maps = sample_prepared(model, config, x, options, seed, text, keep_samples)
-    return restored_prediction(maps, x, transform)
+    return restored_prediction(maps, x, transform, options)
 
 
 def sample_prepared(
@@ -168,8 +177,11 @@ def sample_prepared(
     return maps
 
 
-def restored_prediction(maps: dict[str, torch.Tensor], x: MetaTensor, transform: Any) -> Prediction:
-    """`sample_prepared`'s maps mapped back onto the image's own grid."""
+def restored_prediction(
+    maps: dict[str, torch.Tensor], x: MetaTensor, transform: Any, options: SampleConfig
+) -> Prediction:
+    """`sample_prepared`'s maps mapped back onto the image's own grid; the fused label post-processed
+    as `options` say (`postprocessed`)."""
     maps = dict(maps)
     samples = maps.pop("samples", None)
     if samples is not None:
@@ -180,7 +192,7 @@ def restored_prediction(maps: dict[str, torch.Tensor], x: MetaTensor, transform:
     if samples is not None:
         per_sample = back["samples"].reshape(samples.shape[0], -1, *back["samples"].shape[1:])
         labels = per_sample.argmax(1).astype(np.uint8)
-    label = probabilities.argmax(0).astype(np.uint8)
+    label = postprocessed(probabilities.argmax(0).astype(np.uint8), options)
     return Prediction(probabilities, back["std"][0], label, back["entropy"][0], labels)
 
 
@@ -193,6 +205,7 @@ FLAGS = {
     "staged_final_head": "--staged-final-head",
     "eta": "--eta",
     "temperature": "--temperature",
+    "largest_component": "--largest-component",
 }
 
 
@@ -490,7 +503,7 @@ class CaseJob:
     def write(self, case: Case, read: CaseInput, maps: dict[str, torch.Tensor], staging: Path, output: Path):
         """The case's maps restored to its grid and its files written into its own staging
         folder, then moved into `output`, the label map last (it marks a finished case)."""
-        pred = restored_prediction(maps, read.x, read.transform)
+        pred = restored_prediction(maps, read.x, read.transform, self.sample_config)
         folder = Path(tempfile.mkdtemp(dir=staging))
         try:
             o = self.options

@@ -29,6 +29,7 @@ from latentseg.data.planning import (
 from latentseg.data.preprocess import Preprocessing, ct_statistics, is_ct, preprocess_sample
 from latentseg.data.splits import make_split
 from latentseg.errors import LatentSegError
+from latentseg.postprocess import single_component_classes
 
 log = logging.getLogger("latentseg.data")
 
@@ -168,6 +169,17 @@ def plan_sampling(sample: SampleConfig, multi_rater: bool) -> None:
             setattr(sample, key, value)
 
 
+def plan_postprocessing(sample: SampleConfig, labels: list[np.ndarray], num_classes: int) -> None:
+    """Fill `sample.largest_component` left to "auto": the classes that are one structure in the
+    training labels (`single_component_classes`)."""
+    if sample.largest_component != "auto" or not labels:
+        return
+    sample.largest_component, shares = single_component_classes(labels, num_classes)
+    found = ", ".join(f"{c}: {share:.2f}" for c, share in shares.items())
+    log.info("post-processing: classes %s keep their largest component (share of training labels "
+             "in one piece per class: %s)", sample.largest_component, found)  # fmt: skip
+
+
 DEFAULT_DOWNSAMPLINGS = 4  # 003 section IV-B, when the latent is not planned from labels
 MAX_ATTENTION_TOKENS = 1024  # self-attention over more voxels than this costs more than it gives on a CPU
 
@@ -244,6 +256,7 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     train_labels = [s["label"][0] for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
     spacing = prep.spacing or [float(v) for v in np.median(spacings, axis=0)]
     latent = plan_network(config, shapes, spacing, train_labels, multi_rater)
+    plan_postprocessing(config.sample, train_labels, config.model.num_classes)
     if latent:
         log.info("%s", describe_latent(latent, config.model.strides, config.model.spatial_dims))
     if multi_rater:
