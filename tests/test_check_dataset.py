@@ -55,10 +55,13 @@ def test_png_folder_skips_stray_files_and_maps_0_255_masks(tmp_path, capsys):
     assert main(["check-dataset", str(root)]) == 0
     out = capsys.readouterr().out
     assert "Thumbs.db: not an image file, skipped" in out and "3 cases" in out
+    assert "post-processing: classes [1] keep their largest component (labels in one piece per class: 1: 1.00)" in out
 
 
 def test_acdc_reads_through_the_real_reader(capsys):
     if not (SHARED / "acdc" / "dataset.json").is_file():
         pytest.skip("shared ACDC data not present")
     assert main(["check-dataset", str(SHARED / "acdc")]) == 0
-    assert "60 cases, msd layout, no problems found" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "60 cases, msd layout, no problems found" in out
+    assert "post-processing: classes [1, 2, 3] keep their largest component" in out

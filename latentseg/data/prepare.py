@@ -175,9 +175,13 @@ def plan_postprocessing(sample: SampleConfig, labels: list[np.ndarray], num_clas
     if sample.largest_component != "auto" or not labels:
         return
     sample.largest_component, shares = single_component_classes(labels, num_classes)
+    log.info("%s", describe_postprocessing(sample.largest_component, shares))
+
+
+def describe_postprocessing(classes: list[int], shares: dict[int, float]) -> str:
+    """One line for check-dataset and train: the classes cut to their largest component, and why."""
     found = ", ".join(f"{c}: {share:.2f}" for c, share in shares.items())
-    log.info("post-processing: classes %s keep their largest component (share of training labels "
-             "in one piece per class: %s)", sample.largest_component, found)  # fmt: skip
+    return f"post-processing: classes {classes} keep their largest component (labels in one piece per class: {found})"
 
 
 DEFAULT_DOWNSAMPLINGS = 4  # 003 section IV-B, when the latent is not planned from labels
@@ -322,4 +326,5 @@ def check_latent(samples: list[dict[str, Any]], num_classes: int, config: Config
                          m.min_latent_downsamplings)  # fmt: skip
     late = latent.get("thin_axes", [])
     strides = plan_strides(patch, spacing, latent["num_downsamplings"], latent["frozen_axes"], late)
-    return describe_latent(latent, strides, dims)
+    postprocessing = describe_postprocessing(*single_component_classes([s["label"][0] for s in samples], num_classes))
+    return describe_latent(latent, strides, dims) + "\n" + postprocessing
