@@ -233,6 +233,8 @@ def test_training_fits_the_temperature_and_predict_applies_it(model2d, data2d):
     plan = json.loads((model2d / "plans.json").read_text())
     fitted = plan["sample"]["temperature"]
     assert isinstance(fitted, float) and fitted > 0
+    history = json.loads((model2d / "training_log.json").read_text())
+    assert history["temperature"] == fitted  # fitted, not planned (one annotator: it was planned 1 before)
     model = load_model(model2d)
     image = sorted((data2d["test"] / "images").iterdir())[0]
     hot, cool = (model.predict(image, temperature=t, num_samples=2) for t in (0.5, 2.0))

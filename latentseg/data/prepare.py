@@ -157,7 +157,9 @@ def plan_label_encoder_training(m: ModelConfig, multi_rater: bool) -> None:
 # DDIM steps and eta: one sample as good as the mean in 2 steps (003 section V-B) | samples that
 # spread as annotators do (BU-BIL, 10 annotators: the samples' pairwise IoU 0.804 at DDIM-10,
 # eta 1, the annotators' 0.764, against 0.933 at DDIM-2; benchmarks/results/uncertainty.json)
-SINGLE_RATER_SAMPLING = UNPLANNED_SAMPLING
+# (the temperature is not planned here: `fit_calibration` fits it at the end of training; until
+# 2026-12-06 this copied UNPLANNED_SAMPLING's temperature 1, so one-annotator data never got a fit)
+SINGLE_RATER_SAMPLING = {k: UNPLANNED_SAMPLING[k] for k in ("steps", "eta")}
 MULTI_RATER_SAMPLING = {"steps": 10, "eta": 1.0}
 
 
