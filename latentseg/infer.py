@@ -180,8 +180,8 @@ def sample_prepared(
 def restored_prediction(
     maps: dict[str, torch.Tensor], x: MetaTensor, transform: Any, options: SampleConfig
 ) -> Prediction:
-    """`sample_prepared`'s maps mapped back onto the image's own grid; the fused label post-processed
-    as `options` say (`postprocessed`)."""
+    """`sample_prepared`'s maps mapped back onto the image's own grid; the fused label and each
+    sample's labels post-processed as `options` say (`postprocessed`)."""
     maps = dict(maps)
     samples = maps.pop("samples", None)
     if samples is not None:
@@ -191,7 +191,7 @@ def restored_prediction(
     labels = None
     if samples is not None:
         per_sample = back["samples"].reshape(samples.shape[0], -1, *back["samples"].shape[1:])
-        labels = per_sample.argmax(1).astype(np.uint8)
+        labels = np.stack([postprocessed(s, options) for s in per_sample.argmax(1).astype(np.uint8)])
     label = postprocessed(probabilities.argmax(0).astype(np.uint8), options)
     return Prediction(probabilities, back["std"][0], label, back["entropy"][0], labels)
 

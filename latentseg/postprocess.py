@@ -1,7 +1,8 @@
 """Post-processing of a predicted label map: classes that are one structure in the training labels
 (a heart's ventricles, an atrium) keep only their largest connected component, as nnU-Net decides
 per class; the rest are left as predicted. Components are connected through faces, edges and
-corners (8-connectivity in 2D, 26 in 3D). The probability and uncertainty maps are not changed."""
+corners (8-connectivity in 2D, 26 in 3D). `predict` applies it to the fused label and to each
+saved sample; the probability and uncertainty maps are not changed."""
 
 from __future__ import annotations
 
