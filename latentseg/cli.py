@@ -338,8 +338,8 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "--largest-component",
         type=_class_list,
-        help="classes whose label keeps only its largest connected component: 1,3 or none "
-        "(default: the model's, planned from its training labels)",
+        help="classes (1 = the first foreground class) whose label keeps only its largest connected "
+        "component: 1,3 or none (default: the model's, planned from its training labels)",
     )
     p.add_argument("--samples", type=_positive_int, help="samples per case (default: the model's, 4)")
     p.add_argument("--seed", type=_seed, default=0)

@@ -112,7 +112,7 @@ def _scaled(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
 class Prediction:
     probabilities: np.ndarray  # (C, *S) fused over samples (mean, vote fractions or STAPLE posteriors)
     uncertainty: np.ndarray  # (*S) per-voxel standard deviation over samples
-    label: np.ndarray  # (*S) argmax of the fused probabilities
+    label: np.ndarray  # (*S) argmax of the fused probabilities, post-processed (`postprocessed`)
     entropy: np.ndarray  # (*S) entropy of the samples' mean probabilities / log(C), in [0, 1]
     samples: np.ndarray | None = None  # (N, *S) each sample's labels, when asked for
 
