@@ -269,10 +269,10 @@ def cmd_check_dataset(args: argparse.Namespace) -> None:
     print(f"{args.path}: {len(samples)} cases, {spec.layout} layout, no problems found")
     from latentseg.config import load_config
     from latentseg.data.datasets import num_classes_of
-    from latentseg.data.prepare import check_latent
+    from latentseg.data.prepare import check_plan
 
     classes = max(num_classes_of(spec) or 0, max(int(s["label"].max()) for s in samples) + 1, 2)
-    print(check_latent(samples, classes, load_config(None, [])))
+    print(check_plan(samples, classes, load_config(None, [])))
 
 
 class Parser(argparse.ArgumentParser):

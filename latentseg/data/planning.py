@@ -42,18 +42,17 @@ def plan_patch(
         if len(requested) != dims:
             raise LatentSegError(f"data.patch_size {list(requested)} must have {dims} entries for {dims}D data")
         patch = [int(p) for p in requested]
-    elif dims == 3 and _slice_axes(median):
-        patch = [DEFAULT_PATCH[3] if axis in _slice_axes(median) else THIN_VOLUME_IN_PLANE for axis in range(3)]
+    elif dims == 3 and (slices := [a for a in short_axes(median) if median[a] < DEFAULT_PATCH[3]]):
+        patch = [DEFAULT_PATCH[3] if axis in slices else THIN_VOLUME_IN_PLANE for axis in range(3)]
     else:
         short = dims == 2 and 0 < budget_minutes <= SHORT_RUN_MINUTES
         patch = [SHORT_RUN_PATCH_2D if short else DEFAULT_PATCH[dims]] * dims
     return [min(p, m) for p, m in zip(patch, median, strict=True)]
 
 
-def _slice_axes(median: Sequence[int]) -> list[int]:
-    """Axes of few slices: shorter than the default 3D patch and at most 1/SHORT_AXIS_RATIO of the
-    longest axis."""
-    return [a for a, m in enumerate(median) if m < DEFAULT_PATCH[3] and m * SHORT_AXIS_RATIO <= max(median)]
+def short_axes(shape: Sequence[int]) -> list[int]:
+    """Axes at most 1/SHORT_AXIS_RATIO of the longest: the slice axis of a volume of few slices."""
+    return [a for a, size in enumerate(shape) if size * SHORT_AXIS_RATIO <= max(shape)]
 
 
 def plan_strides(
@@ -141,10 +140,8 @@ def frozen_axes(labels: Sequence[np.ndarray], num_classes: int, dims: int, thres
     slices, whatever its header says) along which halving the labels alone loses a class below
     `threshold`. Without decoder skips they are never downsampled; with skips, late."""
     frozen = []
-    shape = np.asarray(labels[0]).shape[-dims:]
-    for axis in range(dims):
-        if shape[axis] * SHORT_AXIS_RATIO > max(shape):
-            continue  # not a slice axis: 2D images and near-isotropic volumes are halved as planned
+    # only slice axes: 2D images and near-isotropic volumes are halved as planned
+    for axis in short_axes(np.asarray(labels[0]).shape[-dims:]):
         stride = [2 if a == axis else 1 for a in range(dims)]
         if min(label_ceiling(labels, num_classes, stride)) < threshold:
             frozen.append(axis)

@@ -317,16 +317,16 @@ def use_raters(samples: list[dict[str, Any]], mode: str) -> dict[str, Any]:
     return {"mode": mode, "cases": len(with_raters), "annotators_per_case": counts}
 
 
-def check_latent(samples: list[dict[str, Any]], num_classes: int, config: Config) -> str:
-    """What `train` would plan for the latent, from the labels as stored (check-dataset's line)."""
+def check_plan(samples: list[dict[str, Any]], num_classes: int, config: Config) -> str:
+    """What `train` would plan for the latent and the post-processing, from the labels as stored
+    (check-dataset's lines)."""
     dims = samples[0]["meta"].spatial_dims
     shapes = [s["label"].shape[1:] for s in samples]
     spacing = [float(v) for v in np.median([s["meta"].spacing for s in samples], axis=0)]
     patch = plan_patch(config.data.patch_size, shapes, dims)
-    m = config.model
-    latent = plan_latent([s["label"][0] for s in samples], num_classes, patch, spacing, m.latent_ceiling,
-                         m.min_latent_downsamplings)  # fmt: skip
+    m, labels = config.model, [s["label"][0] for s in samples]
+    latent = plan_latent(labels, num_classes, patch, spacing, m.latent_ceiling, m.min_latent_downsamplings)
     late = latent.get("thin_axes", [])
     strides = plan_strides(patch, spacing, latent["num_downsamplings"], latent["frozen_axes"], late)
-    postprocessing = describe_postprocessing(*single_component_classes([s["label"][0] for s in samples], num_classes))
+    postprocessing = describe_postprocessing(*single_component_classes(labels, num_classes))
     return describe_latent(latent, strides, dims) + "\n" + postprocessing
