@@ -329,7 +329,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--input", required=True, help="an image file or a folder of them")
     p.add_argument("--output", required=True, help="folder for the outputs (not the input folder)")
     p.add_argument(
-        "--steps", type=_positive_int, help="DDIM steps (default: the model's, 2; 10 if trained on several annotators)"
+        "--steps",
+        type=_positive_int,
+        help="DDIM steps (default: the model's: 1, or 2 with eps prediction; 10 if trained on several annotators)",
     )
     p.add_argument("--eta", type=_fraction, help="DDIM eta, 0 deterministic to 1 (default: the model's)")
     p.add_argument(

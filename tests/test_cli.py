@@ -174,8 +174,9 @@ def test_validation_time_is_outside_the_budget(data2d, tmp_path, monkeypatch):
     log = json.loads((tmp_path / "m" / "training_log.json").read_text())
     assert log["step"][-1] >= 2 and len(calls) == log["step"][-1]
     assert wall > 3.0 + 1.2  # the validation's sleep and the budget both passed
-    # the clock stopped at the budget (plus at most one step, slow on a loaded machine): the sleep is not in it
-    assert 1.2 <= log["train_seconds"] < 2.5
+    # the clock stopped at the budget plus at most a step or two, slow on a loaded machine; had the
+    # 3 s sleep been counted, the clock would read over 3 s
+    assert 1.2 <= log["train_seconds"] < 3.0
 
 
 def test_batches_draw_every_dataset_equally_often():

@@ -161,11 +161,20 @@ def plan_label_encoder_training(m: ModelConfig, multi_rater: bool) -> None:
 # 2026-12-06 this copied UNPLANNED_SAMPLING's temperature 1, so one-annotator data never got a fit)
 SINGLE_RATER_SAMPLING = {k: UNPLANNED_SAMPLING[k] for k in ("steps", "eta")}
 MULTI_RATER_SAMPLING = {"steps": 10, "eta": 1.0}
+# An x0-predicting denoiser on one-annotator data: its first step already gives the clean latent,
+# and a second changed nothing measured (saved 15-minute models, 2026-12-06: ACDC Dice 0.7834 at
+# DDIM-1 and DDIM-2, ECE 0.0077 both, std-map error AUROC 0.927 against 0.920; MoNuSeg 0.7915
+# both), so one step: a denoiser pass less per sample. eps prediction needs its second step (its
+# x0 at t = T divides by sqrt(alpha-bar_T)).
+SINGLE_RATER_X0_STEPS = 1
 
 
-def plan_sampling(sample: SampleConfig, multi_rater: bool) -> None:
-    """Fill `sample.steps` and `sample.eta` left to "auto" (see MULTI_RATER_SAMPLING)."""
+def plan_sampling(sample: SampleConfig, multi_rater: bool, prediction_type: str = "x0") -> None:
+    """Fill `sample.steps` and `sample.eta` left to "auto" (see MULTI_RATER_SAMPLING and
+    SINGLE_RATER_X0_STEPS)."""
     planned = MULTI_RATER_SAMPLING if multi_rater else SINGLE_RATER_SAMPLING
+    if not multi_rater and prediction_type == "x0":
+        planned = planned | {"steps": SINGLE_RATER_X0_STEPS}
     for key, value in planned.items():
         if getattr(sample, key) == "auto":
             setattr(sample, key, value)
@@ -257,7 +266,7 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
         del s["meta"]
     raters = use_raters(samples, config.data.raters)
     multi_rater = raters.get("mode") == "random"
-    plan_sampling(config.sample, multi_rater)
+    plan_sampling(config.sample, multi_rater, config.model.prediction_type)
     shapes = [s["image"].shape[1:] for s in samples]
     train_labels = [s["label"][0] for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
     spacing = prep.spacing or [float(v) for v in np.median(spacings, axis=0)]

@@ -154,11 +154,13 @@ def test_sampling_is_planned_from_the_annotators_and_kept_when_set():
     from latentseg.config import SampleConfig, concrete_sampling
     from latentseg.data.prepare import plan_sampling
 
-    single, multi, fixed = SampleConfig(), SampleConfig(), SampleConfig(steps=3)
+    single, multi, fixed, eps = SampleConfig(), SampleConfig(), SampleConfig(steps=3), SampleConfig()
     plan_sampling(single, multi_rater=False)
     plan_sampling(multi, multi_rater=True)
     plan_sampling(fixed, multi_rater=True)
-    assert (single.steps, single.eta) == (2, 0.0)
+    plan_sampling(eps, multi_rater=False, prediction_type="eps")
+    assert (single.steps, single.eta) == (1, 0.0)  # x0 prediction, one annotator: one step
+    assert (eps.steps, eps.eta) == (2, 0.0)
     assert (multi.steps, multi.eta) == (10, 1.0)
     assert (fixed.steps, fixed.eta) == (3, 1.0)
     unplanned = concrete_sampling(SampleConfig())  # a model saved before sampling was planned
