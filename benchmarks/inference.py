@@ -1,14 +1,15 @@
-"""Inference speed (issue 18): seconds per case of latentseg's default network, DDIM-2 with 1 and 4
-samples, in torch and in ONNX Runtime, against a same-size MONAI UNet (the planned strides, 16-256
-channels) in the same process, interleaved (UNet, torch-1, torch-4, ort-1, ort-4, UNet, ...) so the
-machine's noise falls on all alike. A case is one patch-sized image (2D 256^2, 3D 96^3): one window
-of the sliding window, untrained weights (speed does not depend on them).
+"""Inference speed (issue 18): seconds per case of latentseg's default network, with the DDIM steps
+planned for one-annotator data (1 with x0 prediction; `--steps` sets them) and 1 and 4 samples, in
+torch and in ONNX Runtime, against a same-size MONAI UNet (the planned strides, 16-256 channels) in
+the same process, interleaved (UNet, torch-1, torch-4, ort-1, ort-4, UNet, ...) so the machine's
+noise falls on all alike. A case is one patch-sized image (2D 256^2, 3D 96^3): one window of the
+sliding window, untrained weights (speed does not depend on them).
 
 A second measurement runs `predict` over a folder of 20 2D cases of 256^2 and compares its wall
 time with the sum of the per-case network times (reading, preprocessing and writing hidden by the
 prefetching loader, or not).
 
-    python -m benchmarks.inference [--repeats 10] [--threads 1]   # results/inference.json
+    python -m benchmarks.inference [--repeats 10] [--threads 1] [--steps N]   # results/inference.json
     python -m benchmarks.inference --overrides model.KEY=VALUE,... --out FILE   # another network
 """
 
@@ -27,6 +28,7 @@ import torch
 from benchmarks.step_cost import latentseg_model
 from benchmarks.unet_baseline import make_unet
 from latentseg.config import SampleConfig
+from latentseg.data.prepare import plan_sampling
 from latentseg.infer import sample_volume
 
 ROOT = Path(__file__).resolve().parent
@@ -34,7 +36,13 @@ SETTINGS = {"2d_256": (2, [256, 256], [1.0, 1.0], 2), "3d_96": (3, [96, 96, 96],
 
 
 def engines(
-    dims: int, patch: list[int], spacing: list[float], classes: int, folder: Path, overrides: list[str]
+    dims: int,
+    patch: list[int],
+    spacing: list[float],
+    classes: int,
+    folder: Path,
+    overrides: list[str],
+    steps: int | None = None,
 ) -> dict:
     """seconds-per-case callables: the UNet, latentseg in torch and in ONNX Runtime."""
     from monai.inferers import sliding_window_inference
@@ -47,7 +55,10 @@ def engines(
     _write_graphs(model, patch, folder)
     ort = OnnxSegmenter(folder, model.config, torch.device("cpu"))
     image = torch.randn(1, *patch)
-    options = replace(SampleConfig(), steps=2, overlap=0.5)
+    options = replace(SampleConfig(), overlap=0.5)
+    plan_sampling(options, multi_rater=False, prediction_type=model.config.prediction_type)
+    if steps is not None:
+        options.steps = steps
 
     def timed(fn):
         def run() -> float:
@@ -67,10 +78,10 @@ def engines(
     return runs
 
 
-def measure(name: str, repeats: int, overrides: list[str]) -> dict:
+def measure(name: str, repeats: int, overrides: list[str], steps: int | None = None) -> dict:
     dims, patch, spacing, classes = SETTINGS[name]
     with tempfile.TemporaryDirectory() as tmp:
-        runs = engines(dims, patch, spacing, classes, Path(tmp), overrides)
+        runs = engines(dims, patch, spacing, classes, Path(tmp), overrides, steps)
         for fn in runs.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {k: [] for k in runs}
@@ -119,6 +130,7 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: planned for one annotator)")
     parser.add_argument("--skip-folder", action="store_true")
     parser.add_argument("--overrides", default="", help="latentseg settings, comma-separated key=value")
     parser.add_argument("--out", default=str(ROOT / "results" / "inference.json"))
@@ -127,8 +139,9 @@ def main() -> None:
     out = Path(args.out)
     overrides = [o for o in args.overrides.split(",") if o]
     results = {"threads": args.threads, "torch": torch.__version__, "device": "cpu", "overrides": overrides}
+    results["steps"] = args.steps or "planned"
     for name in args.settings.split(","):
-        results[name] = measure(name, args.repeats, overrides)
+        results[name] = measure(name, args.repeats, overrides, args.steps)
         print(name, json.dumps(results[name]), flush=True)
     if not args.skip_folder:
         results["folder_2d_256"] = folder_run()
