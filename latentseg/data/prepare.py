@@ -120,7 +120,9 @@ def plan_network(
         n = len(m.strides)
         for name in ("image_encoder_channels", "label_encoder_channels", "decoder_channels"):
             setattr(m, name, getattr(m, name)[: n + 1])
-        m.attention_stages = min(m.attention_stages, attention_stages_within(patch, m.strides, dims))
+        # counted on the patch the network sees: rounded up to the stride (ACDC: 9 slices become 10)
+        rounded = round_up(patch, total_stride(m.strides, dims))
+        m.attention_stages = min(m.attention_stages, attention_stages_within(rounded, m.strides, dims))
     m.num_downsamplings = len(m.strides)
     if m.decoder_skips == "auto":  # skips need the learned image encoder and a decoder trained with it
         can_skip = m.label_autoencoder == "joint" and m.image_encoder == "learned"

@@ -103,6 +103,20 @@ def test_attention_only_where_the_tokens_are_few():
     assert attention_stages_within([128, 128, 8], [[2, 2, 1]] * 4, 3) == 1  # 16x16x8 = 2048 is too many
 
 
+def test_attention_tokens_are_counted_on_the_patch_the_network_sees():
+    """ACDC's plan: 9 slices rounded up to 10, so the 1/8 stage holds 16x16x5 = 1280 tokens (too
+    many); counted on the 9 slices before rounding it held 16x16x4 = 1024 and kept attention."""
+    from latentseg.config import load_config
+    from latentseg.data.prepare import plan_network
+
+    config = load_config(None, ["model.num_downsamplings=4", "model.decoder_skips=true"])
+    config.model.spatial_dims = 3
+    plan_network(config, [(216, 256, 9)], [1.5, 1.5, 10.0])
+    assert config.data.patch_size == [128, 128, 10]
+    assert config.model.strides == [[2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 1]]
+    assert config.model.attention_stages == 1
+
+
 def test_thin_slices_are_halved_late_when_the_decoder_has_skips():
     """Alternate empty slices: halving the slice axis alone loses the class, so with skips it is
     halved only in the coarse half of the stages (the decoder's fine skips keep the slices apart)."""
