@@ -77,7 +77,10 @@ class ModelConfig:
     # data with several annotators (on ACDC, one mask per case, it cost 0.07 Dice: kept true there)
     diffusion_trains_label_encoder: Literal["auto"] | bool = "auto"
     min_latent_downsamplings: Annotated[int, Range(1, 8)] = 3  # a finer latent makes the denoiser slow
-    attention_stages: NonNegativeInt = 2  # image encoder stages ending in self-attention
+    # image encoder stages ending in self-attention. 003 has 2; one (the coarsest) since 2026-12-06:
+    # 15 minutes side by side, ACDC 0.769 with one against 0.765 with two, MoNuSeg 0.798 against
+    # 0.799, with 7-9% more steps; one 2D 256^2 sample 1.13x a UNet's time in torch instead of 1.4x
+    attention_stages: NonNegativeInt = 1
     num_heads: PositiveInt = 4
     denoiser_channels: list[PositiveInt] = field(default_factory=lambda: [64, 128])
     denoiser_strides: list[int | list[PositiveInt]] = field(
