@@ -30,7 +30,7 @@ from latentseg.config import ModelConfig, SampleConfig, load_config
 from latentseg.data.datasets import discover_dataset, load_case
 from latentseg.data.phantoms import write_phantom_dataset
 from latentseg.data.prepare import prepare_training_data
-from latentseg.data.preprocess import Preprocessing
+from latentseg.data.preprocess import Preprocessing, prepare_image
 from latentseg.demo import DEMOS
 from latentseg.infer import predict_array, predict_image, preprocessing_of
 from latentseg.metrics import label_metrics
@@ -106,12 +106,18 @@ def sweep_steps(model_dir: Path, test: list[dict], restandardize: bool = False, 
 
 @torch.no_grad()
 def label_autoencoder_ceiling(model_dir: Path, test: list[dict]) -> dict[str, float]:
-    """Dice of decode(encode(ground truth)), no diffusion: the ceiling of the whole method."""
-    model, config, _ = load_model(model_dir)
+    """Dice of decode(encode(ground truth)), no diffusion: the ceiling of the whole method. A decoder
+    with skips also takes the image's features, from the image preprocessed as the model saw it."""
+    model, config, fingerprint = load_model(model_dir)
+    prep = preprocessing_of(fingerprint, config)
     preds = []
     for s in test:
         label = torch.from_numpy(s["label"])[None]
-        preds.append(model.label_decoder(model.encode_label(label))[0].argmax(0).numpy())
+        x, _ = prepare_image(s["image"], s["meta"], prep)
+        if tuple(x.shape[1:]) != tuple(label.shape[2:]):
+            raise ValueError(f"preprocessing changed the grid ({tuple(label.shape[2:])} -> {tuple(x.shape[1:])})")
+        cond = model.conditioning(x.as_tensor()[None])
+        preds.append(model.decode(model.encode_label(label), cond)[0].argmax(0).numpy())
     return dice_scores(preds, test, config.model.num_classes)
 
 
