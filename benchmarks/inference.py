@@ -55,10 +55,8 @@ def engines(
     _write_graphs(model, patch, folder)
     ort = OnnxSegmenter(folder, model.config, torch.device("cpu"))
     image = torch.randn(1, *patch)
-    options = replace(SampleConfig(), overlap=0.5)
-    plan_sampling(options, multi_rater=False, prediction_type=model.config.prediction_type)
-    if steps is not None:
-        options.steps = steps
+    options = replace(SampleConfig(), overlap=0.5, steps=steps or "auto")
+    plan_sampling(options, multi_rater=False, prediction_type=model.config.prediction_type)  # keeps set steps
 
     def timed(fn):
         def run() -> float:
