@@ -1,5 +1,3 @@
-import sys
+from latentseg.cli import command
 
-from latentseg.cli import main
-
-sys.exit(main())
+command()

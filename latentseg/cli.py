@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from latentseg.data.io import DEFAULT_MAX_VOXELS
-from latentseg.errors import LatentSegError, one_line
+from latentseg.errors import LatentSegError, LostPeerError, one_line
 
 
 def _seed(text: str) -> int:
@@ -520,14 +520,34 @@ def report_internal_error(err: BaseException, debug: bool) -> str:
     return f"internal error, {type(err).__name__}: {one_line(err)} ({where})"
 
 
+def command() -> None:
+    """The `latentseg` executable: `main`, then exit with its status.
+
+    After a lost training peer the process ends at once (`os._exit`), once the message is out: the
+    collective library's threads may still wait on the dead process, and a normal interpreter
+    shutdown would wait with them.
+    """
+    code = main()
+    if _lost_peer:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+_lost_peer = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `latentseg` command: every failure ends as `latentseg: error: ...` lines and a non-zero exit."""
+    global _lost_peer
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         args.func(args)
     except LatentSegError as err:
+        _lost_peer = isinstance(err, LostPeerError)
         _print_errors(str(err).splitlines())
         return 2
     except Terminated:

@@ -42,7 +42,7 @@ from latentseg.config import Config, step_limit
 from latentseg.data.targets import select_target
 from latentseg.data.transforms import RandRaterd, train_transforms
 from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
-from latentseg.errors import LatentSegError, one_line
+from latentseg.errors import LatentSegError, LostPeerError, one_line
 from latentseg.infer import predict_array
 from latentseg.models import Segmenter, build_model
 from latentseg.models.losses import Losses
@@ -217,7 +217,7 @@ def train(
         return run_loop(run, progress and world.is_main)
     except (RuntimeError, torch.distributed.DistError) as err:
         if world.distributed and _is_lost_peer(err):
-            raise LatentSegError(lost_peer_message(world, err, out_dir)) from err
+            raise LostPeerError(lost_peer_message(world, err, out_dir)) from err
         raise
     except BaseException:
         if created and world.is_main:

@@ -169,7 +169,7 @@ def test_survivor_reports_lost_peer(tmp_path, data2d):
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "PYTHONFAULTHANDLER": "1"}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         cmd = [sys.executable, "-m", "latentseg", "train", "--data", str(data2d["train"]), "--out", str(out), *LONG_RUN]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -177,7 +177,11 @@ def test_survivor_reports_lost_peer(tmp_path, data2d):
         _wait_for(out / "train_state.safetensors", procs[0], 180)
         procs[1].kill()
         killed = time.time()
-        _, stderr = procs[0].communicate(timeout=60)
+        try:
+            _, stderr = procs[0].communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            procs[0].send_signal(signal.SIGABRT)  # faulthandler prints where each thread waits
+            raise AssertionError("rank 0 still alive 60 s after its peer died:\n" + procs[0].communicate()[1]) from None
     finally:
         for p in procs:
             p.kill()
