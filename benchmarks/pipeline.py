@@ -18,7 +18,9 @@ Variants (each relative to `pipeline`, the benchmark's UNet as it was):
   MONAI's positive / negative crop;
 - defaults: the UNet with latentseg's current default data settings (whatever `DataConfig` says and
   `train` plans for the budget: augmentation off up to 60 minutes);
-- defaults_aug: the same with augmentation on (flips, rotations, intensity).
+- defaults_aug: the same with augmentation on (flips, rotations, intensity);
+- defaults_net4 / defaults_noprep: `defaults` with the script's network, or without resampling,
+  reorientation and the foreground crop.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ VARIANTS: dict[str, dict] = {
     "net4_noaug_randcrop": {"net": "plain4", "settings": [*NO_AUG, "data.patch_sampling=uniform"]},
     "defaults": {"defaults": True},
     "defaults_aug": {"defaults": True, "settings": ["data.augmentation=on"]},
+    "defaults_net4": {"defaults": True, "net": "plain4"},
+    "defaults_noprep": {"defaults": True, "settings": ["data.resample=false", "data.crop_foreground=false"]},
 }
 PLAIN4 = {  # plain_unet.py's networks
     "acdc": ((16, 32, 64, 128), ((2, 2, 1), (2, 2, 2), (2, 2, 1))),
