@@ -149,8 +149,8 @@ def run_latentseg(name: str, work: Path, settings: list[str], minutes: float, va
 
 
 def run_unet(name: str, work: Path, settings: list[str], minutes: float, net: tuple | None = None) -> dict:
-    """A MONAI UNet through latentseg's pipeline; `net` = (channels, strides), default 5 levels with
-    the planned strides."""
+    """A MONAI UNet through latentseg's pipeline; `net` = (channels, strides), default the bar's
+    depth on the planned strides (`unet_baseline.bar_network`)."""
     config = load_config(None, settings)
     data = prepare_training_data([SHARED / name], config)
     net, info = train_unet(data.train, config, minutes * 60, network=net)

@@ -1,6 +1,6 @@
 """The benchmarks' UNet baselines see the augmentation `latentseg train` would plan for their budget."""
 
-from benchmarks.unet_baseline import as_train_plans
+from benchmarks.unet_baseline import as_train_plans, bar_network
 from latentseg.config import load_config
 
 
@@ -78,3 +78,11 @@ def test_acdc_uncertainty_split_keeps_each_patient_on_one_side(tmp_path, monkeyp
     assert sum(s == "val" for s in side.values()) == 4  # the last 3 training cases are 2 patients' 4 frames
     assert sorted(p.name for p in data["images"].iterdir()) == sorted(p.name for p in data["raters"][0].iterdir())
     assert data["cases"] == 20
+
+
+def test_the_benchmark_unet_has_the_bars_depth() -> None:
+    acdc = [[2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 1]]
+    assert bar_network(3, acdc) == ((16, 32, 64, 128), acdc[:3])  # plain_unet.py: 4 levels in 3D
+    assert bar_network(2, [[2, 2]] * 4) == ((16, 32, 64, 128, 256), [[2, 2]] * 4)
+    assert bar_network(2, []) == ((16, 32, 64, 128, 256), [2, 2, 2, 2])
+    assert bar_network(3, [[2, 2, 2]] * 2) == ((16, 32, 64), [[2, 2, 2]] * 2)  # a shallower plan stays so
