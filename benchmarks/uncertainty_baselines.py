@@ -16,7 +16,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import DiffusionModelUNet, UNet
 
-from benchmarks.unet_baseline import as_train_plans
+from benchmarks.unet_baseline import as_train_plans, bar_network
 from latentseg.config import Config
 from latentseg.data.datasets import discover_inputs, load_image
 from latentseg.data.preprocess import Preprocessing, prepare_image, restore
@@ -45,9 +45,8 @@ class Models:
 
 def _unet(config: Config, dropout: float = 0.0) -> UNet:
     m = config.model
-    strides = m.strides or [2, 2, 2, 2]
-    return UNet(m.spatial_dims, m.in_channels, m.num_classes, (16, 32, 64, 128, 256)[: len(strides) + 1], strides,
-                num_res_units=2, dropout=dropout)  # fmt: skip
+    channels, strides = bar_network(m.spatial_dims, m.strides)
+    return UNet(m.spatial_dims, m.in_channels, m.num_classes, channels, strides, num_res_units=2, dropout=dropout)
 
 
 def _train_loop(net, loss_fn: Callable, samples, config: Config, seconds: float, seed: int) -> int:
