@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.unet_baseline import make_unet
+from benchmarks.unet_baseline import bar_network, make_unet
 from latentseg.config import load_config
 from latentseg.data.prepare import plan_network
 from latentseg.models import build_model
@@ -66,7 +66,7 @@ def measure(name: str, overrides: list[str], repeats: int) -> dict:
     image = torch.randn(batch, 1, *patch)
     label = torch.randint(0, classes, (batch, 1, *patch))
     model, objective, strides = latentseg_model(dims, patch, spacing, classes, overrides)
-    unet = make_unet(dims, 1, classes, strides=strides)
+    unet = make_unet(dims, 1, classes, *bar_network(dims, strides))  # the benchmark's UNet
     dice = soft_dice_loss()
     runs = {
         "unet": step_fn(
