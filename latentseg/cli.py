@@ -527,47 +527,47 @@ def command() -> None:
     collective library's threads may still wait on the dead process, and a normal interpreter
     shutdown would wait with them.
     """
-    code = main()
-    if _lost_peer:
+    code, error = _run(None)
+    if isinstance(error, LostPeerError):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 
 
-_lost_peer = False
-
-
 def main(argv: list[str] | None = None) -> int:
     """The `latentseg` command: every failure ends as `latentseg: error: ...` lines and a non-zero exit."""
-    global _lost_peer
+    return _run(argv)[0]
+
+
+def _run(argv: list[str] | None) -> tuple[int, BaseException | None]:
+    """`main`'s exit status, and the error it reported (None on success)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         args.func(args)
     except LatentSegError as err:
-        _lost_peer = isinstance(err, LostPeerError)
         _print_errors(str(err).splitlines())
-        return 2
-    except Terminated:
+        return 2, err
+    except Terminated as err:
         _print_errors([])
         print("latentseg: terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
+        return 143, err
+    except KeyboardInterrupt as err:
         _print_errors([])
         print("latentseg: interrupted", file=sys.stderr)
-        return 130
+        return 130, err
     except OSError as err:
         _print_errors([os_error_message(err)])
-        return 1
+        return 1, err
     except Exception as err:  # noqa: BLE001 (a bug still gets one line)
         _print_errors([report_internal_error(err, args.debug)])
-        return 1
+        return 1, err
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return 0
+    return 0, None
 
 
 def _main_thread() -> bool:
