@@ -134,9 +134,10 @@ def plan_network(
     if m.decoder_fuse_kernel == "auto":  # ACDC, 15 min: 0.726 in 1033 steps against 0.679 in 870 with 3x3
         m.decoder_fuse_kernel = 1
     plan_label_encoder_training(m, multi_rater)
-    config.data.patch_size = round_up(patch, total_stride(m.strides, dims))
+    stride = total_stride(m.strides, dims)
+    config.data.patch_size = round_up(patch, stride)
     if not m.denoiser_strides:
-        grid = [p // t for p, t in zip(config.data.patch_size, total_stride(m.strides, dims), strict=True)]
+        grid = [p // t for p, t in zip(config.data.patch_size, stride, strict=True)]
         m.denoiser_strides = plan_denoiser_strides(grid, len(m.denoiser_channels))
     return latent
 
