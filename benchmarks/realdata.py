@@ -70,6 +70,8 @@ VARIANTS = {
     "latentseg_fuse1": ["model.decoder_fuse_kernel=1"],
     "latentseg_fuse3": ["model.decoder_fuse_kernel=3"],
     "latentseg_fast": ["model.decoder_fuse_kernel=1", "model.attention_stages=1"],
+    # issue 16: augmentation on whatever the budget (plan_augmentation turns it on only past 60 minutes)
+    "latentseg_aug": ["data.augmentation=on"],
     "latentseg_zlate": ["model.strides=[[2,2,1],[2,2,1],[2,2,2],[2,2,1]]"],  # ACDC: the slice axis halved late
 }
 
