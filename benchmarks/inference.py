@@ -11,6 +11,7 @@ prefetching loader, or not).
 
     python -m benchmarks.inference [--repeats 10] [--threads 1] [--steps N]   # results/inference.json
     python -m benchmarks.inference --overrides model.KEY=VALUE,... --out FILE   # another network
+    python -m benchmarks.inference --breakdown   # also: the image encoder, denoiser and decoder's share
 """
 
 from __future__ import annotations
@@ -90,6 +91,58 @@ def measure(name: str, repeats: int, overrides: list[str], steps: int | None = N
     return {"seconds_per_case": medians, "ratio_to_unet": {k: v / medians["unet"] for k, v in medians.items()}}
 
 
+PARTS = {"image encoder": ("image_encoder", "forward_features"), "denoiser": ("denoiser", "forward_heads"),
+         "decoder": ("label_decoder", "forward")}  # fmt: skip
+
+
+def timed_parts(model: torch.nn.Module) -> dict[str, float]:
+    """Wraps, on this model instance, the methods that sampling calls in PARTS so that each adds its
+    seconds to the returned dict (cleared by the caller between runs)."""
+    seconds: dict[str, float] = {}
+    for part, (child, method) in PARTS.items():
+        module = getattr(model, child)
+        original = getattr(module, method)
+
+        def wrapped(*args, _original=original, _part=part, **kwargs):
+            t0 = time.perf_counter()
+            out = _original(*args, **kwargs)
+            seconds[_part] = seconds.get(_part, 0.0) + time.perf_counter() - t0
+            return out
+
+        setattr(module, method, wrapped)
+    return seconds
+
+
+def breakdown(name: str, repeats: int, overrides: list[str], steps: int | None = None) -> dict:
+    """Where torch sampling's time goes with 1 and 4 samples: the image encoder, the denoiser and the
+    decoder, each as a multiple of the same-size UNet's time on the same window (one process,
+    interleaved; medians over `repeats`)."""
+    dims, patch, spacing, classes = SETTINGS[name]
+    model, _, strides = latentseg_model(dims, patch, spacing, classes, overrides)
+    model.eval()
+    unet = make_unet(dims, 1, classes, strides=strides).eval()
+    seconds = timed_parts(model)
+    image = torch.randn(1, 1, *patch)
+    options = replace(SampleConfig(), steps=steps or "auto")
+    plan_sampling(options, multi_rater=False, prediction_type=model.config.prediction_type)
+    runs: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for repeat in range(repeats + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            unet(image)
+            times = {"unet": time.perf_counter() - t0}
+            for n in (1, 4):
+                seconds.clear()
+                t0 = time.perf_counter()
+                model.sample(image, replace(options, num_samples=n))
+                times[f"torch_{n}"] = time.perf_counter() - t0
+                times |= {f"torch_{n} {part}": s for part, s in seconds.items()}
+            for key, value in times.items():
+                runs.setdefault(key, []).extend([value] if repeat else [])
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    return {"seconds": medians, "ratio_to_unet": {k: v / medians["unet"] for k, v in medians.items()}}
+
+
 def folder_run(cases: int = 20) -> dict:
     """`predict` over a folder of 2D cases against the sum of its per-case network times."""
     from latentseg.cli import main as cli
@@ -130,6 +183,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, help="DDIM steps (default: planned for one annotator)")
     parser.add_argument("--skip-folder", action="store_true")
+    parser.add_argument("--breakdown", action="store_true", help="also time the torch model's parts (1 and 4 samples)")
     parser.add_argument("--overrides", default="", help="latentseg settings, comma-separated key=value")
     parser.add_argument("--out", default=str(ROOT / "results" / "inference.json"))
     args = parser.parse_args()
@@ -141,6 +195,9 @@ def main() -> None:
     for name in args.settings.split(","):
         results[name] = measure(name, args.repeats, overrides, args.steps)
         print(name, json.dumps(results[name]), flush=True)
+        if args.breakdown:
+            results[f"breakdown_{name}"] = breakdown(name, args.repeats, overrides, args.steps)
+            print("breakdown", name, json.dumps(results[f"breakdown_{name}"]["ratio_to_unet"]), flush=True)
     if not args.skip_folder:
         results["folder_2d_256"] = folder_run()
         print("folder", json.dumps(results["folder_2d_256"]), flush=True)

@@ -86,3 +86,17 @@ def test_the_benchmark_unet_has_the_bars_depth() -> None:
     assert bar_network(2, [[2, 2]] * 4) == ((16, 32, 64, 128, 256), [[2, 2]] * 4)
     assert bar_network(2, []) == ((16, 32, 64, 128, 256), [2, 2, 2, 2])
     assert bar_network(3, [[2, 2, 2]] * 2) == ((16, 32, 64), [[2, 2, 2]] * 2)  # a shallower plan stays so
+
+
+def test_inference_breakdown_times_each_part_that_sampling_calls() -> None:
+    import torch
+
+    from benchmarks.inference import PARTS, timed_parts
+    from benchmarks.step_cost import latentseg_model
+    from latentseg.config import SampleConfig
+
+    model, _, _ = latentseg_model(2, [32, 32], [1.0, 1.0], 2, [])
+    seconds = timed_parts(model.eval())
+    probs = model.sample(torch.randn(1, 1, 32, 32), SampleConfig(steps=1, num_samples=2))
+    assert probs.shape == (2, 1, 2, 32, 32)  # the wrapped methods still return what they did
+    assert set(seconds) == set(PARTS) and all(s > 0 for s in seconds.values())
