@@ -8,6 +8,7 @@ side by side). Each (dataset, method) curve is one process of one thread.
 
     python -m benchmarks.robustness [--datasets acdc,monuseg,phantoms] [--methods latentseg,unet,latentseg_noskips]
         # results/robustness.json, .png
+    python -m benchmarks.robustness --paths acdc:latentseg   # which path carries the damage at sigma 0.2
 """
 
 from __future__ import annotations
@@ -101,6 +102,82 @@ def curve(dataset: str, method: str) -> dict:
     return result | {"seconds": time.time() - t0, "model": str(folder)}
 
 
+PATHS = {"noisy skips, clean latent": "z_image", "noisy latent, clean skips": "image_features"}
+
+
+class PathSwap:
+    """Wraps a model's `conditioning`: in mode "record" it keeps each window's conditioning (of the
+    clean image); in mode KEY (an entry of the dict) it hands back the noisy image's conditioning with
+    that entry taken from the recorded clean one of the same window; in mode "plain" it does nothing.
+    The sliding window visits the windows in the same order each time."""
+
+    def __init__(self, model) -> None:
+        self.original, self.recorded, self.mode, self.at = model.conditioning, [], "plain", 0
+        model.conditioning = self
+
+    def set(self, mode: str) -> None:
+        self.mode, self.at = mode, 0
+        if mode == "record":
+            self.recorded.clear()
+
+    def __call__(self, image, text=None):
+        cond = self.original(image, text)
+        if self.mode == "record":
+            self.recorded.append(cond)
+        elif self.mode != "plain":
+            cond = cond | {self.mode: self.recorded[self.at][self.mode]}
+            self.at += 1
+        return cond
+
+
+def path_dice(folder: Path, images: Path, labels: Path, sigma: float = 0.2, seed: int = 0) -> dict:
+    """Which of the image's two ways into a latentseg model carries the noise's damage: each test case
+    is segmented clean, with noise (as `curve`), and with noise on one path only (PATHS: the image
+    latent z_image that conditions the denoiser, or the image features that the decoder's skips take;
+    the other path gets the clean image's)."""
+    from latentseg.checkpoint import load_model
+    from latentseg.data.datasets import discover_inputs, load_image
+    from latentseg.data.io import read_label
+    from latentseg.infer import predict_image, preprocessing_of, resolve_device, sample_options
+    from latentseg.robustness import _class_ids, _references, add_noise, foreground_dice
+
+    model, config, fingerprint = load_model(folder, resolve_device("cpu"))
+    if not model.skips:
+        raise SystemExit(f"{folder}: the model has no decoder skips, so the image has one path only")
+    options, prep = sample_options(model, config.sample, None), preprocessing_of(fingerprint, config)
+    swap, refs, mask_values = PathSwap(model), _references(labels), fingerprint.get("mask_values") or []
+    cases = [c for c in discover_inputs(images) if c.case_id in refs]
+    truth = {c.case_id: _class_ids(read_label(refs[c.case_id])[0], mask_values) for c in cases}
+    label_ids = sorted({int(v) for t in truth.values() for v in np.unique(t) if v})
+    rng, scores = np.random.default_rng(seed), {}
+    for case in cases:
+        image, meta = load_image(case)
+        noisy = add_noise(image, sigma, rng)  # the same draws as `curve`'s at this sigma
+        for name, img, mode in [("clean", image, "record"), ("noisy", noisy, "plain"),
+                                *((name, noisy, key) for name, key in PATHS.items())]:  # fmt: skip
+            swap.set(mode)
+            pred = predict_image(model, config, prep, img, meta, options, seed).label
+            scores.setdefault(name, []).append(foreground_dice(pred, truth[case.case_id], label_ids))
+    return {"sigma": sigma, "cases": len(cases),
+            "dice": {k: float(np.mean([s for s in v if s is not None])) for k, v in scores.items()}}  # fmt: skip
+
+
+def paths(spec: str) -> None:
+    """`path_dice` on a real-data model of benchmarks.realdata (one thread); results/robustness_paths.json."""
+    from benchmarks.lanes import merged_runs, one_thread
+
+    one_thread()
+    dataset, method = spec.split(":")
+    work = realdata.WORK / dataset
+    images, labels = realdata.link_test_files(dataset, work)
+    t0 = time.time()
+    result = path_dice(work / f"{method}_model", images, labels) | {"dataset": dataset, "method": method}
+    result |= {"seconds": time.time() - t0, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    out = ROOT / "results" / "robustness_paths.json"
+    out.write_text(json.dumps(merged_runs(out, [result]), indent=1))
+    print(json.dumps(result), flush=True)
+
+
 def one(spec: str) -> None:
     from benchmarks.lanes import one_thread
 
@@ -134,11 +211,15 @@ def main() -> None:
     parser.add_argument("--datasets", default="acdc,monuseg,phantoms")
     parser.add_argument("--methods", default=",".join(METHODS), help="unet or benchmarks.realdata.VARIANTS")
     parser.add_argument("--one")
+    parser.add_argument("--paths", help="DATASET:METHOD: Dice at sigma 0.2 with noise on one path only")
     parser.add_argument("--collect", action="store_true")
     parser.add_argument("--lanes", type=int, default=2)
     args = parser.parse_args()
     if args.one:
         one(args.one)
+        return
+    if args.paths:
+        paths(args.paths)
         return
     if not args.collect:
         from benchmarks.lanes import run_in_lanes

@@ -100,3 +100,39 @@ def test_inference_breakdown_times_each_part_that_sampling_calls() -> None:
     probs = model.sample(torch.randn(1, 1, 32, 32), SampleConfig(steps=1, num_samples=2))
     assert probs.shape == (2, 1, 2, 32, 32)  # the wrapped methods still return what they did
     assert set(seconds) == set(PARTS) and all(s > 0 for s in seconds.values())
+
+
+def test_path_swap_puts_back_the_clean_windows_entry_in_order() -> None:
+    import torch
+
+    from benchmarks.robustness import PathSwap
+
+    class Fake:
+        def conditioning(self, image, text=None):
+            return {"z_image": image * 2, "image_features": [image * 3]}
+
+    model = Fake()
+    swap = PathSwap(model)
+    clean = [torch.full((1,), float(i)) for i in range(3)]
+    swap.set("record")
+    for window in clean:
+        model.conditioning(window)
+    swap.set("z_image")
+    noisy = [model.conditioning(w + 10) for w in clean]
+    assert [c["z_image"].item() for c in noisy] == [0.0, 2.0, 4.0]  # the clean windows', in order
+    assert [c["image_features"][0].item() for c in noisy] == [30.0, 33.0, 36.0]  # the noisy ones
+    swap.set("plain")
+    assert model.conditioning(clean[1] + 10)["z_image"].item() == 22.0
+
+
+def test_path_dice_without_noise_scores_every_variant_alike(tmp_path, data2d) -> None:
+    from benchmarks.robustness import PATHS, path_dice
+    from latentseg.cli import main
+    from tests.conftest import TINY_2D
+
+    out = tmp_path / "model"
+    settings = [*TINY_2D, "train.steps=4", "model.decoder_skips=true", "model.num_downsamplings=2"]
+    assert main(["train", "--data", str(data2d["train"]), "--out", str(out), *settings]) == 0
+    result = path_dice(out, data2d["test"] / "images", data2d["test"] / "masks", sigma=0.0)
+    assert set(result["dice"]) == {"clean", "noisy", *PATHS} and result["cases"] == 3
+    assert len(set(result["dice"].values())) == 1
