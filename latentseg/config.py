@@ -160,7 +160,8 @@ class DataConfig:
     raters: Literal["auto", "random", "majority", "none"] = "auto"
     # augmentation: "auto" turns the three kinds below on only for long runs (more than
     # AUGMENT_AFTER_MINUTES, or than AUGMENT_AFTER_STEPS without a time budget): at 15 minutes on
-    # ACDC they cost a plain UNet 0.1 Dice (benchmarks/results/pipeline.json) | "on" | "off"
+    # ACDC they cost a plain UNet 0.1 Dice (benchmarks/results/pipeline.json), at 60 minutes latentseg
+    # 0.05 (results/realdata.json) | "on" | "off"
     augmentation: Literal["auto", "on", "off"] = "auto"
     flips: bool = True
     # words a flip of an axis swaps in a case's description, "AXIS:word/word" entries; "auto": 2D
