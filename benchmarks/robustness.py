@@ -8,7 +8,8 @@ side by side). Each (dataset, method) curve is one process of one thread.
 
     python -m benchmarks.robustness [--datasets acdc,monuseg,phantoms] [--methods latentseg,unet,latentseg_noskips]
         # results/robustness.json, .png
-    python -m benchmarks.robustness --paths acdc:latentseg   # which path carries the damage at sigma 0.2
+    python -m benchmarks.robustness --paths acdc:latentseg [--levels] [--cases N]   # which path carries
+        # the damage at sigma 0.2 (results/robustness_paths.json)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,20 +104,37 @@ def curve(dataset: str, method: str) -> dict:
     return result | {"seconds": time.time() - t0, "model": str(folder)}
 
 
-PATHS = {"noisy skips, clean latent": "z_image", "noisy latent, clean skips": "image_features"}
+Mix = Callable[[dict, dict], dict]  # (noisy window's conditioning, clean window's) -> what the model gets
+PATHS: dict[str, Mix] = {
+    "noisy skips, clean latent": lambda noisy, clean: noisy | {"z_image": clean["z_image"]},
+    "noisy latent, clean skips": lambda noisy, clean: noisy | {"image_features": clean["image_features"]},
+}
+
+
+def one_noisy_level(level: int) -> Mix:
+    """Everything clean but the decoder skip of `level` (0: the finest)."""
+
+    def mix(noisy: dict, clean: dict) -> dict:
+        features = [
+            n if i == level else c
+            for i, (n, c) in enumerate(zip(noisy["image_features"], clean["image_features"], strict=True))
+        ]
+        return clean | {"image_features": features}
+
+    return mix
 
 
 class PathSwap:
     """Wraps a model's `conditioning`: in mode "record" it keeps each window's conditioning (of the
-    clean image); in mode KEY (an entry of the dict) it hands back the noisy image's conditioning with
-    that entry taken from the recorded clean one of the same window; in mode "plain" it does nothing.
-    The sliding window visits the windows in the same order each time."""
+    clean image); in a `Mix` mode it hands back mix(noisy window's conditioning, the recorded clean
+    one of the same window); in mode "plain" it does nothing. The sliding window visits the windows
+    in the same order each time."""
 
     def __init__(self, model) -> None:
         self.original, self.recorded, self.mode, self.at = model.conditioning, [], "plain", 0
         model.conditioning = self
 
-    def set(self, mode: str) -> None:
+    def set(self, mode: str | Mix) -> None:
         self.mode, self.at = mode, 0
         if mode == "record":
             self.recorded.clear()
@@ -125,16 +144,19 @@ class PathSwap:
         if self.mode == "record":
             self.recorded.append(cond)
         elif self.mode != "plain":
-            cond = cond | {self.mode: self.recorded[self.at][self.mode]}
+            cond = self.mode(cond, self.recorded[self.at])
             self.at += 1
         return cond
 
 
-def path_dice(folder: Path, images: Path, labels: Path, sigma: float = 0.2, seed: int = 0) -> dict:
+def path_dice(
+    folder: Path, images: Path, labels: Path, sigma: float = 0.2, seed: int = 0, levels: bool = False, cases: int = 0
+) -> dict:
     """Which of the image's two ways into a latentseg model carries the noise's damage: each test case
     is segmented clean, with noise (as `curve`), and with noise on one path only (PATHS: the image
     latent z_image that conditions the denoiser, or the image features that the decoder's skips take;
-    the other path gets the clean image's)."""
+    the other path gets the clean image's). With `levels`, also with noise on one skip level only.
+    `cases`: the first so many (0: all)."""
     from latentseg.checkpoint import load_model
     from latentseg.data.datasets import discover_inputs, load_image
     from latentseg.data.io import read_label
@@ -146,23 +168,32 @@ def path_dice(folder: Path, images: Path, labels: Path, sigma: float = 0.2, seed
         raise SystemExit(f"{folder}: the model has no decoder skips, so the image has one path only")
     options, prep = sample_options(model, config.sample, None), preprocessing_of(fingerprint, config)
     swap, refs, mask_values = PathSwap(model), _references(labels), fingerprint.get("mask_values") or []
-    cases = [c for c in discover_inputs(images) if c.case_id in refs]
-    truth = {c.case_id: _class_ids(read_label(refs[c.case_id])[0], mask_values) for c in cases}
+    found = [c for c in discover_inputs(images) if c.case_id in refs]
+    found = found[:cases] if cases else found
+    truth = {c.case_id: _class_ids(read_label(refs[c.case_id])[0], mask_values) for c in found}
     label_ids = sorted({int(v) for t in truth.values() for v in np.unique(t) if v})
+    variants: dict[str, str | Mix] = {"noisy": "plain", **PATHS}
     rng, scores = np.random.default_rng(seed), {}
-    for case in cases:
+
+    def score(name: str, mode: str | Mix, image: np.ndarray, meta, reference: np.ndarray) -> None:
+        swap.set(mode)
+        pred = predict_image(model, config, prep, image, meta, options, seed).label
+        scores.setdefault(name, []).append(foreground_dice(pred, reference, label_ids))
+
+    for case in found:
         image, meta = load_image(case)
         noisy = add_noise(image, sigma, rng)  # the same draws as `curve`'s at this sigma
-        for name, img, mode in [("clean", image, "record"), ("noisy", noisy, "plain"),
-                                *((name, noisy, key) for name, key in PATHS.items())]:  # fmt: skip
-            swap.set(mode)
-            pred = predict_image(model, config, prep, img, meta, options, seed).label
-            scores.setdefault(name, []).append(foreground_dice(pred, truth[case.case_id], label_ids))
-    return {"sigma": sigma, "cases": len(cases),
+        score("clean", "record", image, meta, truth[case.case_id])
+        if levels:
+            count = len(swap.recorded[0]["image_features"])
+            variants |= {f"noisy skip level {i} only": one_noisy_level(i) for i in range(count)}
+        for name, mode in variants.items():
+            score(name, mode, noisy, meta, truth[case.case_id])
+    return {"sigma": sigma, "cases": len(found),
             "dice": {k: float(np.mean([s for s in v if s is not None])) for k, v in scores.items()}}  # fmt: skip
 
 
-def paths(spec: str) -> None:
+def paths(spec: str, levels: bool = False, cases: int = 0) -> None:
     """`path_dice` on a real-data model of benchmarks.realdata (one thread); results/robustness_paths.json."""
     from benchmarks.lanes import merged_runs, one_thread
 
@@ -171,7 +202,8 @@ def paths(spec: str) -> None:
     work = realdata.WORK / dataset
     images, labels = realdata.link_test_files(dataset, work)
     t0 = time.time()
-    result = path_dice(work / f"{method}_model", images, labels) | {"dataset": dataset, "method": method}
+    result = path_dice(work / f"{method}_model", images, labels, levels=levels, cases=cases)
+    result |= {"dataset": dataset, "method": method + ("_levels" if levels else "")}
     result |= {"seconds": time.time() - t0, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = ROOT / "results" / "robustness_paths.json"
     out.write_text(json.dumps(merged_runs(out, [result]), indent=1))
@@ -212,6 +244,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="unet or benchmarks.realdata.VARIANTS")
     parser.add_argument("--one")
     parser.add_argument("--paths", help="DATASET:METHOD: Dice at sigma 0.2 with noise on one path only")
+    parser.add_argument("--levels", action="store_true", help="with --paths: also one skip level at a time")
+    parser.add_argument("--cases", type=int, default=0, help="with --paths: the first N test cases (0: all)")
     parser.add_argument("--collect", action="store_true")
     parser.add_argument("--lanes", type=int, default=2)
     args = parser.parse_args()
@@ -219,7 +253,7 @@ def main() -> None:
         one(args.one)
         return
     if args.paths:
-        paths(args.paths)
+        paths(args.paths, args.levels, args.cases)
         return
     if not args.collect:
         from benchmarks.lanes import run_in_lanes

@@ -105,7 +105,7 @@ def test_inference_breakdown_times_each_part_that_sampling_calls() -> None:
 def test_path_swap_puts_back_the_clean_windows_entry_in_order() -> None:
     import torch
 
-    from benchmarks.robustness import PathSwap
+    from benchmarks.robustness import PATHS, PathSwap, one_noisy_level
 
     class Fake:
         def conditioning(self, image, text=None):
@@ -117,10 +117,13 @@ def test_path_swap_puts_back_the_clean_windows_entry_in_order() -> None:
     swap.set("record")
     for window in clean:
         model.conditioning(window)
-    swap.set("z_image")
+    swap.set(PATHS["noisy skips, clean latent"])
     noisy = [model.conditioning(w + 10) for w in clean]
     assert [c["z_image"].item() for c in noisy] == [0.0, 2.0, 4.0]  # the clean windows', in order
     assert [c["image_features"][0].item() for c in noisy] == [30.0, 33.0, 36.0]  # the noisy ones
+    swap.set(one_noisy_level(0))
+    mixed = model.conditioning(clean[0] + 10)  # the first window again: clean but for its skip
+    assert (mixed["z_image"].item(), mixed["image_features"][0].item()) == (0.0, 30.0)
     swap.set("plain")
     assert model.conditioning(clean[1] + 10)["z_image"].item() == 22.0
 
@@ -133,6 +136,7 @@ def test_path_dice_without_noise_scores_every_variant_alike(tmp_path, data2d) ->
     out = tmp_path / "model"
     settings = [*TINY_2D, "train.steps=4", "model.decoder_skips=true", "model.num_downsamplings=2"]
     assert main(["train", "--data", str(data2d["train"]), "--out", str(out), *settings]) == 0
-    result = path_dice(out, data2d["test"] / "images", data2d["test"] / "masks", sigma=0.0)
-    assert set(result["dice"]) == {"clean", "noisy", *PATHS} and result["cases"] == 3
+    result = path_dice(out, data2d["test"] / "images", data2d["test"] / "masks", sigma=0.0, levels=True, cases=2)
+    levels = {k for k in result["dice"] if k.startswith("noisy skip level")}
+    assert set(result["dice"]) == {"clean", "noisy", *PATHS, *levels} and levels and result["cases"] == 2
     assert len(set(result["dice"].values())) == 1
