@@ -47,7 +47,14 @@ EM_TEST = [f"{i:02d}" for i in range(24, 30)]
 TARGETS = {"phantoms": {1: "organ", 2: "lesion"}, "isbi2012_em": {1: "cell interior"}}
 COMMON = ["data.patch_size=[128,128]", "train.batch_size=8", "train.steps=1000000", "train.val_every=0"]
 COMMON += ["train.checkpoint_every=1000000", "train.log_every=50"]
-UNIVERSAL = {"universal_class": ["model.prompt=class"], "universal_text": ["model.prompt=text"]}
+UNIVERSAL = {
+    "universal_class": ["model.prompt=class"],
+    "universal_text": ["model.prompt=text"],
+    # what moved the lesion between 2026-12-01 and 2026-12-07: the image encoder's second attention
+    # stage (one since 2026-12-06) and augmentation (planned off for short runs since 2026-12-04)
+    "universal_class_attention2": ["model.prompt=class", "model.attention_stages=2"],
+    "universal_class_aug": ["model.prompt=class", "data.augmentation=on"],
+}
 SAMPLING = {"steps": 2, "num_samples": 4}
 
 
