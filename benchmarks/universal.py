@@ -54,6 +54,7 @@ UNIVERSAL = {
     # stage (one since 2026-12-06) and augmentation (planned off for short runs since 2026-12-04)
     "universal_class_attention2": ["model.prompt=class", "model.attention_stages=2"],
     "universal_class_aug": ["model.prompt=class", "data.augmentation=on"],
+    "universal_class_posneg": ["model.prompt=class", "data.patch_sampling=posneg"],  # the sampling before 2026-12-02
 }
 SAMPLING = {"steps": 2, "num_samples": 4}
 
