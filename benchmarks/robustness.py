@@ -154,8 +154,9 @@ def path_dice(
 ) -> dict:
     """Which of the image's two ways into a latentseg model carries the noise's damage: each test case
     is segmented clean, with noise (as `curve`), and with noise on one path only (PATHS: the image
-    latent z_image that conditions the denoiser, or the image features that the decoder's skips take;
-    the other path gets the clean image's). With `levels`, also with noise on one skip level only.
+    latent z_image, which conditions the denoiser and which a skip model's decoder also reads beside
+    the label latent, or the image features that the decoder's skips take; the other path gets the
+    clean image's). With `levels`, also with noise on one skip level only.
     `cases`: the first so many (0: all)."""
     from latentseg.checkpoint import load_model
     from latentseg.data.datasets import discover_inputs, load_image
