@@ -36,6 +36,16 @@ ROOT = Path(__file__).resolve().parent
 SETTINGS = {"2d_256": (2, [256, 256], [1.0, 1.0], 2), "3d_96": (3, [96, 96, 96], [1.0, 1.0, 1.0], 2)}
 
 
+def networks(dims: int, patch: list[int], spacing: list[float], classes: int, overrides: list[str], steps: int | None):
+    """latentseg's default network and the same-size UNet, in eval mode, and the sampling options
+    planned for one annotator (`steps` kept where set)."""
+    model, _, strides = latentseg_model(dims, patch, spacing, classes, overrides)
+    unet = make_unet(dims, 1, classes, strides=strides).eval()
+    options = replace(SampleConfig(), overlap=0.5, steps=steps or "auto")
+    plan_sampling(options, multi_rater=False, prediction_type=model.config.prediction_type)
+    return model.eval(), unet, options
+
+
 def engines(
     dims: int,
     patch: list[int],
@@ -50,14 +60,10 @@ def engines(
 
     from latentseg.onnx_engine import OnnxSegmenter, _write_graphs
 
-    model, _, strides = latentseg_model(dims, patch, spacing, classes, overrides)
-    model.eval()
-    unet = make_unet(dims, 1, classes, strides=strides).eval()
+    model, unet, options = networks(dims, patch, spacing, classes, overrides, steps)
     _write_graphs(model, patch, folder)
     ort = OnnxSegmenter(folder, model.config, torch.device("cpu"))
     image = torch.randn(1, *patch)
-    options = replace(SampleConfig(), overlap=0.5, steps=steps or "auto")
-    plan_sampling(options, multi_rater=False, prediction_type=model.config.prediction_type)  # keeps set steps
 
     def timed(fn):
         def run() -> float:
@@ -118,13 +124,9 @@ def breakdown(name: str, repeats: int, overrides: list[str], steps: int | None =
     decoder, each as a multiple of the same-size UNet's time on the same window (one process,
     interleaved; medians over `repeats`)."""
     dims, patch, spacing, classes = SETTINGS[name]
-    model, _, strides = latentseg_model(dims, patch, spacing, classes, overrides)
-    model.eval()
-    unet = make_unet(dims, 1, classes, strides=strides).eval()
+    model, unet, options = networks(dims, patch, spacing, classes, overrides, steps)
     seconds = timed_parts(model)
     image = torch.randn(1, 1, *patch)
-    options = replace(SampleConfig(), steps=steps or "auto")
-    plan_sampling(options, multi_rater=False, prediction_type=model.config.prediction_type)
     runs: dict[str, list[float]] = {}
     with torch.no_grad():
         for repeat in range(repeats + 1):  # the first is a warm-up

@@ -158,21 +158,15 @@ def path_dice(
     the label latent, or the image features that the decoder's skips take; the other path gets the
     clean image's). With `levels`, also with noise on one skip level only.
     `cases`: the first so many (0: all)."""
-    from latentseg.checkpoint import load_model
-    from latentseg.data.datasets import discover_inputs, load_image
-    from latentseg.data.io import read_label
-    from latentseg.infer import predict_image, preprocessing_of, resolve_device, sample_options
-    from latentseg.robustness import _class_ids, _references, add_noise, foreground_dice
+    from latentseg.data.datasets import load_image
+    from latentseg.infer import predict_image
+    from latentseg.robustness import add_noise, foreground_dice, loaded_for_prediction, referenced_cases
 
-    model, config, fingerprint = load_model(folder, resolve_device("cpu"))
+    model, config, prep, options, mask_values = loaded_for_prediction(folder, device="cpu")
     if not model.skips:
         raise SystemExit(f"{folder}: the model has no decoder skips, so the image has one path only")
-    options, prep = sample_options(model, config.sample, None), preprocessing_of(fingerprint, config)
-    swap, refs, mask_values = PathSwap(model), _references(labels), fingerprint.get("mask_values") or []
-    found = [c for c in discover_inputs(images) if c.case_id in refs]
-    found = found[:cases] if cases else found
-    truth = {c.case_id: _class_ids(read_label(refs[c.case_id])[0], mask_values) for c in found}
-    label_ids = sorted({int(v) for t in truth.values() for v in np.unique(t) if v})
+    swap = PathSwap(model)
+    found, truth, label_ids = referenced_cases(images, labels, mask_values, limit=cases)
     variants: dict[str, str | Mix] = {"noisy": "plain", **PATHS}
     rng, scores = np.random.default_rng(seed), {}
 
@@ -185,7 +179,7 @@ def path_dice(
         image, meta = load_image(case)
         noisy = add_noise(image, sigma, rng)  # the same draws as `curve`'s at this sigma
         score("clean", "record", image, meta, truth[case.case_id])
-        if levels:
+        if levels and case is found[0]:  # the skip levels, counted in the first clean pass
             count = len(swap.recorded[0]["image_features"])
             variants |= {f"noisy skip level {i} only": one_noisy_level(i) for i in range(count)}
         for name, mode in variants.items():

@@ -44,6 +44,20 @@ def _references(ref_dir: Path) -> dict[str, Path]:
     return {split_suffix(p)[0]: p for p in sorted(folder.iterdir()) if is_image_file(p)}
 
 
+def referenced_cases(
+    inputs: Path, references: Path, mask_values: Sequence[int] = (), limit: int = 0
+) -> tuple[list, dict[str, np.ndarray], list[int]]:
+    """The input cases that have a reference of the same name (the first `limit`; 0: all), their
+    references as class ids by case id, and the foreground labels those hold."""
+    refs = _references(Path(references))
+    cases = [c for c in discover_inputs(inputs) if c.case_id in refs]
+    if not cases:
+        raise LatentSegError(f"{inputs}: no input has a reference of the same name in {references}")
+    cases = cases[:limit] if limit else cases
+    truth = {c.case_id: _class_ids(read_label(refs[c.case_id])[0], mask_values) for c in cases}
+    return cases, truth, sorted({int(v) for t in truth.values() for v in np.unique(t) if v})
+
+
 def noise_curve(
     segment: Callable[[np.ndarray, object], np.ndarray],
     inputs: Path,
@@ -54,12 +68,8 @@ def noise_curve(
     seed: int = 0,
 ) -> dict:
     """Dice at each sigma. `segment(image, meta)` returns labels on the image's grid (class ids)."""
-    refs = _references(Path(references))
-    cases = [c for c in discover_inputs(inputs) if c.case_id in refs]
-    if not cases:
-        raise LatentSegError(f"{inputs}: no input has a reference of the same name in {references}")
-    truth = {c.case_id: _class_ids(read_label(refs[c.case_id])[0], mask_values) for c in cases}
-    labels = labels or sorted({int(v) for t in truth.values() for v in np.unique(t) if v})
+    cases, truth, found_labels = referenced_cases(inputs, references, mask_values)
+    labels = labels or found_labels
     curve = []
     for sigma in sigmas:
         rng = np.random.default_rng(seed)
@@ -82,18 +92,25 @@ def _class_ids(label: np.ndarray, mask_values: Sequence[int]) -> np.ndarray:
 
 def model_segmenter(model_dir: str | Path, sample: dict | None = None, seed: int = 0, device: str = "auto"):
     """`segment(image, meta)` for a trained latentseg model, and the mask values of its labels."""
-    from latentseg.checkpoint import load_model
-    from latentseg.infer import predict_image, preprocessing_of, resolve_device, sample_options
-    from latentseg.package import model_folder
+    from latentseg.infer import predict_image
 
-    model, config, fingerprint = load_model(model_folder(model_dir), resolve_device(device))
-    options = sample_options(model, config.sample, sample)
-    prep = preprocessing_of(fingerprint, config)
+    model, config, prep, options, mask_values = loaded_for_prediction(model_dir, sample, device)
 
     def segment(image: np.ndarray, meta) -> np.ndarray:
         return predict_image(model, config, prep, image, meta, options, seed).label
 
-    return segment, fingerprint.get("mask_values") or []
+    return segment, mask_values
+
+
+def loaded_for_prediction(model_dir: str | Path, sample: dict | None = None, device: str = "auto") -> tuple:
+    """(model, config, preprocessing, sampling options, mask values): what `predict_image` needs."""
+    from latentseg.checkpoint import load_model
+    from latentseg.infer import preprocessing_of, resolve_device, sample_options
+    from latentseg.package import model_folder
+
+    model, config, fingerprint = load_model(model_folder(model_dir), resolve_device(device))
+    options = sample_options(model, config.sample, sample)
+    return model, config, preprocessing_of(fingerprint, config), options, fingerprint.get("mask_values") or []
 
 
 def plot_curves(curves: dict[str, dict], path: Path, title: str = "") -> None:
