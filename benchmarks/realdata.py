@@ -72,6 +72,9 @@ VARIANTS = {
     "latentseg_fast": ["model.decoder_fuse_kernel=1", "model.attention_stages=1"],
     # issue 16: augmentation on whatever the budget (plan_augmentation turns it on only past 60 minutes)
     "latentseg_aug": ["data.augmentation=on"],
+    # issue 17: Gaussian-noise augmentation (003 Eq. 19 in training), against the coarse skips'
+    # loss to test-time noise (results/robustness_paths.json)
+    "latentseg_noise": ["data.noise_augmentation=0.2"],
     "latentseg_zlate": ["model.strides=[[2,2,1],[2,2,1],[2,2,2],[2,2,1]]"],  # ACDC: the slice axis halved late
 }
 

@@ -169,6 +169,11 @@ class DataConfig:
     text_flip_words: list[str] = field(default_factory=lambda: ["auto"])
     rotation_degrees: Annotated[float, Range(0, 180)] = 15.0  # random in-plane rotations up to this angle (0: off)
     intensity_augmentation: bool = True
+    # Gaussian noise I + N(0, sigma) on a patch scaled to [0, 1] per channel (003 Eq. 19, as the
+    # robustness benchmark adds it), sigma drawn uniformly up to this, on a share of patches
+    # (noise_probability); independent of `augmentation`; 0: off
+    noise_augmentation: Annotated[float, Range(0, 1)] = 0.0
+    noise_probability: Fraction = 0.5
     allow_missing_text: bool = False  # text models: cases without a description get "no description"
     label_map: str = ""  # model.prompt: YAML {dataset folder: {label id: shared name}}; default: own names
     # largest image accepted, in voxels, checked from the file's header before its data is read

@@ -10,6 +10,7 @@ import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import torch
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -109,6 +110,31 @@ class RandRaterd(RandomizableTransform):
         return d
 
 
+class RandRangeNoised(RandomizableTransform):
+    """003 Eq. 19 as a training augmentation: with probability `prob`, the "image" plus Gaussian noise
+    of a standard deviation drawn uniformly from [0, sigma_max] of each channel's range in the patch
+    (the image scaled to [0, 1], noised, mapped back), so that the noise is the same relative size
+    whatever the intensity normalisation."""
+
+    def __init__(self, sigma_max: float, prob: float) -> None:
+        RandomizableTransform.__init__(self, prob)
+        self.sigma_max = sigma_max
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        image = torch.as_tensor(d["image"])
+        flat = image.reshape(image.shape[0], -1)
+        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+        scale = torch.where(hi > lo, hi - lo, torch.ones_like(hi)).reshape(-1, *[1] * (image.dim() - 1))
+        sigma = self.R.uniform(0.0, self.sigma_max)
+        noise = torch.from_numpy(self.R.standard_normal(tuple(image.shape)).astype("float32"))
+        d["image"] = image + (sigma * noise).to(image.dtype) * scale
+        return d
+
+
 class RandForegroundCropd(RandomizableTransform, MapTransform):
     """A `patch_size` crop of `keys` (padded first where the image is smaller): with probability
     `foreground`, centred on a random foreground voxel of the label (kept inside the image),
@@ -138,8 +164,9 @@ class RandForegroundCropd(RandomizableTransform, MapTransform):
 
 def train_transforms(patch_size: Sequence[int], config: DataConfig, swap_text: bool = True) -> Compose:
     """Pad, crop (a share of patches centred on foreground, as nnU-Net), flip, rotate in-plane,
-    jitter intensity. With `swap_text`, flips swap `config.text_flip_words` in the "text" (off for
-    prompts that name a structure: a mirrored left ventricle is still the left ventricle)."""
+    jitter intensity, add noise (`noise_augmentation`). With `swap_text`, flips swap
+    `config.text_flip_words` in the "text" (off for prompts that name a structure: a mirrored left
+    ventricle is still the left ventricle)."""
     keys = ["image", "label"]
     fg = config.foreground_fraction
     crop = (
@@ -161,5 +188,7 @@ def train_transforms(patch_size: Sequence[int], config: DataConfig, swap_text: b
         steps.append(RandRotated(keys, prob=0.2, mode=("bilinear", "nearest"), padding_mode="zeros", **in_plane))
     if config.intensity_augmentation and augment:
         steps += [RandScaleIntensityd("image", factors=0.1, prob=0.3), RandShiftIntensityd("image", 0.1, prob=0.3)]
+    if config.noise_augmentation > 0:
+        steps.append(RandRangeNoised(config.noise_augmentation, config.noise_probability))
     steps.append(EnsureTyped(keys, track_meta=False))
     return Compose(steps)

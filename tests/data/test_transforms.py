@@ -86,3 +86,32 @@ def test_unplanned_auto_augmentation_is_refused_not_taken_as_on():
 
     with pytest.raises(ValueError, match="plan the config"):
         train_transforms([16, 16], DataConfig(augmentation="auto"))
+
+
+def test_noise_augmentation_adds_noise_relative_to_each_channels_range():
+    """`data.noise_augmentation=S` (003 Eq. 19 in training): on a share of patches, Gaussian noise with
+    a standard deviation drawn up to S of each channel's range; the label is untouched."""
+    from latentseg.config import DataConfig
+
+    config = DataConfig(noise_augmentation=0.2, noise_probability=0.5)
+    config.augmentation = "off"
+    transform = train_transforms([32, 32], config)
+    transform.set_random_state(seed=0)
+    ramp = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    image = np.stack([ramp, 1000.0 * ramp])  # two channels, ranges 1 and 1000
+    label = (ramp > 0.5).astype(np.int64)[None]
+    noisy, spreads = 0, []
+    for _ in range(200):
+        (out,) = transform({"image": image, "label": label, "text": ""})
+        residual = np.asarray(out["image"]) - image
+        assert np.array_equal(np.asarray(out["label"]), label)
+        if np.abs(residual).max() > 0:
+            noisy += 1
+            relative = residual.std(axis=(1, 2)) / np.array([1.0, 1000.0])
+            np.testing.assert_allclose(relative[0], relative[1], rtol=0.15)  # same share of each range
+            spreads.append(relative[0])
+    assert 80 <= noisy <= 120  # noise_probability 0.5
+    assert max(spreads) <= 0.2 * 1.05 and min(spreads) < 0.05 and max(spreads) > 0.15  # sigma ~ U(0, 0.2)
+    config.noise_augmentation = 0.0
+    (out,) = train_transforms([32, 32], config)({"image": image, "label": label, "text": ""})
+    assert np.array_equal(np.asarray(out["image"]), image)  # off by default
