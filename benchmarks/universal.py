@@ -16,7 +16,7 @@ The issue names ACDC + LA2018 + phantoms; that is a 3D run of an hour or more pe
 CPU, so this 2D pair asks the same question at a size that fits here.
 
 Writes benchmarks/results/universal.json.
-Run: python -m benchmarks.universal [--minutes 5] [--models specialists,universal_class,universal_text]
+Run: python -m benchmarks.universal [--minutes 5] [--models specialists,universal_class,universal_text] [--steps N]
      (each model's result goes to benchmarks/work/universal/runs/NAME/result.json; --collect gathers)
 """
 
@@ -55,6 +55,8 @@ UNIVERSAL = {
     "universal_class_attention2": ["model.prompt=class", "model.attention_stages=2"],
     "universal_class_aug": ["model.prompt=class", "data.augmentation=on"],
     "universal_class_posneg": ["model.prompt=class", "data.patch_sampling=posneg"],  # the sampling before 2026-12-02
+    # run-to-run spread of the lesion: the defaults with another seed (with --steps: at equal steps)
+    "universal_class_seed1": ["model.prompt=class", "train.seed=1"],
 }
 SAMPLING = {"steps": 2, "num_samples": 4}
 
@@ -108,12 +110,20 @@ def dice(pred: Path, reference: Path) -> float:
     return evaluate(pred, reference, labels=[1])["foreground_mean"]["Dice"]
 
 
-def train_model(name: str, roots: list[Path], settings: list[str], minutes: float, preset: str | None = None):
+def budget(minutes: float, steps: int) -> list[str]:
+    """The training budget: `minutes` of training, or with `steps` that many steps whatever they take."""
+    return [f"train.steps={steps}", "train.max_minutes=0"] if steps else [f"train.max_minutes={minutes}"]
+
+
+def train_model(
+    name: str, roots: list[Path], settings: list[str], minutes: float, preset: str | None = None, steps: int = 0
+):
     out = WORK / "runs" / name
-    config = load_config(preset, COMMON + settings + [f"train.max_minutes={minutes}"])
+    config = load_config(preset, COMMON + settings + budget(minutes, steps))
     model_dir = train(roots, out / "model", config)
     log = json.loads((model_dir / "training_log.json").read_text())
-    return model_dir, {"minutes": minutes, "steps": log["step"][-1], "train_seconds": log.get("train_seconds")}
+    spent = {"minutes": 0 if steps else minutes, "steps": log["step"][-1], "train_seconds": log.get("train_seconds")}
+    return model_dir, spent
 
 
 def run_specialist(dataset: str, data: dict, minutes: float) -> dict:
@@ -131,11 +141,11 @@ def run_specialist(dataset: str, data: dict, minutes: float) -> dict:
     return result
 
 
-def run_universal(name: str, data: dict, minutes: float) -> dict:
+def run_universal(name: str, data: dict, minutes: float, steps: int = 0) -> dict:
     """The `universal` preset on both datasets, asked for each target by its name."""
     settings = UNIVERSAL[name] + [f"data.split={data['split']}", f"data.label_map={data['label_map']}"]
     roots = list(data["roots"].values())
-    model_dir, result = train_model(name, roots, settings, minutes, preset="universal")
+    model_dir, result = train_model(name, roots, settings, minutes, preset="universal", steps=steps)
     result["dice"] = {}
     for target, inputs in data["inputs"].items():
         pred = WORK / "runs" / name / f"pred_{target.replace(' ', '_')}"
@@ -164,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0, help="per specialist; a universal model gets the sum")
     parser.add_argument("--models", default="specialists,universal_class,universal_text")
+    parser.add_argument("--steps", type=int, default=0, help="universal models: this many steps instead of minutes")
     parser.add_argument("--collect", action="store_true")
     args = parser.parse_args()
     if not args.collect:
@@ -176,8 +187,8 @@ def main() -> None:
                     (WORK / "runs" / f"specialist_{dataset}" / "result.json").write_text(json.dumps(result, indent=1))
             else:
                 minutes = args.minutes * len(TARGETS)
-                print(f"== {name}: {minutes} minutes", flush=True)
-                result = {"kind": "universal", **run_universal(name, data, minutes)}
+                print(f"== {name}: " + (f"{args.steps} steps" if args.steps else f"{minutes} minutes"), flush=True)
+                result = {"kind": "universal", **run_universal(name, data, minutes, args.steps)}
                 (WORK / "runs" / name / "result.json").write_text(json.dumps(result, indent=1))
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted((WORK / "runs").glob("*/result.json"))}
     out = {
