@@ -119,10 +119,14 @@ def timed_parts(model: torch.nn.Module) -> dict[str, float]:
     return seconds
 
 
+# (name, samples, sample.decode_batch): the defaults, and four samples decoded in one pass
+BREAKDOWN_RUNS = (("torch_1", 1, "auto"), ("torch_4", 4, "auto"), ("torch_4_decoded_together", 4, 4))
+
+
 def breakdown(name: str, repeats: int, overrides: list[str], steps: int | None = None) -> dict:
     """Where torch sampling's time goes with 1 and 4 samples: the image encoder, the denoiser and the
     decoder, each as a multiple of the same-size UNet's time on the same window (one process,
-    interleaved; medians over `repeats`)."""
+    interleaved; medians over `repeats`); four samples also decoded in one pass (BREAKDOWN_RUNS)."""
     dims, patch, spacing, classes = SETTINGS[name]
     model, unet, options = networks(dims, patch, spacing, classes, overrides, steps)
     seconds = timed_parts(model)
@@ -133,12 +137,12 @@ def breakdown(name: str, repeats: int, overrides: list[str], steps: int | None =
             t0 = time.perf_counter()
             unet(image)
             times = {"unet": time.perf_counter() - t0}
-            for n in (1, 4):
+            for key, n, per_pass in BREAKDOWN_RUNS:
                 seconds.clear()
                 t0 = time.perf_counter()
-                model.sample(image, replace(options, num_samples=n))
-                times[f"torch_{n}"] = time.perf_counter() - t0
-                times |= {f"torch_{n} {part}": s for part, s in seconds.items()}
+                model.sample(image, replace(options, num_samples=n, decode_batch=per_pass))
+                times[key] = time.perf_counter() - t0
+                times |= {f"{key} {part}": s for part, s in seconds.items()}
             for key, value in times.items():
                 runs.setdefault(key, []).extend([value] if repeat else [])
     medians = {k: statistics.median(v) for k, v in runs.items()}

@@ -79,6 +79,11 @@ VARIANTS = {
 }
 
 
+# the UNet through the pipeline, and with latentseg_noise's noise in training (issue 17: the fair
+# comparison for a noise-augmented latentseg)
+UNET_VARIANTS = {"unet": [], "unet_noise": ["data.noise_augmentation=0.2"]}
+
+
 def test_cases(name: str) -> list[str]:
     root = SHARED / name
     if name == "acdc":
@@ -153,17 +158,19 @@ def run_latentseg(name: str, work: Path, settings: list[str], minutes: float, va
     }
 
 
-def run_unet(name: str, work: Path, settings: list[str], minutes: float, net: tuple | None = None) -> dict:
+def run_unet(
+    name: str, work: Path, settings: list[str], minutes: float, net: tuple | None = None, variant: str = "unet"
+) -> dict:
     """A MONAI UNet through latentseg's pipeline; `net` = (channels, strides), default the bar's
     depth on the planned strides (`unet_baseline.bar_network`)."""
     config = load_config(None, settings)
     data = prepare_training_data([SHARED / name], config)
     net, info = train_unet(data.train, config, minutes * 60, network=net)
-    save_unet(work / "unet_model", net, config, data.fingerprint)
+    save_unet(work / f"{variant}_model", net, config, data.fingerprint)
     prep = Preprocessing.from_dict(data.fingerprint["preprocessing"])
     mask_values = data.fingerprint["mask_values"]
     images, labels = link_test_files(name, work)
-    pred = work / "unet_pred"
+    pred = work / f"{variant}_pred"
     pred.mkdir(exist_ok=True)
     from latentseg.data.datasets import discover_inputs
 
@@ -220,8 +227,9 @@ def run_method(name: str, method: str, minutes: float) -> dict:
     split = [f"data.split={write_split(name, work)}"]
     if method == "plain_script":
         return run_plain(name, minutes)
-    if method == "unet":  # the script's patch and batch, through latentseg's pipeline and its defaults
-        return run_unet(name, work, COMMON + DATASETS[name]["settings"] + split, minutes)
+    if method in UNET_VARIANTS:  # the script's patch and batch, through latentseg's pipeline and its defaults
+        settings = COMMON + DATASETS[name]["settings"] + split + UNET_VARIANTS[method]
+        return run_unet(name, work, settings, minutes, variant=method)
     extra = VARIANTS.get(method, [])
     return run_latentseg(name, work, split + extra, minutes, method)
 

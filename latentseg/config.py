@@ -246,6 +246,9 @@ class SampleConfig:
     largest_component: Literal["auto"] | list[PositiveInt] = "auto"
     overlap: OpenFraction = 0.5  # sliding-window overlap
     sw_batch_size: PositiveInt = 1
+    # samples the label decoder takes at once; "auto": one at a time on a CPU (its full-resolution
+    # activations then stay in cache: benchmarks/results/inference.json), all together on a GPU
+    decode_batch: Literal["auto"] | PositiveInt = "auto"
 
 
 @dataclass

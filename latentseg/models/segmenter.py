@@ -125,6 +125,14 @@ def sampling_parts(c: ModelConfig) -> tuple[DiffusionSchedule, Stages, OneHead |
     return schedule, Stages(c.stage_high, c.stage_low, c.num_timesteps), heads
 
 
+def decode_batch(options: SampleConfig, device: torch.device, num_samples: int) -> int:
+    """How many samples the decoder takes at once: `options.decode_batch`, or for "auto" one on a
+    CPU and all on a GPU."""
+    if options.decode_batch != "auto":
+        return min(options.decode_batch, num_samples)
+    return num_samples if device.type == "cuda" else 1
+
+
 class LatentSampling:
     """003 Algorithm 2 over three parts a model provides: `conditioning(image, text)`,
     `denoiser.forward_heads(z_t, t, cond, heads)` and `decode(z_0, cond)` (torch modules here,
@@ -162,8 +170,23 @@ class LatentSampling:
         batch, n = image.shape[0], options.num_samples
         shape = (batch, self.config.latent_channels, *cond["z_image"].shape[2:])
         z0 = sampler.sample(self._denoiser_fn(cond, batch), shape, n, generator, image)
-        probs = torch.softmax(self.decode(z0, repeat_samples(cond, n)), dim=1)  # line 7
+        probs = torch.softmax(self.decode_samples(z0, cond, decode_batch(options, z0.device, n)), dim=1)  # line 7
         return probs.reshape(n, batch, *probs.shape[1:])
+
+    def decode_samples(self, z0: torch.Tensor, cond: dict, per_pass: int) -> torch.Tensor:
+        """Class logits of (N*B, ...) sampled latents, sample-major as the samplers give them,
+        decoded `per_pass` samples at a time."""
+        batch = cond["z_image"].shape[0]
+        rows = per_pass * batch
+        repeated = {per_pass: repeat_samples(cond, per_pass)}
+        logits = []
+        for start in range(0, z0.shape[0], rows):
+            z = z0[start : start + rows]
+            k = z.shape[0] // batch
+            if k not in repeated:
+                repeated[k] = repeat_samples(cond, k)
+            logits.append(self.decode(z, repeated[k]))
+        return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     def _denoiser_fn(self, cond: dict, batch: int):
         """denoise(z, t, heads) -> {head: output}, the conditioning repeated to z's batch."""

@@ -90,6 +90,30 @@ def test_samples_differ_but_are_reproducible_by_seed():
     assert not torch.allclose(a[0], a[1])
 
 
+@pytest.mark.parametrize("skips", [False, True])
+def test_samples_decoded_in_any_grouping_give_the_same_probabilities(skips):
+    """`sample.decode_batch`: the decoder takes the samples one, two or all at a time (each pass with
+    its own images' conditioning); the probabilities are the same, and "auto" decodes one at a time on
+    a CPU."""
+    extra = dict(decoder_skips=True, strides=[2, 2, 2], attention_stages=1) if skips else {}
+    if skips:
+        extra |= dict(image_encoder_channels=[4, 8, 8, 16], decoder_channels=[4, 8, 8, 16])
+        extra |= dict(label_encoder_channels=[4, 4, 8, 8])
+    model = untrained_but_not_zero(tiny_model(**extra))
+    image = torch.randn(2, 1, 32, 32)
+    passes = []
+    model.label_decoder.register_forward_hook(lambda m, i, o: passes.append(i[0].shape[0]))
+    probs = {}
+    for per_pass in ("auto", 1, 2, 3):
+        options = SampleConfig(steps=2, num_samples=3, decode_batch=per_pass)
+        passes.clear()
+        probs[per_pass] = model.sample(image, options, None, torch.Generator().manual_seed(4))
+        assert passes == {"auto": [2, 2, 2], 1: [2, 2, 2], 2: [4, 2], 3: [6]}[per_pass]  # rows: samples x 2 images
+    assert not torch.allclose(probs[3][0], probs[3][1])  # the samples differ, so a mix-up would show
+    for per_pass in ("auto", 1, 2):
+        torch.testing.assert_close(probs[per_pass], probs[3], atol=1e-6, rtol=1e-5)
+
+
 def test_image_encoder_runs_once_per_image_for_all_samples():
     model = tiny_model().eval()
     calls = []
