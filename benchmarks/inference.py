@@ -12,6 +12,7 @@ prefetching loader, or not).
     python -m benchmarks.inference [--repeats 10] [--threads 1] [--steps N]   # results/inference.json
     python -m benchmarks.inference --overrides model.KEY=VALUE,... --out FILE   # another network
     python -m benchmarks.inference --breakdown   # also: the image encoder, denoiser and decoder's share
+    python -m benchmarks.inference --decode-batch   # also: four samples decoded one at a time vs together
 """
 
 from __future__ import annotations
@@ -149,6 +150,29 @@ def breakdown(name: str, repeats: int, overrides: list[str], steps: int | None =
     return {"seconds": medians, "ratio_to_unet": {k: v / medians["unet"] for k, v in medians.items()}}
 
 
+def decode_batch_comparison(name: str, repeats: int, overrides: list[str], steps: int | None = None) -> dict:
+    """Four samples with the decoder taking them one at a time against all together
+    (`sample.decode_batch` 1 and 4), as multiples of the UNet's time; the order of the three
+    alternates between repeats so that neither follows the other always (medians; the first two
+    repeats warm up)."""
+    dims, patch, spacing, classes = SETTINGS[name]
+    model, unet, options = networks(dims, patch, spacing, classes, overrides, steps)
+    image = torch.randn(1, 1, *patch)
+    order = [("unet", 0), ("decoded_one_at_a_time", 1), ("decoded_together", 4)]
+    runs: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for repeat in range(repeats + 2):
+            for key, per_pass in order if repeat % 2 else order[::-1]:
+                t0 = time.perf_counter()
+                if per_pass:
+                    model.sample(image, replace(options, num_samples=4, decode_batch=per_pass))
+                else:
+                    unet(image)
+                runs.setdefault(key, []).append(time.perf_counter() - t0)
+    medians = {k: statistics.median(v[2:]) for k, v in runs.items()}
+    return {"seconds": medians, "ratio_to_unet": {k: v / medians["unet"] for k, v in medians.items()}}
+
+
 def folder_run(cases: int = 20) -> dict:
     """`predict` over a folder of 2D cases against the sum of its per-case network times."""
     from latentseg.cli import main as cli
@@ -190,6 +214,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="DDIM steps (default: planned for one annotator)")
     parser.add_argument("--skip-folder", action="store_true")
     parser.add_argument("--breakdown", action="store_true", help="also time the torch model's parts (1 and 4 samples)")
+    parser.add_argument("--decode-batch", action="store_true", help="four samples decoded 1 vs 4 at a time")
     parser.add_argument("--overrides", default="", help="latentseg settings, comma-separated key=value")
     parser.add_argument("--out", default=str(ROOT / "results" / "inference.json"))
     args = parser.parse_args()
@@ -204,6 +229,9 @@ def main() -> None:
         if args.breakdown:
             results[f"breakdown_{name}"] = breakdown(name, args.repeats, overrides, args.steps)
             print("breakdown", name, json.dumps(results[f"breakdown_{name}"]["ratio_to_unet"]), flush=True)
+        if args.decode_batch:
+            results[f"decode_batch_{name}"] = decode_batch_comparison(name, args.repeats, overrides, args.steps)
+            print("decode_batch", name, json.dumps(results[f"decode_batch_{name}"]["ratio_to_unet"]), flush=True)
     if not args.skip_folder:
         results["folder_2d_256"] = folder_run()
         print("folder", json.dumps(results["folder_2d_256"]), flush=True)

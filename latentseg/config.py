@@ -246,8 +246,8 @@ class SampleConfig:
     largest_component: Literal["auto"] | list[PositiveInt] = "auto"
     overlap: OpenFraction = 0.5  # sliding-window overlap
     sw_batch_size: PositiveInt = 1
-    # samples the label decoder takes at once; "auto": one at a time on a CPU (its full-resolution
-    # activations then stay in cache: benchmarks/results/inference.json), all together on a GPU
+    # samples the label decoder takes at once; "auto": one at a time for 2D images on a CPU, all
+    # together in 3D and on a GPU (measured: benchmarks/results/inference.json, decode_batch_*)
     decode_batch: Literal["auto"] | PositiveInt = "auto"
 
 

@@ -114,6 +114,15 @@ def test_samples_decoded_in_any_grouping_give_the_same_probabilities(skips):
         torch.testing.assert_close(probs[per_pass], probs[3], atol=1e-6, rtol=1e-5)
 
 
+def test_auto_decode_batch_is_one_sample_for_2d_on_a_cpu_and_all_in_3d():
+    from latentseg.models.segmenter import decode_batch
+
+    auto, two = SampleConfig(), SampleConfig(decode_batch=2)
+    assert decode_batch(auto, torch.zeros(8, 4, 16, 16), 4) == 1
+    assert decode_batch(auto, torch.zeros(8, 4, 8, 8, 8), 4) == 4
+    assert decode_batch(two, torch.zeros(8, 4, 16, 16), 4) == 2 and decode_batch(two, torch.zeros(1, 4, 8, 8), 1) == 1
+
+
 def test_image_encoder_runs_once_per_image_for_all_samples():
     model = tiny_model().eval()
     calls = []
