@@ -75,6 +75,7 @@ VARIANTS = {
     # issue 17: Gaussian-noise augmentation (003 Eq. 19 in training), against the coarse skips'
     # loss to test-time noise (results/robustness_paths.json)
     "latentseg_noise": ["data.noise_augmentation=0.2"],
+    "latentseg_noise_p02": ["data.noise_augmentation=0.2", "data.noise_probability=0.2"],  # a fifth of the patches
     "latentseg_zlate": ["model.strides=[[2,2,1],[2,2,1],[2,2,2],[2,2,1]]"],  # ACDC: the slice axis halved late
 }
 
