@@ -212,7 +212,8 @@ def universal_table(r: dict) -> str:
     for name, v in r.get("runs", {}).items():
         cells = [_f(v["dice"][t]) if t in v["dice"] else "" for t in TARGET_ORDER]
         mean = sum(v["dice"].values()) / len(v["dice"])
-        rows.append(f"| {name} | {v['minutes']:.0f} | {v['steps']} | " + " | ".join(cells) + f" | {_f(mean)} |")
+        minutes = f"{v['minutes']:.0f}" if v["minutes"] else "(steps)"  # --steps: a step budget, no clock
+        rows.append(f"| {name} | {minutes} | {v['steps']} | " + " | ".join(cells) + f" | {_f(mean)} |")
     return "\n".join(rows)
 
 
