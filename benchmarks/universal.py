@@ -57,6 +57,7 @@ UNIVERSAL = {
     "universal_class_posneg": ["model.prompt=class", "data.patch_sampling=posneg"],  # the sampling before 2026-12-02
     # run-to-run spread of the lesion: the defaults with another seed (with --steps: at equal steps)
     "universal_class_seed1": ["model.prompt=class", "train.seed=1"],
+    "universal_class_seed2": ["model.prompt=class", "train.seed=2"],
 }
 SAMPLING = {"steps": 2, "num_samples": 4}
 
