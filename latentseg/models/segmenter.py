@@ -23,7 +23,10 @@ from latentseg.text import TextEmbedding
 
 
 def repeat_samples(cond: dict, num_samples: int) -> dict:
-    """Every conditioning tensor (or list of tensors) repeated for N samples: (B, ...) -> (N*B, ...)."""
+    """Every conditioning tensor (or list of tensors) repeated for N samples: (B, ...) -> (N*B, ...);
+    for one sample the same tensors, not copies."""
+    if num_samples == 1:
+        return dict(cond)
 
     def rep(v: torch.Tensor) -> torch.Tensor:
         return v.repeat(num_samples, *([1] * (v.ndim - 1)))
@@ -127,8 +130,8 @@ def sampling_parts(c: ModelConfig) -> tuple[DiffusionSchedule, Stages, OneHead |
 
 def decode_batch(options: SampleConfig, z0: torch.Tensor, num_samples: int) -> int:
     """How many samples the decoder takes at once: `options.decode_batch`, or for "auto" one for 2D
-    images on a CPU (four 256^2 samples 13% faster so; benchmarks/results/inference.json), all
-    together in 3D (8% faster so at 96^3) and on a GPU."""
+    images on a CPU (four 256^2 samples 14% faster so: benchmarks/results/inference.json,
+    decode_batch_2d_256), all together in 3D (as fast or faster at 96^3) and on a GPU."""
     if options.decode_batch != "auto":
         return min(options.decode_batch, num_samples)
     return 1 if z0.device.type == "cpu" and z0.ndim == 4 else num_samples
