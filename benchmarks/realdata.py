@@ -82,7 +82,11 @@ VARIANTS = {
 
 # the UNet through the pipeline, and with latentseg_noise's noise in training (issue 17: the fair
 # comparison for a noise-augmented latentseg)
-UNET_VARIANTS = {"unet": [], "unet_noise": ["data.noise_augmentation=0.2"]}
+UNET_VARIANTS = {
+    "unet": [],
+    "unet_noise": ["data.noise_augmentation=0.2"],
+    "unet_noise_p02": ["data.noise_augmentation=0.2", "data.noise_probability=0.2"],
+}
 
 
 def test_cases(name: str) -> list[str]:
