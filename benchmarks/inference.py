@@ -37,6 +37,12 @@ ROOT = Path(__file__).resolve().parent
 SETTINGS = {"2d_256": (2, [256, 256], [1.0, 1.0], 2), "3d_96": (3, [96, 96, 96], [1.0, 1.0, 1.0], 2)}
 
 
+def against_unet(runs: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Each run's median seconds, and the medians as multiples of the UNet's."""
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    return medians, {k: v / medians["unet"] for k, v in medians.items()}
+
+
 def networks(dims: int, patch: list[int], spacing: list[float], classes: int, overrides: list[str], steps: int | None):
     """latentseg's default network and the same-size UNet, in eval mode, and the sampling options
     planned for one annotator (`steps` kept where set)."""
@@ -94,8 +100,8 @@ def measure(name: str, repeats: int, overrides: list[str], steps: int | None = N
         for _ in range(repeats):
             for key, fn in runs.items():
                 times[key].append(fn())
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    return {"seconds_per_case": medians, "ratio_to_unet": {k: v / medians["unet"] for k, v in medians.items()}}
+    medians, ratios = against_unet(times)
+    return {"seconds_per_case": medians, "ratio_to_unet": ratios}
 
 
 PARTS = {"image encoder": ("image_encoder", "forward_features"), "denoiser": ("denoiser", "forward_heads"),
@@ -146,8 +152,8 @@ def breakdown(name: str, repeats: int, overrides: list[str], steps: int | None =
                 times |= {f"{key} {part}": s for part, s in seconds.items()}
             for key, value in times.items():
                 runs.setdefault(key, []).extend([value] if repeat else [])
-    medians = {k: statistics.median(v) for k, v in runs.items()}
-    return {"seconds": medians, "ratio_to_unet": {k: v / medians["unet"] for k, v in medians.items()}}
+    medians, ratios = against_unet(runs)
+    return {"seconds": medians, "ratio_to_unet": ratios}
 
 
 def decode_batch_comparison(name: str, repeats: int, overrides: list[str], steps: int | None = None) -> dict:
@@ -168,9 +174,9 @@ def decode_batch_comparison(name: str, repeats: int, overrides: list[str], steps
                     model.sample(image, replace(options, num_samples=4, decode_batch=per_pass))
                 else:
                     unet(image)
-                runs.setdefault(key, []).append(time.perf_counter() - t0)
-    medians = {k: statistics.median(v[2:]) for k, v in runs.items()}
-    return {"seconds": medians, "ratio_to_unet": {k: v / medians["unet"] for k, v in medians.items()}}
+                runs.setdefault(key, []).extend([time.perf_counter() - t0] if repeat >= 2 else [])
+    medians, ratios = against_unet(runs)
+    return {"seconds": medians, "ratio_to_unet": ratios}
 
 
 def folder_run(cases: int = 20) -> dict:

@@ -49,6 +49,10 @@ DATASETS = {
 }
 COMMON = ["train.steps=1000000", "train.val_every=0", "train.checkpoint_every=1000000", "train.log_every=50"]
 # latentseg variants beside the defaults ("latentseg"): options a user may set
+# issue 17: Gaussian-noise augmentation (003 Eq. 19 in training), against the coarse skips' loss to
+# test-time noise (results/robustness_paths.json): on half the patches, and on a fifth
+NOISE = ["data.noise_augmentation=0.2"]
+NOISE_P02 = [*NOISE, "data.noise_probability=0.2"]
 VARIANTS = {
     "latentseg": [],
     "latentseg_noskips": ["model.decoder_skips=false"],
@@ -72,21 +76,15 @@ VARIANTS = {
     "latentseg_fast": ["model.decoder_fuse_kernel=1", "model.attention_stages=1"],
     # issue 16: augmentation on whatever the budget (plan_augmentation turns it on only past 60 minutes)
     "latentseg_aug": ["data.augmentation=on"],
-    # issue 17: Gaussian-noise augmentation (003 Eq. 19 in training), against the coarse skips'
-    # loss to test-time noise (results/robustness_paths.json)
-    "latentseg_noise": ["data.noise_augmentation=0.2"],
-    "latentseg_noise_p02": ["data.noise_augmentation=0.2", "data.noise_probability=0.2"],  # a fifth of the patches
+    "latentseg_noise": NOISE,
+    "latentseg_noise_p02": NOISE_P02,
     "latentseg_zlate": ["model.strides=[[2,2,1],[2,2,1],[2,2,2],[2,2,1]]"],  # ACDC: the slice axis halved late
 }
 
 
-# the UNet through the pipeline, and with latentseg_noise's noise in training (issue 17: the fair
-# comparison for a noise-augmented latentseg)
-UNET_VARIANTS = {
-    "unet": [],
-    "unet_noise": ["data.noise_augmentation=0.2"],
-    "unet_noise_p02": ["data.noise_augmentation=0.2", "data.noise_probability=0.2"],
-}
+# the UNet through the pipeline, and with the same noise in training as latentseg_noise(_p02) (issue
+# 17: the fair comparison for a noise-augmented latentseg)
+UNET_VARIANTS = {"unet": [], "unet_noise": NOISE, "unet_noise_p02": NOISE_P02}
 
 
 def test_cases(name: str) -> list[str]:

@@ -174,18 +174,16 @@ class LatentSampling:
         batch, n = image.shape[0], options.num_samples
         shape = (batch, self.config.latent_channels, *cond["z_image"].shape[2:])
         z0 = sampler.sample(self._denoiser_fn(cond, batch), shape, n, generator, image)
-        probs = torch.softmax(self.decode_samples(z0, cond, decode_batch(options, z0, n)), dim=1)  # line 7
+        probs = torch.softmax(self.decode_samples(z0, cond, batch, decode_batch(options, z0, n)), dim=1)  # line 7
         return probs.reshape(n, batch, *probs.shape[1:])
 
-    def decode_samples(self, z0: torch.Tensor, cond: dict, per_pass: int) -> torch.Tensor:
-        """Class logits of (N*B, ...) sampled latents, sample-major as the samplers give them,
-        decoded `per_pass` samples at a time."""
-        batch = cond["z_image"].shape[0]
-        rows = per_pass * batch
-        repeated = {per_pass: repeat_samples(cond, per_pass)}
+    def decode_samples(self, z0: torch.Tensor, cond: dict, batch: int, per_pass: int) -> torch.Tensor:
+        """Class logits of (N*B, ...) sampled latents of B images, sample-major as the samplers give
+        them, decoded `per_pass` samples at a time (the conditioning repeated once per pass size)."""
+        repeated: dict[int, dict] = {}
         logits = []
-        for start in range(0, z0.shape[0], rows):
-            z = z0[start : start + rows]
+        for start in range(0, z0.shape[0], per_pass * batch):
+            z = z0[start : start + per_pass * batch]
             k = z.shape[0] // batch
             if k not in repeated:
                 repeated[k] = repeat_samples(cond, k)
