@@ -142,6 +142,7 @@ class TrainState:
     history: dict[str, Any]
     torch_rng: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. the importance sampler's history
+    average: dict[str, torch.Tensor] = field(default_factory=dict)  # the weights' moving average (train.ema_decay)
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -173,6 +174,7 @@ def save_train_state(path: Path, state: TrainState) -> None:
     tensors.update(opt_tensors)
     tensors["rng/torch"] = state.torch_rng.cpu().contiguous()
     tensors.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in state.extra.items()})
+    tensors.update({f"average/{k}": v.detach().cpu().contiguous() for k, v in state.average.items()})
     meta = {"step": state.step, "history": state.history, "optimizer": opt_meta}
     metadata = {"format": STATE_FORMAT, "state": json.dumps(meta)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -199,6 +201,7 @@ def read_train_state(path: Path) -> TrainState:
             dict(meta["history"]),
             tensors["rng/torch"],
             _split(tensors, "extra/"),
+            _split(tensors, "average/"),
         )
     except (OSError, SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
         raise LatentSegError(f"{path}: cannot read the training state ({one_line(err)})") from err

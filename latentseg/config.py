@@ -195,6 +195,10 @@ class TrainConfig:
     min_lr_ratio: Fraction = 0.05  # cosine decay to lr * min_lr_ratio
     warmup_steps: NonNegativeInt = 50
     weight_decay: NonNegativeFloat = 1e-4
+    # the weights' exponential moving average that validation, calibration and the saved model use
+    # (latentseg.averaging): decay min(ema_decay, (1 + t) / (10 + t)) at step t, so a run shorter
+    # than about 9 / (1 - ema_decay) steps averages its last ninth; 0: the last step's weights
+    ema_decay: OpenFraction = 0.999
     gamma_dice: NonNegativeFloat = 2.0  # 003 Eq. 16
     lambda_noise: NonNegativeFloat = 1.0  # 003 Eq. 18
     # uniform (003 Algorithm 1) | staged (004 section 2.2, with alpha:beta per stage) | importance

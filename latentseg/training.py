@@ -18,6 +18,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
+from latentseg.averaging import WeightAverage
 from latentseg.checkpoint import (
     LEGACY_STATE_FILE,
     REQUIRED,
@@ -283,6 +285,12 @@ class Run:
     history: dict[str, Any] = field(default_factory=dict)
     clock: Clock = field(default_factory=lambda: Clock())
     frozen: set[str] = field(default_factory=set)
+    average: WeightAverage | None = None  # train.ema_decay > 0
+
+    def averaged(self):
+        """A context in which the model holds the weights that are validated and saved: the
+        moving average, or (ema_decay 0) its own."""
+        return self.average.applied() if self.average else nullcontext()
 
 
 class Clock:
@@ -307,6 +315,8 @@ def start_run(resolved: Resolved, user: Config, out_dir: Path, world: World, dev
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     run = Run(model, model.objective(config), optimizer, config, user, resolved, out_dir, world, device)
     run.history = {"step": [], "loss": [], "seg": [], "diff": [], "val_step": [], "val_dice": []}
+    if config.train.ema_decay > 0:
+        run.average = WeightAverage(model, config.train.ema_decay)
     if resume:  # every rank reads the one checkpoint, whatever the number of processes that wrote it
         restore(run, load_train_state(out_dir, legacy))
     if world.distributed:  # each rank draws its own noise and timesteps
@@ -320,6 +330,14 @@ def restore(run: Run, saved: TrainState) -> None:
         run.optimizer.load_state_dict(saved.optimizer)
     except (RuntimeError, ValueError, KeyError) as err:
         raise LatentSegError(f"{run.out_dir}: the training state does not match config.json ({one_line(err)})") from err
+    if run.average and saved.average:
+        try:
+            run.average.load(saved.average)
+        except ValueError as err:
+            raise LatentSegError(f"{run.out_dir}: {err}") from err
+    elif run.average:  # a state saved without one (ema_decay 0, or before latentseg kept it)
+        log.info("resume: no weight average in the training state; it starts from the saved weights")
+        run.average = WeightAverage(run.model, run.config.train.ema_decay)
     run.start, run.history = saved.step, saved.history
     run.clock = Clock(run.history.get("train_seconds", 0.0))
     torch.set_rng_state(saved.torch_rng)
@@ -330,10 +348,14 @@ def checkpoint(run: Run, step: int) -> None:
     if not run.world.is_main:
         return
     run.history["train_seconds"] = run.clock.elapsed()
+    average = run.average.tensors() if run.average else {}
     state = TrainState(
-        weights(run.model), run.optimizer.state_dict(), step, run.history, torch.get_rng_state(), run.objective.state()
-    )
-    save_checkpoint(run.out_dir, run.model, run.user_config, run.resolved.data.fingerprint, state, run.resolved.plan)
+        weights(run.model), run.optimizer.state_dict(), step, run.history, torch.get_rng_state(), run.objective.state(),
+        average,
+    )  # fmt: skip
+    fingerprint, plan = run.resolved.data.fingerprint, run.resolved.plan
+    with run.averaged():  # the model file holds the averaged weights, the training state both
+        save_checkpoint(run.out_dir, run.model, run.user_config, fingerprint, state, plan)
     log.info("step %d: checkpoint written to %s (rank %d of %d)", step, run.out_dir, run.world.rank, run.world.size)
 
 
@@ -374,11 +396,14 @@ def run_loop(run: Run, progress: bool) -> Path:
         if freeze_finished(run, phases, pretraining, step, bar):
             losses_fn = wrap_losses(run, phases, pretraining)  # DDP over the parameters still trained
         stats = train_step(losses_fn, run.optimizer, next(stream), run.device, pretraining, run.resolved.encoder)
+        if run.average:
+            run.average.update(step)
         last = step == total or bool(budget and from_rank0(world, run.clock.elapsed(), run.device) >= budget)
         after_step(run, step, stats, last, pretraining, bar)
     bar.close()
     if world.is_main:
-        fit_calibration(run)
+        with run.averaged():
+            fit_calibration(run)
     checkpoint(run, step)
     if world.is_main:
         (run.out_dir / "training_log.json").write_text(json.dumps(run.history, indent=1))
@@ -417,7 +442,8 @@ def after_step(run: Run, step: int, stats: dict, last: bool, pretraining: tuple[
     validating = config.train.val_every and (step % config.train.val_every == 0 or last)
     if run.world.is_main and val_set and validating and not pretraining:
         v0 = time.time()
-        dice = validate(run.model, val_set, config, run.resolved.encoder)
+        with run.averaged():
+            dice = validate(run.model, val_set, config, run.resolved.encoder)
         run.clock.paused += time.time() - v0
         history["val_step"].append(step)
         history["val_dice"].append(round(dice, 4))

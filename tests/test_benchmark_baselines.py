@@ -140,3 +140,26 @@ def test_path_dice_without_noise_scores_every_variant_alike(tmp_path, data2d) ->
     levels = {k for k in result["dice"] if k.startswith("noisy skip level")}
     assert set(result["dice"]) == {"clean", "noisy", *PATHS, *levels} and levels and result["cases"] == 2
     assert len(set(result["dice"].values())) == 1
+
+
+def test_the_benchmarks_extra_averages_follow_the_training_rule() -> None:
+    """benchmarks.averaging keeps its other decays by an optimizer hook; they must equal what
+    `WeightAverage` (what training saves) gives with the same decay."""
+    import torch
+
+    from benchmarks.averaging import ExtraAverages
+    from latentseg.averaging import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference = WeightAverage(model, 0.5)
+    with ExtraAverages([0.5]) as extra:
+        for step in range(1, 6):
+            optimizer.zero_grad()
+            model(torch.randn(4, 3)).square().sum().backward()
+            optimizer.step()
+            reference.update(step)
+    for mine, (name, theirs) in zip(extra.averages[0.5], reference.average.items(), strict=True):
+        torch.testing.assert_close(mine, theirs, msg=name)
+    assert not torch.equal(reference.average["weight"], model.weight)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentseg.checkpoint import read_train_state
+from latentseg.checkpoint import MODEL_FILE, STATE_FILE, read_train_state
 from latentseg.cli import main
 from latentseg.config import Config
 from latentseg.distributed import World, world_from_environment
@@ -31,7 +31,7 @@ WORKER = """
 import os, sys
 from safetensors.torch import save_file
 import latentseg.training as train_module
-from latentseg.checkpoint import read_train_state
+from latentseg.checkpoint import MODEL_FILE, STATE_FILE, read_train_state
 from latentseg.cli import main
 
 seen = {}
@@ -129,8 +129,9 @@ def test_two_processes_train_identical_weights_and_one_checkpoint(tmp_path, data
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
-    saved = load_file(str(out / "model.safetensors"))
-    assert all(torch.equal(saved[k], rank0[k]) for k in saved)  # the checkpoint is the ranks' weights
+    state, saved = read_train_state(out / STATE_FILE), load_file(str(out / MODEL_FILE))
+    assert all(torch.equal(state.model[k], rank0[k]) for k in rank0)  # the training state: the ranks' weights
+    assert all(torch.equal(saved[k], v) for k, v in state.average.items())  # the model file: their average
     with open(dumps / "rank0.safetensors", "rb") as f:
         assert b"DistributedDataParallel" in f.read(4096)
     lines = (run.stdout + run.stderr).splitlines()
