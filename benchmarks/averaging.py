@@ -76,7 +76,12 @@ def score(name: str, work: Path, model_dir: Path, label: str) -> dict:
     images, labels = realdata.link_test_files(name, work)
     pred = work / f"{label}_pred"
     predict(model_dir, images, pred, progress=False, overwrite=True)
-    return realdata._means(evaluate(pred, labels))["foreground_mean"]
+    return scores(realdata._means(evaluate(pred, labels)))
+
+
+def scores(means: dict) -> dict:
+    """Mean foreground Dice, IoU, NSD, HD95 and the ECE of the probabilities."""
+    return means["foreground_mean"] | {"ECE": (means["calibration"] or {}).get("ECE")}
 
 
 def run(name: str, minutes: float, decays: list[float]) -> dict:
@@ -88,7 +93,7 @@ def run(name: str, minutes: float, decays: list[float]) -> dict:
     model_dir = work / "averaging_model"
     state = read_train_state(model_dir / STATE_FILE)
     result = {"steps": trained["steps"], "default_decay": TrainConfig().ema_decay,
-              "default": trained["summary"]["foreground_mean"]}  # fmt: skip
+              "default": scores(trained["summary"])}  # fmt: skip
     last = model_with(model_dir, work / "averaging_last_model", state.model)
     result["last_step"] = score(name, work, last, "averaging_last")
     names = list(state.average)  # the trained parameters, in the model's (and so the optimizer's) order
