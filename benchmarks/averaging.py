@@ -24,7 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from benchmarks import realdata
 from latentseg.averaging import decay_at
-from latentseg.checkpoint import MODEL_FILE, STATE_FILE, read_train_state, read_weights
+from latentseg.checkpoint import MODEL_FILE, STATE_FILE, load_model, read_train_state, read_weights
 from latentseg.config import TrainConfig
 from latentseg.infer import predict
 from latentseg.metrics import evaluate
@@ -72,6 +72,13 @@ def model_with(model_dir: Path, folder: Path, tensors: dict[str, torch.Tensor]) 
     return folder
 
 
+def trained_names(model_dir: Path, average: dict[str, torch.Tensor]) -> list[str]:
+    """The averaged parameters' names in the model's order, which is the optimizer's (a training
+    state read back from safetensors lists its tensors sorted by name, not in that order)."""
+    model, _, _ = load_model(model_dir)
+    return [name for name, _ in model.named_parameters() if name in average]
+
+
 def score(name: str, work: Path, model_dir: Path, label: str) -> dict:
     images, labels = realdata.link_test_files(name, work)
     pred = work / f"{label}_pred"
@@ -96,7 +103,7 @@ def run(name: str, minutes: float, decays: list[float]) -> dict:
               "default": scores(trained["summary"])}  # fmt: skip
     last = model_with(model_dir, work / "averaging_last_model", state.model)
     result["last_step"] = score(name, work, last, "averaging_last")
-    names = list(state.average)  # the trained parameters, in the model's (and so the optimizer's) order
+    names = trained_names(model_dir, state.average)
     for decay, average in extra.averages.items():
         folder = model_with(model_dir, work / f"averaging_{decay}_model", dict(zip(names, average, strict=True)))
         result[f"decay_{decay}"] = score(name, work, folder, f"averaging_{decay}")

@@ -163,3 +163,24 @@ def test_the_benchmarks_extra_averages_follow_the_training_rule() -> None:
     for mine, (name, theirs) in zip(extra.averages[0.5], reference.average.items(), strict=True):
         torch.testing.assert_close(mine, theirs, msg=name)
     assert not torch.equal(reference.average["weight"], model.weight)
+
+
+def test_the_benchmarks_extra_average_with_the_default_decay_is_the_saved_one(data2d, tmp_path) -> None:
+    """End to end through `train`: an extra average kept with the default decay, mapped to names
+    as benchmarks.averaging maps them, equals the average that training saved."""
+    import torch
+
+    from benchmarks.averaging import ExtraAverages, trained_names
+    from latentseg.checkpoint import STATE_FILE, read_train_state
+    from latentseg.cli import main
+    from latentseg.config import TrainConfig
+    from tests.conftest import TINY_2D
+
+    out = tmp_path / "m"
+    with ExtraAverages([TrainConfig().ema_decay]) as extra:
+        assert main(["train", "--data", str(data2d["train"]), "--out", str(out), *TINY_2D, "train.steps=8"]) == 0
+    saved = read_train_state(out / STATE_FILE).average
+    names = trained_names(out, saved)
+    assert sorted(names) == sorted(saved) and names != sorted(names)  # the model's order, not the file's
+    for name, mine in zip(names, extra.averages[TrainConfig().ema_decay], strict=True):
+        torch.testing.assert_close(mine, saved[name], msg=name)
