@@ -4,7 +4,7 @@ trains with its defaults as `benchmarks.realdata` runs it; the saved model (the 
 last step's weights (kept in the training state) are scored on the test split, and so are
 averages with other decays, kept beside the run by an optimizer hook with the same rule.
 
-    python -m benchmarks.averaging --dataset acdc --minutes 15 [--decays 0.99,0.995]
+    python -m benchmarks.averaging --dataset acdc --minutes 15 [--decays 0.99,0.995] [--seed 1]
     python -m benchmarks.averaging --collect   # results/averaging.json from benchmarks/work/averaging
 
 One thread. Writes benchmarks/work/averaging/DATASET_MINUTES.json; `--collect` merges them.
@@ -91,12 +91,12 @@ def scores(means: dict) -> dict:
     return means["foreground_mean"] | {"ECE": (means["calibration"] or {}).get("ECE")}
 
 
-def run(name: str, minutes: float, decays: list[float]) -> dict:
+def run(name: str, minutes: float, decays: list[float], seed: int = 0) -> dict:
     work = realdata.WORK / name
     work.mkdir(parents=True, exist_ok=True)
-    split = [f"data.split={realdata.write_split(name, work)}"]
+    settings = [f"data.split={realdata.write_split(name, work)}", f"train.seed={seed}"]
     with ExtraAverages(decays) as extra:
-        trained = realdata.run_latentseg(name, work, split, minutes, "averaging")
+        trained = realdata.run_latentseg(name, work, settings, minutes, "averaging")
     model_dir = work / "averaging_model"
     state = read_train_state(model_dir / STATE_FILE)
     result = {"steps": trained["steps"], "default_decay": TrainConfig().ema_decay,
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(realdata.DATASETS))
     parser.add_argument("--minutes", type=float)
     parser.add_argument("--decays", default="", help="other decays to score beside the default, e.g. 0.99,0.995")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--collect", action="store_true")
     args = parser.parse_args()
     if args.collect:
@@ -128,11 +129,11 @@ def main() -> None:
     one_thread()
     minutes = args.minutes or realdata.DATASETS[args.dataset]["minutes"]
     decays = [float(d) for d in args.decays.split(",") if d]
-    result = run(args.dataset, minutes, decays)
-    result |= {"dataset": args.dataset, "minutes": minutes,
+    result = run(args.dataset, minutes, decays, args.seed)
+    result |= {"dataset": args.dataset, "minutes": minutes, "seed": args.seed,
                "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     WORK.mkdir(parents=True, exist_ok=True)
-    (WORK / f"{args.dataset}_{minutes:g}.json").write_text(json.dumps(result, indent=1))
+    (WORK / f"{args.dataset}_{minutes:g}_seed{args.seed}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
 
 
