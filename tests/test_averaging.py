@@ -89,16 +89,12 @@ def test_resume_continues_the_saved_average(model2d, data2d, tmp_path, monkeypat
 
 def test_resuming_a_state_without_an_average_starts_it_from_the_saved_weights(data2d, tmp_path, caplog):
     run = tmp_path / "run"
-    args = [*TINY_2D, "train.val_every=0"]
-    assert (
-        main(["train", "--data", str(data2d["train"]), "--out", str(run), *args, "train.steps=12", "train.ema_decay=0"])
-        == 0
-    )
+    train = ["train", "--data", str(data2d["train"]), "--out", str(run)]
+    assert main([*train, *TINY_2D, "train.val_every=0", "train.steps=12", "train.ema_decay=0"]) == 0
     before = read_train_state(run / STATE_FILE)
     assert before.average == {}
-    resume = ["--resume", "train.val_every=0", "train.steps=13", "train.ema_decay=0.999"]
     with caplog.at_level("INFO", logger="latentseg.training"):
-        assert main(["train", "--data", str(data2d["train"]), "--out", str(run), *resume]) == 0
+        assert main([*train, "--resume", "train.val_every=0", "train.steps=13", "train.ema_decay=0.999"]) == 0
     assert "starts from the saved weights" in caplog.text
     after = read_train_state(run / STATE_FILE)
     weight = 1 - decay_at(13, 0.999)  # one step (13) moved the average from the saved weights
