@@ -19,7 +19,7 @@ from monai.networks.nets import DiffusionModelUNet, UNet
 from benchmarks.unet_baseline import as_train_plans, bar_network
 from latentseg.config import Config
 from latentseg.data.datasets import discover_inputs, load_image
-from latentseg.data.preprocess import Preprocessing, prepare_image, restore
+from latentseg.data.preprocess import Preprocessing, complete_background, prepare_image, restore
 from latentseg.diffusion import DDIMSampler, DiffusionSchedule, as_batch
 from latentseg.fusion import entropy_map, uncertainty_map
 from latentseg.infer import Prediction, _write_case
@@ -204,8 +204,9 @@ def write_predictions(segment, images: Path, out: Path, fingerprint: dict, confi
         maps = {"prob": mean, "std": uncertainty_map(samples[:, None])[0], "entropy": entropy_map(samples[:, None])[0]}
         maps["samples"] = flat
         back = restore(maps, x, transform)
-        per_sample = back["samples"].reshape(n, classes, *back["samples"].shape[1:]).argmax(1).astype(np.uint8)
-        probabilities = back["prob"]
+        per_sample = complete_background(back["samples"], classes).reshape(n, classes, *back["prob"].shape[1:])
+        per_sample = per_sample.argmax(1).astype(np.uint8)
+        probabilities = complete_background(back["prob"], classes)
         pred = Prediction(probabilities, back["std"][0], probabilities.argmax(0).astype(np.uint8), back["entropy"][0],
                           per_sample)  # fmt: skip
         _write_case(out, case, image, meta, pred, mask_values, overlay=False)

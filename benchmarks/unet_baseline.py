@@ -85,10 +85,11 @@ def predict_unet(net: UNet, image: np.ndarray, roi_size: list[int], overlap: flo
 @torch.no_grad()
 def predict_unet_image(net: UNet, image: np.ndarray, meta, prep, roi_size: list[int], overlap: float = 0.5):
     """Labels on the image's own grid, through the same preprocessing and inversion as latentseg."""
-    from latentseg.data.preprocess import prepare_image, restore
+    from latentseg.data.preprocess import complete_background, prepare_image, restore
 
     x, transform = prepare_image(image, meta, prep)
     probs = torch.softmax(
         sliding_window_inference(x.as_tensor()[None], roi_size, 1, net, overlap=overlap, mode="gaussian")[0], 0
     )
-    return restore({"prob": probs}, x, transform)["prob"].argmax(0).astype(np.uint8)
+    back = restore({"prob": probs}, x, transform)["prob"]
+    return complete_background(back, back.shape[0]).argmax(0).astype(np.uint8)

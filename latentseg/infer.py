@@ -27,7 +27,7 @@ from latentseg.checkpoint import load_model
 from latentseg.config import Config, SampleConfig, concrete_sampling
 from latentseg.data.datasets import Case, discover_inputs, load_image
 from latentseg.data.io import ImageMeta, file_format, output_ending, output_name, write_label, write_map
-from latentseg.data.preprocess import Preprocessing, prepare_image, restore
+from latentseg.data.preprocess import Preprocessing, complete_background, prepare_image, restore
 from latentseg.errors import LatentSegError, one_line
 from latentseg.fusion import check_fusion, entropy_map, fuse, uncertainty_map
 from latentseg.models import Segmenter
@@ -187,10 +187,13 @@ def restored_prediction(
     if samples is not None:
         maps["samples"] = samples.flatten(0, 1)  # (N*C, *S): restored like any map, then one argmax each
     back = restore(maps, x, transform)
-    probabilities = back["prob"]
+    classes = back["prob"].shape[0]
+    probabilities = complete_background(back["prob"], classes)
     labels = None
     if samples is not None:
-        per_sample = back["samples"].reshape(samples.shape[0], -1, *back["samples"].shape[1:])
+        per_sample = complete_background(back["samples"], classes).reshape(
+            samples.shape[0], classes, *back["prob"].shape[1:]
+        )
         labels = np.stack([postprocessed(s, options) for s in per_sample.argmax(1).astype(np.uint8)])
     label = postprocessed(probabilities.argmax(0).astype(np.uint8), options)
     return Prediction(probabilities, back["std"][0], label, back["entropy"][0], labels)

@@ -9,6 +9,7 @@ from latentseg.data.io import read_image, read_label
 from latentseg.data.preprocess import (
     NormalizeChannelsd,
     Preprocessing,
+    complete_background,
     ct_statistics,
     prepare_image,
     preprocess_sample,
@@ -59,6 +60,30 @@ def test_restore_maps_outputs_back_onto_the_oblique_input_grid(tmp_path, spacing
     assert agreement == 1.0 if spacing is None else agreement > 0.97
     out = restore({"std": torch.zeros(1, *x.shape[1:])}, x, transform)["std"]
     assert out.shape == (1, *label.shape)
+
+
+@pytest.mark.parametrize("spacing", [None, [1.0, 1.0, 2.0]])
+def test_restored_probabilities_sum_to_one_outside_the_foreground_crop(tmp_path, spacing):
+    img_path, lab_path = write_case(tmp_path)
+    image, meta = read_image(img_path)
+    image[:, :3] = 0  # a zero border (first spatial axis) that the foreground crop removes
+    label, _ = read_label(lab_path)
+    prep = Preprocessing(3, spacing=spacing)
+    x, transform = prepare_image(image, meta, prep)
+    assert x.shape[1:].numel() < image[0].size * (1 if spacing is None else 2)  # cropped
+    sample = preprocess_sample({"image": image, "label": label[None], "meta": meta}, prep)
+    onehot = np.stack([sample["label"][0] == k for k in range(3)]).astype(np.float32)
+    two_samples = torch.from_numpy(np.concatenate([onehot, onehot]))  # (N*C, *S)
+    back = restore({"prob": torch.from_numpy(onehot), "samples": two_samples}, x, transform)
+    assert back["prob"][:, :2].max() == 0  # the inversion pads with zeros: no class at all there
+    prob = complete_background(back["prob"], 3)
+    np.testing.assert_allclose(prob.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(prob[0, :2], 1.0)  # the cropped border is background
+    samples = complete_background(back["samples"], 3).reshape(2, 3, *label.shape)
+    np.testing.assert_allclose(samples.sum(1), 1.0, atol=1e-5)
+    inside = np.ones(label.shape, bool)
+    inside[:4] = False  # away from the border, nothing changes
+    np.testing.assert_array_equal(prob[:, inside], back["prob"][:, inside])
 
 
 def test_predict_on_an_oblique_anisotropic_volume_keeps_geometry(tmp_path, model3d):
