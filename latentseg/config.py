@@ -231,7 +231,10 @@ class SampleConfig:
     # (latentseg.data.prepare.plan_sampling): DDIM-2, eta 0, or DDIM-10, eta 1 where the training
     # data has several annotators (the samples then spread as the annotators disagree)
     steps: Literal["auto"] | PositiveInt = "auto"
-    num_samples: PositiveInt = 4
+    # samples per image; "auto": planned by `train` from the validation cases: 1 where their samples
+    # agree (one annotator and a deterministic sampler: more would repeat the same mask at N times
+    # the cost), else AUTO_SAMPLES; unplanned: AUTO_SAMPLES
+    num_samples: Literal["auto"] | PositiveInt = "auto"
     sampler: Literal["ddim", "staged"] = (
         "ddim"  # ddim (DDPM when steps is None) | staged (004 section 2.2; needs denoiser_heads=2)
     )
@@ -313,12 +316,13 @@ def step_limit(train: TrainConfig) -> int | None:
 
 # what "auto" sampling means for a model whose plan does not set it (saved before it was planned,
 # or built without `train`): 003's DDIM-2, deterministic
-UNPLANNED_SAMPLING = {"steps": 2, "eta": 0.0, "temperature": 1.0}
+AUTO_SAMPLES = 4
+UNPLANNED_SAMPLING = {"steps": 2, "eta": 0.0, "temperature": 1.0, "num_samples": AUTO_SAMPLES}
 
 
 def concrete_sampling(sample: SampleConfig) -> SampleConfig:
-    """`sample` with "auto" steps, eta and temperature as UNPLANNED_SAMPLING (a planned model has
-    none left but a temperature its training did not get to fit)."""
+    """`sample` with "auto" steps, eta, temperature and sample count as UNPLANNED_SAMPLING (a planned
+    model has none left but a temperature and a count its training had no validation cases for)."""
     changes = {k: v for k, v in UNPLANNED_SAMPLING.items() if getattr(sample, k) == "auto"}
     return replace(sample, **changes) if changes else sample
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from latentseg.checkpoint import load_config as load_model_config
 from latentseg.config import concrete_sampling, load_config
 from latentseg.data.phantoms import LABELS, write_phantom_dataset
 from latentseg.infer import predict
@@ -42,10 +43,8 @@ def run_demo(out: Path, dims: int = 2, overrides: list[str] | None = None) -> di
     test_dir = write_phantom_dataset(out / "data" / "test", n_test, dims, size, seed=2)
     print(f"[2/4] training for {config.train.steps} steps (batch {config.train.batch_size})")
     model_dir = train(train_dir, out / "model", config)
-    print(
-        f"[3/4] predicting the held-out phantoms with DDIM-{concrete_sampling(config.sample).steps}, "
-        f"{config.sample.num_samples} samples each"
-    )
+    planned = concrete_sampling(load_model_config(model_dir).sample)
+    print(f"[3/4] predicting the held-out phantoms with DDIM-{planned.steps}, {planned.num_samples} sample(s) each")
     inputs = test_dir / ("images" if dims == 2 else "imagesTr")
     predict(model_dir, inputs, out / "predictions")
     print("[4/4] evaluating")

@@ -24,7 +24,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from latentseg.checkpoint import load_model
-from latentseg.config import Config, SampleConfig, concrete_sampling
+from latentseg.config import AUTO_SAMPLES, Config, SampleConfig, concrete_sampling
 from latentseg.data.datasets import Case, discover_inputs, load_image
 from latentseg.data.io import ImageMeta, file_format, output_ending, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, complete_background, prepare_image, restore
@@ -70,6 +70,7 @@ def sample_volume(
     fusion memory beyond the output maps is bounded by the window, not the volume; `vote` and
     `staple` fuse whole-image masks, so they keep every sample's probabilities (N x C maps).
     """
+    options = concrete_sampling(options)
     try:
         check_fusion(options.fusion, options.num_samples)
     except ValueError as err:
@@ -93,7 +94,7 @@ def sample_volume(
         )  # fmt: skip
     except ValueError as err:  # e.g. staged sampling asked of a one-head model, a prompt of a text-free one
         raise LatentSegError(str(err)) from err
-    temperature = concrete_sampling(options).temperature
+    temperature = options.temperature
     if not keep_samples:
         fused = _scaled(mean[0], temperature)
         return fused, std[0], entropy_map(fused[None, None])[0], None
@@ -212,6 +213,10 @@ FLAGS = {
 }
 
 
+# the settings that make the samples what they are; changing one asks for the default count of samples
+PROCESS = ("steps", "eta", "sampler", "fusion", "staged_middle_steps", "staged_final_head")
+
+
 def sample_options(model: Segmenter, base: SampleConfig, overrides: dict[str, Any] | None = None) -> SampleConfig:
     """The model's sampling settings with `overrides` (None values keep the model's), every
     problem refused before the first case, in the command line's words."""
@@ -226,7 +231,9 @@ def sample_options(model: Segmenter, base: SampleConfig, overrides: dict[str, An
             problems.append(f"{FLAGS.get(key, key)} {problem}")
     if problems:
         raise LatentSegError("\n".join(problems))
-    options = replace(base, **changes)
+    if "num_samples" not in changes and any(changes.get(k, getattr(base, k)) != getattr(base, k) for k in PROCESS):
+        changes["num_samples"] = AUTO_SAMPLES  # a planned count holds for the sampling it was measured with
+    options = concrete_sampling(replace(base, **changes))  # "auto" left by an unplanned model: its defaults
     try:
         check_fusion(options.fusion, options.num_samples)
     except ValueError as err:

@@ -52,7 +52,7 @@ PLANNED = {
     ),
     "data": ("patch_size", "augmentation"),
     "train": ("batch_size",),
-    "sample": ("steps", "eta", "temperature", "largest_component"),
+    "sample": ("steps", "eta", "temperature", "num_samples", "largest_component"),
 }
 DERIVED_ONLY = ("spatial_dims", "in_channels", "num_classes", "text_dim", "prompt_names", "backbone_config")
 

@@ -40,7 +40,7 @@ from latentseg.checkpoint import (
     save_checkpoint,
     weights,
 )
-from latentseg.config import Config, step_limit
+from latentseg.config import AUTO_SAMPLES, Config, step_limit
 from latentseg.data.targets import select_target
 from latentseg.data.transforms import RandRaterd, train_transforms
 from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
@@ -172,21 +172,47 @@ def validate(model: Segmenter, samples: list[dict[str, Any]], config: Config, en
     return float(torch.cat(scores).mean().item())
 
 
+SAMPLES_AGREE = 0.01  # below this largest per-voxel std of the probabilities the samples are one mask
+
+
 @torch.no_grad()
-def fit_calibration(run: Run) -> None:
-    """`sample.temperature` left to "auto": the temperature of the fused probabilities that
-    minimises the validation cases' NLL, sampled as `predict` samples (Guo et al. 2017); into the
-    saved plan. Without validation cases it stays "auto", read as 1."""
-    config = run.config
+def fit_from_validation(run: Run) -> None:
+    """What `train` fits on the validation cases at its end, sampled as `predict` samples, into the
+    saved plan: `sample.temperature` left to "auto", the temperature of the fused probabilities that
+    minimises their NLL (Guo et al. 2017); `sample.num_samples` left to "auto", 1 where the
+    validation cases' AUTO_SAMPLES samples agree (largest std below SAMPLES_AGREE: one annotator
+    and a deterministic sampler draw the same mask every time), else AUTO_SAMPLES. Without
+    validation cases both stay "auto", read as 1 and AUTO_SAMPLES."""
+    config, sample = run.config, run.config.sample
     val_set = run.resolved.data.val[: config.train.val_cases]
-    if config.sample.temperature != "auto" or not val_set:
+    fit_temperature_, plan_count = sample.temperature == "auto", sample.num_samples == "auto"
+    if not val_set or not (fit_temperature_ or plan_count):
         return
-    options = replace(config.sample, temperature=1.0)
+    count = AUTO_SAMPLES if plan_count else sample.num_samples
+    options = replace(sample, temperature=1.0, num_samples=count)
     predicted = list(_predicted(run.model, val_set, config, options, run.resolved.encoder))
-    temperature = fit_temperature([p.probabilities for _, p in predicted], [s["label"][0] for s, _ in predicted])
-    config.sample.temperature = run.resolved.plan.sample["temperature"] = temperature
-    run.history["temperature"] = temperature
-    log.info("calibration: temperature %.2f, fitted on %d validation cases", temperature, len(val_set))
+    if plan_count:
+        plan_sample_count(run, max(float(p.uncertainty.max()) for _, p in predicted), options)
+    if fit_temperature_:
+        temperature = fit_temperature([p.probabilities for _, p in predicted], [s["label"][0] for s, _ in predicted])
+        sample.temperature = run.resolved.plan.sample["temperature"] = temperature
+        run.history["temperature"] = temperature
+        log.info("calibration: temperature %.2f, fitted on %d validation cases", temperature, len(val_set))
+
+
+def plan_sample_count(run: Run, spread: float, options) -> None:
+    """`sample.num_samples` from the validation samples' largest per-voxel std (`fit_from_validation`)."""
+    one = replace(options, num_samples=1)
+    agree = spread < SAMPLES_AGREE and options.fusion == "mean" and not run.model.sampling_problems(one)
+    count = 1 if agree else AUTO_SAMPLES
+    run.config.sample.num_samples = run.resolved.plan.sample["num_samples"] = count
+    run.history["validation_sample_spread"] = spread
+    why = "agree" if agree else "differ"
+    log.info(
+        "sampling: %d sample%s per image (the validation cases' %d samples %s: largest per-voxel std %.4f; "
+        "predict --samples N sets another count)",
+        count, "" if count == 1 else "s", options.num_samples, why, spread,
+    )  # fmt: skip
 
 
 def train(
@@ -403,7 +429,7 @@ def run_loop(run: Run, progress: bool) -> Path:
     bar.close()
     if world.is_main:
         with run.averaged():
-            fit_calibration(run)
+            fit_from_validation(run)
     checkpoint(run, step)
     if world.is_main:
         (run.out_dir / "training_log.json").write_text(json.dumps(run.history, indent=1))

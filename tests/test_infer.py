@@ -114,4 +114,23 @@ def test_readme_python_example_runs(tmp_path, data2d, monkeypatch):
 
 def test_replace_keeps_sample_config_a_plain_dataclass():
     options = replace(SampleConfig(), num_samples=6)
-    assert options.num_samples == 6 and SampleConfig().num_samples == 4
+    assert options.num_samples == 6 and SampleConfig().num_samples == "auto"
+
+
+def test_a_png_border_cut_away_by_the_foreground_crop_is_background_in_every_map(tmp_path, model2d, data2d):
+    from PIL import Image
+
+    from latentseg.data.io import read_label
+
+    image = np.asarray(Image.open(data2d["test"] / "images" / "phantom_000.png").convert("L"))
+    framed = np.zeros((image.shape[0] + 12, image.shape[1] + 12), np.uint8)
+    framed[6:-6, 6:-6] = np.maximum(image, 1)  # a black frame, as around a fundus photograph
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(framed).save(inputs / "framed.png")
+    predict(model2d, inputs, tmp_path / "out", {"num_samples": 2}, overlays=False, progress=False)
+    prob = np.asarray(Image.open(tmp_path / "out" / "framed_prob.png"))
+    border = np.ones(framed.shape, bool)
+    border[6:-6, 6:-6] = False
+    assert prob.shape == framed.shape and prob[border].max() == 0  # foreground probability 0, not 1
+    assert read_label(tmp_path / "out" / "framed.png")[0][border].max() == 0

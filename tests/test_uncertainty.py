@@ -140,6 +140,7 @@ def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, c
     plan = json.loads((model / "plans.json").read_text())
     assert {k: plan["sample"][k] for k in ("steps", "eta")} == {"steps": 10, "eta": 1.0}  # spread as the raters do
     assert plan["sample"]["temperature"] > 0  # fitted on the validation cases
+    assert plan["sample"]["num_samples"] == 4  # several annotators: never cut to one sample
     assert "several annotators: the label encoder learns" in caplog.text
     assert "(ddim, 10 steps" in capsys.readouterr().out  # validation samples as predict will
     out = tmp_path / "pred"
@@ -225,6 +226,68 @@ def test_temperature_scaling_is_softmax_of_the_logits_over_t_and_the_fit_finds_t
     labels = (rng.random(truth.shape[1]) > truth.cumsum(0)).sum(0)
     assert fit_temperature([p], [labels]) == pytest.approx(2.0, rel=0.1)
     assert fit_temperature([truth], [labels]) == pytest.approx(1.0, rel=0.1)
+
+
+def _count_run(fusion: str = "mean", sampler: str = "ddim"):
+    from types import SimpleNamespace
+
+    from latentseg.config import Config
+    from latentseg.models import build_model
+    from latentseg.plan import Plan
+
+    config = Config()
+    config.model.spatial_dims, config.model.in_channels, config.model.num_classes = 2, 1, 2
+    if sampler == "staged":
+        config.model.denoiser_heads = 2
+    config.sample.fusion, config.sample.sampler = fusion, sampler
+    run = SimpleNamespace(config=config, resolved=SimpleNamespace(plan=Plan()), history={})
+    run.model = build_model(config.model)
+    return run
+
+
+@pytest.mark.parametrize(
+    ("spread", "fusion", "sampler", "count"),
+    [(0.0004, "mean", "ddim", 1), (0.2, "mean", "ddim", 4), (0.0, "vote", "ddim", 4), (0.0, "mean", "staged", 4)],
+)
+def test_the_sample_count_is_one_only_where_the_validation_samples_agree(spread, fusion, sampler, count):
+    from dataclasses import replace
+
+    from latentseg.training import plan_sample_count
+
+    run = _count_run(fusion, sampler)
+    plan_sample_count(run, spread, replace(run.config.sample, num_samples=4))
+    assert run.config.sample.num_samples == run.resolved.plan.sample["num_samples"] == count
+    assert run.history["validation_sample_spread"] == spread
+
+
+def test_a_planned_single_sample_holds_only_for_the_planned_sampling():
+    from dataclasses import replace
+
+    from latentseg.infer import sample_options
+
+    run = _count_run()
+    planned = replace(run.config.sample, steps=1, eta=0.0, temperature=1.0, num_samples=1)
+    count = lambda **o: sample_options(run.model, planned, o).num_samples  # noqa: E731
+    assert count() == 1 and count(steps=1, overlap=0.25) == 1  # the plan's own sampling
+    assert count(eta=1.0) == count(steps=4) == count(fusion="vote") == 4  # another sampling: the default count
+    assert count(eta=1.0, num_samples=2) == 2  # the user's count wins
+
+
+def test_predict_draws_the_planned_number_of_samples(tmp_path, model2d, data2d):
+    plan = json.loads((model2d / "plans.json").read_text())
+    history = json.loads((model2d / "training_log.json").read_text())
+    planned = plan["sample"]["num_samples"]
+    assert planned == (1 if history["validation_sample_spread"] < 0.01 else 4)
+    out = tmp_path / "pred"
+    images = data2d["test"] / "images"
+    assert (
+        main(["predict", "--model", str(model2d), "--input", str(images), "--output", str(out), "--save-samples"]) == 0
+    )
+    assert len(list(out.glob("phantom_000_sample*.png"))) == planned
+    again = tmp_path / "again"
+    args = ["predict", "--model", str(model2d), "--input", str(images), "--output", str(again), "--save-samples"]
+    assert main([*args, "--samples", "3"]) == 0
+    assert len(list(again.glob("phantom_000_sample*.png"))) == 3  # the user's count wins
 
 
 def test_training_fits_the_temperature_and_predict_applies_it(model2d, data2d):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from latentseg.config import UNPLANNED_SAMPLING, Config, DataConfig, ModelConfig, SampleConfig
+from latentseg.config import AUTO_SAMPLES, UNPLANNED_SAMPLING, Config, DataConfig, ModelConfig, SampleConfig
 from latentseg.data.datasets import DatasetSpec, discover_dataset, load_dataset, num_classes_of
 from latentseg.data.planning import (
     MIN_FEATURE,
@@ -160,10 +160,12 @@ def plan_label_encoder_training(m: ModelConfig, multi_rater: bool) -> None:
 # DDIM steps and eta: one sample as good as the mean in 2 steps (003 section V-B) | samples that
 # spread as annotators do (BU-BIL, 10 annotators: the samples' pairwise IoU 0.804 at DDIM-10,
 # eta 1, the annotators' 0.764, against 0.933 at DDIM-2; benchmarks/results/uncertainty.json)
-# (the temperature is not planned here: `fit_calibration` fits it at the end of training; until
+# (the temperature is not planned here: `fit_from_validation` fits it at the end of training; until
 # 2026-12-06 this copied UNPLANNED_SAMPLING's temperature 1, so one-annotator data never got a fit)
 SINGLE_RATER_SAMPLING = {k: UNPLANNED_SAMPLING[k] for k in ("steps", "eta")}
-MULTI_RATER_SAMPLING = {"steps": 10, "eta": 1.0}
+# several annotators: their samples are the point, so the count is never cut to one (`fit_from_validation`
+# plans it for one-annotator data, where samples that agree would only repeat the mask)
+MULTI_RATER_SAMPLING = {"steps": 10, "eta": 1.0, "num_samples": AUTO_SAMPLES}
 # An x0-predicting denoiser on one-annotator data: its first step already gives the clean latent,
 # and a second changed nothing measured (saved 15-minute models, 2026-12-06: ACDC Dice 0.7834 at
 # DDIM-1 and DDIM-2, ECE 0.0077 both, std-map error AUROC 0.927 against 0.920; MoNuSeg 0.7915

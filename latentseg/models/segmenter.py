@@ -148,7 +148,7 @@ class LatentSampling:
         return SAMPLERS[options.sampler](self, options)
 
     def sampling_problems(self, options: SampleConfig) -> list[str]:
-        return self.latent_sampler(options).problems(options.num_samples, self.heads.names)
+        return self.latent_sampler(options).problems(concrete_sampling(options).num_samples, self.heads.names)
 
     @torch.no_grad()
     def sample(
@@ -166,6 +166,7 @@ class LatentSampling:
         Returns:
             (num_samples, B, C, *S) softmax probabilities.
         """
+        options = concrete_sampling(options)
         sampler = self.latent_sampler(options)
         problems = sampler.problems(options.num_samples, self.heads.names)
         if problems:

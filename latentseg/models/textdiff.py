@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentseg.config import Config, ModelConfig, SampleConfig, TrainConfig
+from latentseg.config import Config, ModelConfig, SampleConfig, TrainConfig, concrete_sampling
 from latentseg.diffusion import DiffusionSchedule
 from latentseg.models.backbone import FeatureExtractor, build_unet, pad_to_multiple
 from latentseg.models.blocks import norm
@@ -214,7 +214,8 @@ class TextDiffSegmenter(nn.Module):
         problems = self.sampling_problems(options)
         if problems:
             raise ValueError(problems[0])
-        return torch.stack([self.logits(image, text, generator).softmax(1) for _ in range(options.num_samples)])
+        count = concrete_sampling(options).num_samples
+        return torch.stack([self.logits(image, text, generator).softmax(1) for _ in range(count)])
 
 
 class HeadObjective:

@@ -175,10 +175,11 @@ def test_sampling_is_planned_from_the_annotators_and_kept_when_set():
     plan_sampling(eps, multi_rater=False, prediction_type="eps")
     assert (single.steps, single.eta) == (1, 0.0)  # x0 prediction, one annotator: one step
     assert (eps.steps, eps.eta) == (2, 0.0)
-    assert (multi.steps, multi.eta) == (10, 1.0)
+    assert (multi.steps, multi.eta, multi.num_samples) == (10, 1.0, 4)  # several annotators: always sampled
+    assert single.num_samples == "auto"  # one annotator: planned from the validation samples at the end
     assert (fixed.steps, fixed.eta) == (3, 1.0)
     unplanned = concrete_sampling(SampleConfig())  # a model saved before sampling was planned
-    assert (unplanned.steps, unplanned.eta) == (2, 0.0)
+    assert (unplanned.steps, unplanned.eta, unplanned.num_samples) == (2, 0.0, 4)
 
 
 def test_the_decoder_fuses_skips_pointwise_unless_told():
