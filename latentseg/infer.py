@@ -446,6 +446,11 @@ def predict(
         raise LatentSegError(f"--engine must be one of {', '.join(ENGINES)}, got {opts.engine!r}")
     model, config, fingerprint = ENGINES[opts.engine](model_folder(model_dir), resolve_device(opts.device))
     settings = sample_options(model, config.sample, sample)  # refused before the first case
+    if settings.num_samples == 1 and not (sample or {}).get("num_samples"):
+        log.info(
+            "1 sample per image, as train planned (its validation samples agreed): CASE_std is 0 and "
+            "CASE_entropy is the uncertainty map; --samples N draws N"
+        )
     input_path, output_dir = Path(input_path), Path(output_dir)
     cases = discover_inputs(input_path, config.model.in_channels)
     _check_output_dir(output_dir, input_path, cases)

@@ -273,7 +273,8 @@ def test_a_planned_single_sample_holds_only_for_the_planned_sampling():
     assert count(eta=1.0, num_samples=2) == 2  # the user's count wins
 
 
-def test_predict_draws_the_planned_number_of_samples(tmp_path, model2d, data2d):
+def test_predict_draws_the_planned_number_of_samples(tmp_path, model2d, data2d, caplog):
+    caplog.set_level("INFO", logger="latentseg")
     plan = json.loads((model2d / "plans.json").read_text())
     history = json.loads((model2d / "training_log.json").read_text())
     planned = plan["sample"]["num_samples"]
@@ -284,10 +285,13 @@ def test_predict_draws_the_planned_number_of_samples(tmp_path, model2d, data2d):
         main(["predict", "--model", str(model2d), "--input", str(images), "--output", str(out), "--save-samples"]) == 0
     )
     assert len(list(out.glob("phantom_000_sample*.png"))) == planned
+    assert ("1 sample per image, as train planned" in caplog.text) == (planned == 1)
+    caplog.clear()
     again = tmp_path / "again"
     args = ["predict", "--model", str(model2d), "--input", str(images), "--output", str(again), "--save-samples"]
     assert main([*args, "--samples", "3"]) == 0
     assert len(list(again.glob("phantom_000_sample*.png"))) == 3  # the user's count wins
+    assert "as train planned" not in caplog.text
 
 
 def test_training_fits_the_temperature_and_predict_applies_it(model2d, data2d):
