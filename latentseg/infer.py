@@ -231,7 +231,7 @@ def sample_options(model: Segmenter, base: SampleConfig, overrides: dict[str, An
             problems.append(f"{FLAGS.get(key, key)} {problem}")
     if problems:
         raise LatentSegError("\n".join(problems))
-    if "num_samples" not in changes and any(changes.get(k, getattr(base, k)) != getattr(base, k) for k in PROCESS):
+    if "num_samples" not in changes and any(k in changes and changes[k] != getattr(base, k) for k in PROCESS):
         changes["num_samples"] = AUTO_SAMPLES  # a planned count holds for the sampling it was measured with
     options = concrete_sampling(replace(base, **changes))  # "auto" left by an unplanned model: its defaults
     try:

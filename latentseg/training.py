@@ -40,7 +40,7 @@ from latentseg.checkpoint import (
     save_checkpoint,
     weights,
 )
-from latentseg.config import AUTO_SAMPLES, Config, step_limit
+from latentseg.config import AUTO_SAMPLES, Config, SampleConfig, step_limit
 from latentseg.data.targets import select_target
 from latentseg.data.transforms import RandRaterd, train_transforms
 from latentseg.distributed import World, barrier, from_rank0, lost_peer_message, setup, teardown, wrap
@@ -185,22 +185,22 @@ def fit_from_validation(run: Run) -> None:
     validation cases both stay "auto", read as 1 and AUTO_SAMPLES."""
     config, sample = run.config, run.config.sample
     val_set = run.resolved.data.val[: config.train.val_cases]
-    fit_temperature_, plan_count = sample.temperature == "auto", sample.num_samples == "auto"
-    if not val_set or not (fit_temperature_ or plan_count):
+    fit_t, plan_count = sample.temperature == "auto", sample.num_samples == "auto"
+    if not val_set or not (fit_t or plan_count):
         return
     count = AUTO_SAMPLES if plan_count else sample.num_samples
     options = replace(sample, temperature=1.0, num_samples=count)
     predicted = list(_predicted(run.model, val_set, config, options, run.resolved.encoder))
     if plan_count:
         plan_sample_count(run, max(float(p.uncertainty.max()) for _, p in predicted), options)
-    if fit_temperature_:
+    if fit_t:
         temperature = fit_temperature([p.probabilities for _, p in predicted], [s["label"][0] for s, _ in predicted])
         sample.temperature = run.resolved.plan.sample["temperature"] = temperature
         run.history["temperature"] = temperature
         log.info("calibration: temperature %.2f, fitted on %d validation cases", temperature, len(val_set))
 
 
-def plan_sample_count(run: Run, spread: float, options) -> None:
+def plan_sample_count(run: Run, spread: float, options: SampleConfig) -> None:
     """`sample.num_samples` from the validation samples' largest per-voxel std (`fit_from_validation`)."""
     one = replace(options, num_samples=1)
     agree = spread < SAMPLES_AGREE and options.fusion == "mean" and not run.model.sampling_problems(one)

@@ -160,7 +160,8 @@ def complete_background(probabilities: np.ndarray, classes: int) -> np.ndarray:
     """Restored (N*C, *S) class probabilities, each group of C summing to 1 again: `restore` pads
     with zeros where the network saw nothing (outside the foreground crop, which is background by
     construction), and interpolation mixes that padding into the voxels beside it; the missing mass
-    is the padding's share, so it goes to the background, class 0 of each group."""
+    is the padding's share, so it goes to the background, class 0 of each group (in place where the
+    array is contiguous; the completed array is returned either way)."""
     groups = probabilities.reshape(-1, classes, *probabilities.shape[1:])
     missing = np.clip(1.0 - groups.sum(1), 0.0, 1.0)
     groups[:, 0] += missing.astype(groups.dtype)
