@@ -26,7 +26,7 @@ from monai.inferers import sliding_window_inference
 from latentseg.checkpoint import load_model
 from latentseg.config import AUTO_SAMPLES, Config, SampleConfig, concrete_sampling
 from latentseg.data.datasets import Case, discover_inputs, load_image
-from latentseg.data.io import ImageMeta, file_format, output_ending, output_name, write_label, write_map
+from latentseg.data.io import VOLUME_FORMATS, ImageMeta, output_ending, output_name, write_label, write_map
 from latentseg.data.preprocess import Preprocessing, complete_background, prepare_image, restore
 from latentseg.errors import LatentSegError, one_line
 from latentseg.fusion import check_fusion, entropy_map, fuse, uncertainty_map
@@ -259,12 +259,12 @@ OUTPUT_SUFFIXES = ("", "_prob", "_std", "_entropy")
 def output_names(case: Case, overlay: bool = True, samples: int = 0) -> list[str]:
     """The files `predict` writes for a case (`samples` sampled label maps among them), the label
     map last."""
-    fmt = file_format(case.image_paths[0])
-    names = [f"{case.case_id}{suffix}{output_ending(fmt, suffix)}" for suffix in OUTPUT_SUFFIXES[1:]]
-    names += [f"{case.case_id}_sample{k:02d}{output_ending(fmt, '_sample')}" for k in range(samples)]
+    source = case.image_paths[0]
+    names = [f"{case.case_id}{suffix}{output_ending(source, suffix)}" for suffix in OUTPUT_SUFFIXES[1:]]
+    names += [f"{case.case_id}_sample{k:02d}{output_ending(source, '_sample')}" for k in range(samples)]
     if overlay:
         names.append(f"{case.case_id}_overlay.png")
-    return [*names, f"{case.case_id}{output_ending(fmt)}"]
+    return [*names, f"{case.case_id}{output_ending(source)}"]
 
 
 def check_output_clashes(cases: list[Case], overlay: bool = True, samples: int = 0) -> None:
@@ -363,7 +363,7 @@ def _write_case(
     write_label(folder / output_name(meta, case.case_id), stored(pred.label), meta, label_names)
     for k, sample in enumerate(pred.samples if pred.samples is not None else []):
         write_label(folder / output_name(meta, case.case_id, f"_sample{k:02d}"), stored(sample), meta)
-    volume = meta.format in ("nifti", "dicom")
+    volume = meta.format in VOLUME_FORMATS
     prob = pred.probabilities if volume else 1.0 - pred.probabilities[0]
     write_map(folder / output_name(meta, case.case_id, "_prob"), prob, meta)
     std = pred.uncertainty if volume else np.clip(2 * pred.uncertainty, 0, 1)

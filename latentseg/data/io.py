@@ -1,5 +1,6 @@
 """Reading and writing images and label maps: NIfTI through nibabel, 2D images through Pillow,
-DICOM series (a folder per series) through pydicom with DICOM-SEG written by highdicom.
+MetaImage and NRRD through SimpleITK, DICOM series (a folder per series) through pydicom with
+DICOM-SEG written by highdicom.
 
 Readers return a channel-first array and an `ImageMeta` with the spacing, affine and header, so a
 prediction can be written back on exactly the input's grid. Every failure is a `LatentSegError`
@@ -18,11 +19,14 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from latentseg.data.itk import ITK_SUFFIXES, itk_output_suffix, read_itk, write_itk
 from latentseg.errors import LatentSegError, one_line
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-IMAGE2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-FileFormat = Literal["nifti", "image2d", "dicom"]
+IMAGE2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + IMAGE2D_SUFFIXES
+FileFormat = Literal["nifti", "itk", "image2d", "dicom"]
+VOLUME_FORMATS = ("nifti", "itk", "dicom")  # formats whose maps are float images with every class
 
 
 DEFAULT_MAX_VOXELS = 2**29  # 512 x 512 x 2048; `data.max_voxels` / `--max-voxels` change it
@@ -34,9 +38,9 @@ class ImageMeta:
     format: FileFormat
     spatial_shape: tuple[int, ...]
     spacing: tuple[float, ...]
-    affine: np.ndarray | None = None  # NIfTI only
-    header: Any = None  # NIfTI only: the nibabel header, copied onto outputs
-    file_shape: tuple[int, ...] | None = None  # NIfTI only: the spatial shape stored (H, W, 1 for a 2D slice)
+    affine: np.ndarray | None = None  # NIfTI, MetaImage/NRRD and DICOM: RAS+
+    header: Any = None  # NIfTI: the nibabel header; MetaImage/NRRD: origin, spacing, direction; copied onto outputs
+    file_shape: tuple[int, ...] | None = None  # NIfTI, MetaImage/NRRD: the spatial shape stored (H, W, 1 for 2D)
     source: Any = None  # DICOM only: the series' datasets in slice order, which a DICOM-SEG references
 
     @property
@@ -60,25 +64,27 @@ def file_format(path: Path) -> FileFormat:
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
+    if name.endswith(ITK_SUFFIXES):
+        return "itk"
     if name.endswith(IMAGE2D_SUFFIXES):
         return "image2d"
     raise LatentSegError(
-        f"{path}: unsupported file type; use NIfTI ({', '.join(NIFTI_SUFFIXES)}) "
-        f"or a 2D image ({', '.join(IMAGE2D_SUFFIXES)})"
+        f"{path}: unsupported file type; use NIfTI ({', '.join(NIFTI_SUFFIXES)}), MetaImage or NRRD "
+        f"({', '.join(ITK_SUFFIXES)}), a 2D image ({', '.join(IMAGE2D_SUFFIXES)}) or a DICOM series folder"
     )
 
 
 def split_suffix(path: Path) -> tuple[str, str]:
     """('case', '.nii.gz') for case.nii.gz; ('case', '.png') for case.png."""
     name = path.name
-    for suffix in NIFTI_SUFFIXES + IMAGE2D_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)], name[-len(suffix) :]
     return path.stem, path.suffix
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES + IMAGE2D_SUFFIXES)
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def _load_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
@@ -132,20 +138,29 @@ def _load_2d(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarr
     return data, ImageMeta(path, "image2d", tuple(data.shape[:2]), (1.0, 1.0))
 
 
+def _load_itk(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
+    data, info = read_itk(path, max_voxels)
+    meta = ImageMeta(
+        path, "itk", info["spatial_shape"], info["spacing"], info["affine"], info["geometry"], info["file_shape"]
+    )
+    return data, meta
+
+
 def read_image(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
     """An image as float32 (C, *spatial) plus its metadata.
 
-    NIfTI: 2D (also stored as H x W x 1), 3D volumes, or 4D with channels last. 2D images: grey
-    (a palette of greys included) or RGB; alpha is dropped. An image whose header claims more than
-    `max_voxels` values is refused before its data is read.
+    NIfTI: 2D (also stored as H x W x 1), 3D volumes, or 4D with channels last. MetaImage and NRRD:
+    2D or 3D, vector pixels as channels. 2D images: grey (a palette of greys included) or RGB;
+    alpha is dropped. An image whose header claims more than `max_voxels` values is refused before
+    its data is read.
     """
     path = Path(path)
     if path.is_dir():
         return _load_dicom(path, max_voxels)
     if not path.is_file():
         raise LatentSegError(f"{path}: file not found")
-    if file_format(path) == "nifti":
-        data, meta = _load_nifti(path, max_voxels)
+    if file_format(path) in ("nifti", "itk"):
+        data, meta = (_load_nifti if file_format(path) == "nifti" else _load_itk)(path, max_voxels)
         if data.ndim == meta.spatial_dims + 1:
             data = np.moveaxis(data, -1, 0)
         elif data.ndim == meta.spatial_dims:
@@ -171,8 +186,8 @@ def read_label(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[
     path = Path(path)
     if not path.is_file():
         raise LatentSegError(f"{path}: file not found")
-    if file_format(path) == "nifti":
-        data, meta = _load_nifti(path, max_voxels)
+    if file_format(path) in ("nifti", "itk"):
+        data, meta = (_load_nifti if file_format(path) == "nifti" else _load_itk)(path, max_voxels)
         if data.ndim == meta.spatial_dims + 1 and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim != len(meta.spatial_shape):
@@ -220,6 +235,10 @@ def _write_nifti(path: Path, data: np.ndarray, meta: ImageMeta, dtype: type) -> 
     atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
 
+def _write_itk(path: Path, data: np.ndarray, meta: ImageMeta) -> None:
+    atomic_write(path, lambda tmp: write_itk(tmp, data, meta.spatial_dims, meta.file_shape, meta.header))
+
+
 def _write_png(path: Path, data: np.ndarray) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
 
@@ -235,6 +254,8 @@ def write_label(path: str | Path, label: np.ndarray, meta: ImageMeta, names: dic
 
         found = {int(v) for v in np.unique(label) if v}
         write_seg(path, label, meta.source, {k: v for k, v in (names or {}).items()} or {k: str(k) for k in found})
+    elif meta.format == "itk":
+        _write_itk(path, label.astype(np.uint8 if label.max(initial=0) < 256 else np.uint16), meta)
     elif meta.format in ("nifti", "dicom"):
         _write_nifti(path, label, meta, np.uint8 if label.max(initial=0) < 256 else np.uint16)
     else:
@@ -242,11 +263,15 @@ def write_label(path: str | Path, label: np.ndarray, meta: ImageMeta, names: dic
 
 
 def write_map(path: str | Path, values: np.ndarray, meta: ImageMeta) -> None:
-    """A float map (*S) or (C, *S) in [0, 1]: float32 NIfTI (channels last), or an 8-bit PNG."""
+    """A float map (*S) or (C, *S) in [0, 1]: float32 NIfTI or MetaImage/NRRD (channels last), or an
+    8-bit PNG."""
     path = Path(path)
-    if meta.format in ("nifti", "dicom"):
+    if meta.format in VOLUME_FORMATS:
         data = np.moveaxis(values, 0, -1) if values.ndim == meta.spatial_dims + 1 else values
-        _write_nifti(path, data, meta, np.float32)
+        if meta.format == "itk":
+            _write_itk(path, data.astype(np.float32), meta)
+        else:
+            _write_nifti(path, data, meta, np.float32)
     else:
         if values.ndim != 2:
             raise ValueError("a PNG map must be 2D")
@@ -255,11 +280,15 @@ def write_map(path: str | Path, values: np.ndarray, meta: ImageMeta) -> None:
 
 def output_name(meta: ImageMeta, case_id: str, suffix: str = "") -> str:
     """File name of an output for this case, in the input's format (DICOM: the label map as a
-    DICOM-SEG, maps and samples as NIfTI)."""
-    return f"{case_id}{suffix}{output_ending(meta.format, suffix)}"
+    DICOM-SEG, maps and samples as NIfTI; MetaImage and NRRD: one file, .mha or .nrrd)."""
+    return f"{case_id}{suffix}{output_ending(meta.path, suffix)}"
 
 
-def output_ending(fmt: FileFormat, suffix: str = "") -> str:
+def output_ending(source: Path, suffix: str = "") -> str:
+    """The ending of output `suffix` ("" for the label map) of the input `source`."""
+    fmt = file_format(source)
     if fmt == "dicom":
         return ".dcm" if suffix == "" else ".nii.gz"
+    if fmt == "itk":
+        return itk_output_suffix(source)
     return ".nii.gz" if fmt == "nifti" else ".png"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentseg.data.io import read_image, read_label, write_label, write_map
+from latentseg.data.io import output_name, read_image, read_label, write_label, write_map
 from latentseg.errors import LatentSegError
 
 
@@ -58,6 +58,20 @@ def test_png_grey_rgb_and_label(tmp_path):
     assert label.dtype == np.int64 and label.max() == 7 and meta.spacing == (1.0, 1.0)
     write_label(tmp_path / "o.png", label, meta)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), label)
+
+
+def test_gif_masks_and_ppm_images_as_retinal_datasets_ship_them(tmp_path):
+    """DRIVE's manual masks are GIFs, STARE's images PPMs; a prediction of either is a PNG."""
+    mask = np.zeros((6, 7), np.uint8)
+    mask[2:4, 1:5] = 255
+    Image.fromarray(mask).save(tmp_path / "m.gif")
+    rgb = np.random.default_rng(0).integers(0, 255, (6, 7, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "i.ppm")
+    label, meta = read_label(tmp_path / "m.gif")
+    assert np.array_equal(label, mask) and meta.format == "image2d"
+    image, _ = read_image(tmp_path / "i.ppm")
+    assert np.array_equal(image, np.moveaxis(rgb, -1, 0).astype(np.float32))
+    assert output_name(meta, "m") == "m.png"
 
 
 def test_float_labels_and_negative_labels_are_rejected(tmp_path):
