@@ -32,8 +32,10 @@ def test_denoiser_strides_skip_short_latent_axes():
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from latentseg.data.planning import frozen_axes, label_ceiling, plan_latent  # noqa: E402
+from latentseg.data.planning import foreground_window, frozen_axes, label_ceiling, plan_latent  # noqa: E402
 
 
 def disc(shape, radius, centre=None) -> np.ndarray:
@@ -51,6 +53,31 @@ def test_label_ceiling_is_one_for_blocks_on_the_grid_and_low_for_thin_lines():
     line[:, 31] = 1  # one voxel wide: pooling by 4 leaves a quarter of a cell
     assert label_ceiling([line], 2, [4, 4])[0] < 0.5
     assert label_ceiling([line], 2, [1, 1]) == [1.0]
+
+
+def whole_image_ceiling(label: np.ndarray, num_classes: int, total: list[int]) -> list[float]:
+    """The label ceiling computed on the whole image, as it was before the foreground window."""
+    y = torch.as_tensor(label).long()
+    onehot = F.one_hot(y, num_classes).movedim(-1, 0)[None].float()
+    pool, mode = (F.avg_pool2d, "bilinear") if label.ndim == 2 else (F.avg_pool3d, "trilinear")
+    coarse = pool(onehot, kernel_size=total, stride=total, ceil_mode=True)
+    pred = F.interpolate(coarse, size=tuple(y.shape), mode=mode)[0].argmax(0)
+    return [
+        float(2 * ((pred == c) & (y == c)).sum() / ((pred == c).sum() + (y == c).sum())) for c in range(1, num_classes)
+    ]
+
+
+@pytest.mark.parametrize("total", [[4, 4, 2], [8, 8, 4], [16, 16, 4]])
+def test_the_foreground_window_gives_the_whole_image_ceiling(total):
+    """A small organ of two classes in a large volume (as in CT): measured on the window around it,
+    the ceiling is the whole image's, class by class."""
+    label = np.zeros((192, 160, 40), np.int64)
+    label[40:60, 30:52, 10:19] = disc((20, 22, 9), 8, [9.5, 10.5, 4]) * 2
+    label[44:49, 35:41, 12:16] = 1
+    window = foreground_window(label, total)
+    assert label[window].size < label.size / 4
+    assert label_ceiling([label], 3, total) == pytest.approx(whole_image_ceiling(label, 3, total), abs=1e-6)
+    assert foreground_window(np.zeros_like(label), total) is None
 
 
 def test_thin_slices_freeze_the_slice_axis():
