@@ -133,7 +133,8 @@ def train_step(
 ) -> dict:
     """One optimizer step; `losses_fn` is a `TrainingLosses`, wrapped in DDP when distributed."""
     losses_fn.train()
-    inputs = {"image": batch["image"].to(device), "label": batch["label"].to(device)}
+    label = batch["label"] if batch["label"].is_floating_point() else batch["label"].long()  # stored compact
+    inputs = {"image": batch["image"].to(device), "label": label.to(device)}
     inputs["text"] = encode(encoder, batch["text"], device)
     losses = losses_fn(inputs, phases)
     optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from latentseg.data.dicom import series_folders
-from latentseg.data.io import DEFAULT_MAX_VOXELS, ImageMeta, is_image_file, read_image, read_label, split_suffix
+from latentseg.data.io import (
+    DEFAULT_MAX_VOXELS,
+    ImageMeta,
+    compact_label,
+    is_image_file,
+    read_image,
+    read_label,
+    split_suffix,
+)
 from latentseg.errors import LatentSegError, one_line
 
 TEXT_TABLES = ("text.csv", "text_annotations.csv")
@@ -361,7 +369,8 @@ def load_case(
         raise LatentSegError(
             f"{case.label_path}: label values {bad} are outside 0..{num_classes - 1} (the declared labels)"
         )
-    return {"image": image, "label": label[None], "text": case.text, "case_id": case.case_id, "meta": meta}
+    label = compact_label(label)[None]
+    return {"image": image, "label": label, "text": case.text, "case_id": case.case_id, "meta": meta}
 
 
 def _check_same_grid(label_path: Path, meta: ImageMeta, lmeta: ImageMeta) -> None:
@@ -397,8 +406,8 @@ def load_raters(paths: list[Path], sample: dict[str, Any], num_classes: int | No
                 f"{path}: annotator mask values {sorted(set(np.unique(mask).tolist()))} "
                 f"are outside 0..{num_classes - 1}"
             )
-        masks.append(mask)
-    return np.stack(masks)
+        masks.append(compact_label(mask))
+    return compact_label(np.stack(masks))
 
 
 def _remove(samples: list[dict[str, Any]], sample: dict[str, Any]) -> None:
@@ -474,7 +483,7 @@ def _apply_mask_values(samples: list[dict[str, Any]], spec: DatasetSpec, problem
             problems.append(f"{s['case_id']}: mask values {bad} are not among {spec.mask_values}")
             _remove(samples, s)
             continue
-        s["label"] = mapped
+        s["label"] = compact_label(mapped)
         if "raters" in s:
             raters = lut[np.clip(s["raters"], 0, len(lut) - 1)]
             if raters.min() < 0 or s["raters"].max() >= len(lut):
@@ -482,7 +491,7 @@ def _apply_mask_values(samples: list[dict[str, Any]], spec: DatasetSpec, problem
                 problems.append(f"{s['case_id']}: annotator mask values {bad} are not among {spec.mask_values}")
                 _remove(samples, s)
                 continue
-            s["raters"] = raters
+            s["raters"] = compact_label(raters)
 
 
 def _label_file(spec: DatasetSpec, case_id: str) -> str:

@@ -212,6 +212,14 @@ def read_label(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[
     return data, meta
 
 
+def compact_label(label: np.ndarray) -> np.ndarray:
+    """Integer labels in the smallest unsigned type that holds them (uint8 for up to 255 classes):
+    a training set's labels are held in memory, and int64 took 8 bytes per voxel, twice the image's."""
+    top = int(label.max(initial=0))
+    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.int64
+    return label.astype(dtype, copy=False)
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)

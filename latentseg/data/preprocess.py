@@ -26,7 +26,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from latentseg.data.io import ImageMeta
+from latentseg.data.io import ImageMeta, compact_label
 from latentseg.errors import LatentSegError
 from latentseg.schema import PositiveFloat, check_mapping
 
@@ -137,7 +137,7 @@ def preprocess_sample(sample: dict[str, Any], prep: Preprocessing) -> dict[str, 
     data = {key: to_meta_tensor(sample[key], meta) for key in keys}
     out = prep.transform(keys)(data)
     mapped = {"image": out["image"].numpy().astype(np.float32)}
-    mapped |= {key: np.rint(out[key].numpy()).astype(np.int64) for key in keys[1:]}
+    mapped |= {key: compact_label(np.rint(out[key].numpy())) for key in keys[1:]}
     return mapped
 
 
