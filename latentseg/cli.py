@@ -261,7 +261,7 @@ def cmd_check_dataset(args: argparse.Namespace) -> None:
     from latentseg.data.datasets import discover_dataset, load_dataset
 
     spec = discover_dataset(args.path, args.allow_outside_paths)
-    samples, problems = load_dataset(spec, args.max_voxels)
+    samples, problems = load_dataset(spec, args.max_voxels, keep_images=False)  # the labels are what it plans from
     for line in spec.warnings:
         print(f"warning: {line}")
     if problems:

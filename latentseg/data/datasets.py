@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,9 +500,13 @@ def _label_file(spec: DatasetSpec, case_id: str) -> str:
     return case.label_path.name if case is not None and case.label_path is not None else case_id
 
 
-def load_dataset(spec: DatasetSpec, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[list[dict[str, Any]], list[str]]:
+def load_dataset(
+    spec: DatasetSpec, max_voxels: int = DEFAULT_MAX_VOXELS, keep_images: bool = True
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Every case loaded and checked; all problems are collected, one line each, not just the first.
-    Empty masks are allowed and noted in `spec.warnings`."""
+    Empty masks are allowed and noted in `spec.warnings`. Without `keep_images` each image is
+    dropped once its case is checked (`release_image`), so only one raw image is in memory at a
+    time; `reload_image` reads it again."""
     problems = list(spec.problems)
     samples = []
     declared = num_classes_of(spec)
@@ -513,6 +518,8 @@ def load_dataset(spec: DatasetSpec, max_voxels: int = DEFAULT_MAX_VOXELS) -> tup
             sample = load_case(case, declared, spec.num_channels, max_voxels)
             if case.case_id in spec.raters:
                 sample["raters"] = load_raters(spec.raters[case.case_id], sample, declared, max_voxels)
+            if not keep_images:
+                release_image(sample, case, ct_channels(spec))
             samples.append(sample)
         except LatentSegError as err:
             problems.append(str(err))
@@ -527,14 +534,43 @@ def load_dataset(spec: DatasetSpec, max_voxels: int = DEFAULT_MAX_VOXELS) -> tup
     return samples, problems
 
 
+def ct_channels(spec: DatasetSpec) -> list[int]:
+    from latentseg.data.preprocess import is_ct  # MONAI: imported when needed
+
+    return [c for c, name in spec.channel_names.items() if is_ct(name)]
+
+
+def release_image(sample: dict[str, Any], case: Case, ct_channels: list[int]) -> None:
+    """Drop a checked sample's image, keeping what planning needs of it: its channel count, and an
+    `intensity_sample` of each CT channel for the CT statistics."""
+    from latentseg.data.preprocess import intensity_sample
+
+    image = sample.pop("image")
+    rng = np.random.default_rng(zlib.crc32(case.case_id.encode()))
+    sample["channels"] = int(image.shape[0])
+    sample["intensities"] = {c: intensity_sample(image, sample["label"], c, rng) for c in ct_channels}
+    sample["case"] = case
+
+
+def reload_image(sample: dict[str, Any], max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
+    """The image of a sample whose image `release_image` dropped, read again (checked as before)."""
+    if "image" not in sample:
+        sample["image"] = load_image(sample["case"], max_voxels)[0]
+    for key in ("case", "channels", "intensities"):
+        sample.pop(key, None)
+
+
+def channels_of(sample: dict[str, Any]) -> int:
+    return sample["channels"] if "channels" in sample else int(sample["image"].shape[0])
+
+
 def _channel_count_problems(spec: DatasetSpec, samples: list[dict[str, Any]]) -> list[str]:
     """Cases whose channel count differs from the most common one, each named."""
-    counts = Counter(s["image"].shape[0] for s in samples)
+    counts = Counter(channels_of(s) for s in samples)
     if len(counts) < 2:
         return []
     usual = counts.most_common(1)[0][0]
-    odd = [s for s in samples if s["image"].shape[0] != usual]
+    odd = [s for s in samples if channels_of(s) != usual]
     return [
-        f"{s['meta'].path}: {s['image'].shape[0]} channel(s) where the other {counts[usual]} cases have {usual}"
-        for s in odd
+        f"{s['meta'].path}: {channels_of(s)} channel(s) where the other {counts[usual]} cases have {usual}" for s in odd
     ]

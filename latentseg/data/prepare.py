@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 
 from latentseg.config import AUTO_SAMPLES, UNPLANNED_SAMPLING, Config, DataConfig, ModelConfig, SampleConfig
-from latentseg.data.datasets import DatasetSpec, discover_dataset, load_dataset, num_classes_of
+from latentseg.data.datasets import (
+    DatasetSpec,
+    channels_of,
+    discover_dataset,
+    load_dataset,
+    num_classes_of,
+    reload_image,
+)
 from latentseg.data.planning import (
     MIN_FEATURE,
     describe_latent,
@@ -26,7 +33,7 @@ from latentseg.data.planning import (
     round_up,
     total_stride,
 )
-from latentseg.data.preprocess import Preprocessing, ct_statistics, is_ct, preprocess_sample
+from latentseg.data.preprocess import Preprocessing, ct_statistics_of, intensity_sample, is_ct, preprocess_sample
 from latentseg.data.splits import make_split
 from latentseg.errors import LatentSegError
 from latentseg.postprocess import single_component_classes
@@ -49,7 +56,7 @@ def load_datasets(data_dirs: list[Path], data: DataConfig) -> tuple[list[Dataset
     for root in data_dirs:
         spec = discover_dataset(root, data.allow_outside_paths)
         spec.mask_values = list(data.mask_values)
-        found, trouble = load_dataset(spec, data.max_voxels)
+        found, trouble = load_dataset(spec, data.max_voxels, keep_images=False)  # read again to preprocess
         for s in found:
             s["dataset"] = spec.name
         specs.append(spec)
@@ -69,7 +76,7 @@ def load_datasets(data_dirs: list[Path], data: DataConfig) -> tuple[list[Dataset
 def _check_compatible(specs: list[DatasetSpec], samples: list[dict[str, Any]], same_labels: bool = True) -> None:
     if len({s["meta"].spatial_dims for s in samples}) > 1:
         raise LatentSegError("the datasets mix 2D and 3D images")
-    if len({s["image"].shape[0] for s in samples}) > 1:
+    if len({channels_of(s) for s in samples}) > 1:
         raise LatentSegError("the datasets have different channel counts")
     declared = {tuple(sorted(s.labels.items())) for s in specs if s.labels}
     if same_labels and len(declared) > 1:
@@ -85,14 +92,17 @@ def plan_preprocessing(config: Config, specs: list[DatasetSpec], samples: list[d
     elif dims == 2 and config.data.spacing:  # 2D images keep their grid unless a spacing is asked for
         spacing = config.data.spacing
     names = specs[0].channel_names
-    ct = {
-        str(c): ct_statistics([s["image"] for s in samples], [s["label"] for s in samples], c)
-        for c, name in names.items()
-        if is_ct(name)
-    }
+    ct = {str(c): ct_statistics_of([intensities(s, c) for s in samples]) for c, name in names.items() if is_ct(name)}
     return Preprocessing(
         dims, spacing, "RAS" if dims == 3 and config.data.resample else None, config.data.crop_foreground, ct
     )
+
+
+def intensities(sample: dict[str, Any], channel: int) -> dict[str, np.ndarray]:
+    """A sample's `intensity_sample` of `channel`: kept when its image was released, else drawn."""
+    if "intensities" in sample:
+        return sample["intensities"][channel]
+    return intensity_sample(sample["image"], sample["label"], channel, np.random.default_rng(0))
 
 
 def plan_network(
@@ -252,7 +262,7 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     labels = specs[0].labels
     found = max(int(s["label"].max()) for s in samples) + 1
     config.model.spatial_dims = samples[0]["meta"].spatial_dims
-    config.model.in_channels = int(samples[0]["image"].shape[0])
+    config.model.in_channels = channels_of(samples[0])
     config.model.num_classes = max(num_classes_of(specs[0]) or found, 2)
 
     train_ids, val_ids = [], []
@@ -266,7 +276,8 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
 
     prep = plan_preprocessing(config, specs, samples)
     spacings = [list(s["meta"].spacing) for s in samples]
-    for s in samples:
+    for s in samples:  # one raw image in memory at a time
+        reload_image(s, config.data.max_voxels)
         s.update(preprocess_sample(s, prep))
         del s["meta"]
     raters = use_raters(samples, config.data.raters)

@@ -120,11 +120,27 @@ def to_meta_tensor(array: np.ndarray, meta: ImageMeta) -> MetaTensor:
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=torch.as_tensor(affine))
 
 
-def ct_statistics(images: list[np.ndarray], labels: list[np.ndarray], channel: int) -> dict[str, float]:
-    """nnU-Net's CT normalisation statistics: foreground voxels of all training cases."""
-    values = np.concatenate([img[channel][lab[0] > 0] for img, lab in zip(images, labels, strict=True)])
+CT_VALUES_PER_CASE = 10_000  # intensities drawn per case for the CT statistics, as nnU-Net's fingerprint
+
+
+def intensity_sample(image: np.ndarray, label: np.ndarray, channel: int, rng: np.random.Generator) -> dict:
+    """Up to CT_VALUES_PER_CASE of one case's foreground intensities in `channel`, and as many of all
+    its voxels (used only where no case has foreground), drawn at random: all that the CT statistics
+    need of an image, so the image itself need not stay in memory."""
+
+    def pick(values: np.ndarray) -> np.ndarray:
+        return values if values.size <= CT_VALUES_PER_CASE else values[rng.integers(0, values.size, CT_VALUES_PER_CASE)]
+
+    return {"foreground": pick(image[channel][label[0] > 0]), "all": pick(image[channel].ravel())}
+
+
+def ct_statistics_of(samples: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """nnU-Net's CT normalisation statistics (0.5 and 99.5 percentiles, mean and std within them) of
+    every training case's `intensity_sample`, pooled: foreground voxels, or all voxels where no case
+    has foreground."""
+    values = np.concatenate([s["foreground"] for s in samples])
     if values.size == 0:
-        values = np.concatenate([img[channel].ravel() for img in images])
+        values = np.concatenate([s["all"] for s in samples])
     lo, hi = np.percentile(values, [0.5, 99.5])
     clipped = np.clip(values, lo, hi)
     return {"lo": float(lo), "hi": float(hi), "mean": float(clipped.mean()), "std": float(clipped.std() + 1e-8)}

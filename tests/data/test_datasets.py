@@ -106,3 +106,20 @@ def test_training_labels_are_held_in_one_byte_per_voxel(tmp_path):
     assert {s["raters"].dtype for s in data.train} == {np.dtype(np.uint8)}
     assert compact_label(np.array([0, 300])).dtype == np.uint16
     assert np.array_equal(compact_label(np.array([0.0, 3.0])), [0, 3])
+
+
+def test_released_images_are_read_again_unchanged(tmp_path):
+    """check-dataset and train keep one raw image in memory at a time: a checked case's image is
+    dropped (its channel count and CT intensity sample kept) and read again to preprocess it."""
+    from latentseg.data.datasets import channels_of, reload_image
+
+    root = write_phantom_dataset(tmp_path / "d3", 2, 3, 32, seed=0)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "CT"}}))
+    kept, _ = load_dataset(discover_dataset(root))
+    released, problems = load_dataset(discover_dataset(root), keep_images=False)
+    assert not problems and all("image" not in s for s in released)
+    assert [channels_of(s) for s in released] == [1, 1] and all(0 in s["intensities"] for s in released)
+    for a, b in zip(kept, released, strict=True):
+        reload_image(b)
+        assert np.array_equal(a["image"], b["image"]) and set(a) == set(b)
