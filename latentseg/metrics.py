@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
 
-from latentseg.data.io import is_image_file, read_label
+from latentseg.data.datasets import mask_case_id
+from latentseg.data.io import is_image_file, read_label, split_suffix
 from latentseg.errors import LatentSegError
 from latentseg.fusion import majority
 
@@ -57,8 +58,15 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def _references(ref_dirs: list[Path]) -> dict[str, list[Path]]:
-    """{file name: its reference in each --ref folder that has it}; a case may lack some raters."""
+def _predictions(pred_dir: Path) -> dict[str, Path]:
+    """{case id: the label map `predict` wrote} (its maps, samples and overlays have other stems)."""
+    return {split_suffix(p)[0]: p for p in sorted(pred_dir.iterdir()) if is_image_file(p)}
+
+
+def _references(ref_dirs: list[Path], predictions: dict[str, Path]) -> dict[str, list[Path]]:
+    """{case id: its reference in each --ref folder that has it}; a case may lack some raters. A
+    reference pairs with the prediction of its case, whatever either's file type (`a.jpg` with
+    `a.png`) and with a mask suffix (`a_segmentation.png`) where no prediction has its full name."""
     found: dict[str, list[Path]] = {}
     for d in ref_dirs:
         if not d.is_dir():
@@ -67,11 +75,11 @@ def _references(ref_dirs: list[Path]) -> dict[str, list[Path]]:
         if not files:
             raise LatentSegError(f"{d}: no reference label files")
         for p in files:
-            found.setdefault(p.name, []).append(p)
+            found.setdefault(mask_case_id(split_suffix(p)[0], predictions), []).append(p)
     return found
 
 
-def _read_case(pred_dir: Path, name: str, refs: list[Path]) -> tuple[np.ndarray, list[np.ndarray], tuple]:
+def _read_case(pred_path: Path, refs: list[Path]) -> tuple[np.ndarray, list[np.ndarray], tuple]:
     masks, spacing = [], None
     for ref_path in refs:
         ref, meta = read_label(ref_path)
@@ -79,9 +87,9 @@ def _read_case(pred_dir: Path, name: str, refs: list[Path]) -> tuple[np.ndarray,
             raise LatentSegError(f"{ref_path}: shape {ref.shape} differs from {refs[0]} {masks[0].shape}")
         masks.append(ref)
         spacing = spacing or meta.spacing
-    pred, _ = read_label(pred_dir / name)
+    pred, _ = read_label(pred_path)
     if pred.shape != masks[0].shape:
-        raise LatentSegError(f"{pred_dir / name}: shape {pred.shape} differs from the reference {masks[0].shape}")
+        raise LatentSegError(f"{pred_path}: shape {pred.shape} differs from the reference {masks[0].shape}")
     return pred, masks, spacing
 
 
@@ -107,13 +115,15 @@ def evaluate(
     ref_dirs = [Path(d) for d in (ref_dir if isinstance(ref_dir, (list, tuple)) else [ref_dir])]
     if not pred_dir.is_dir():
         raise LatentSegError(f"{pred_dir}: folder not found")
-    references = _references(ref_dirs)
-    missing = [name for name in references if not (pred_dir / name).is_file()]
+    predictions = _predictions(pred_dir)
+    by_case = _references(ref_dirs, predictions)
+    missing = [refs[0].name for case, refs in by_case.items() if case not in predictions]
     if missing:
         raise LatentSegError(
             f"{pred_dir}: no prediction for {len(missing)} reference file(s): {', '.join(missing[:5])}"
         )
-    cases = {name: _read_case(pred_dir, name, refs) for name, refs in references.items()}
+    references = {predictions[case].name: refs for case, refs in by_case.items()}  # keyed by prediction file
+    cases = {name: _read_case(pred_dir / name, refs) for name, refs in references.items()}
     if labels is None:
         labels = sorted({int(v) for p, ms, _ in cases.values() for m in (p, *ms) for v in np.unique(m) if v != 0})
     per_case = []

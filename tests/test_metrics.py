@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -73,3 +74,24 @@ def test_evaluate_reports_missing_predictions_and_shape_mismatch(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 5), np.uint8), np.eye(4)), str(tmp_path / "pred" / "a.nii.gz"))
     with pytest.raises(LatentSegError, match="differs from the reference"):
         evaluate(tmp_path / "pred", tmp_path / "ref")
+
+
+def test_evaluate_pairs_a_case_across_file_types_and_mask_suffixes(tmp_path):
+    """`predict` writes PNG for a JPEG or TIFF input: `a.png` is scored against `a.jpg` (read as
+    0/255 at grey 128) and `b.png` against ISIC's `b_segmentation.png`."""
+    from PIL import Image
+
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir()
+    ref.mkdir()
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    half = mask.copy()
+    half[8:16] = 0
+    for name in ("a", "b"):
+        Image.fromarray(mask).save(pred / f"{name}.png")
+    Image.fromarray(mask).save(ref / "a.jpg", quality=90)
+    Image.fromarray(half).save(ref / "b_segmentation.png")
+    summary = evaluate(pred, ref)
+    dice = {Path(c["reference_file"]).name: c["metrics"]["255"]["Dice"] for c in summary["metric_per_case"]}
+    assert dice["a.jpg"] > 0.98 and dice["b_segmentation.png"] == pytest.approx(2 * 128 / (256 + 128))

@@ -205,10 +205,37 @@ def _image_files(folder: Path, warnings: list[str]) -> dict[str, Path]:
     return files
 
 
+MASK_SUFFIXES = ("_segmentation", "_mask", "_seg", "_label", "_labels", "_gt", "_anno", "_annotation")
+
+
+def mask_case_id(stem: str, case_ids: set[str] | dict) -> str:
+    """The case a mask file's stem belongs to: itself, or, where no case has that name, the stem
+    without a mask suffix that names one (ISIC's `X_segmentation.png` for `X.jpg`, BUSI's
+    `X_mask.png`, GlaS's `X_anno.bmp`)."""
+    if stem in case_ids:
+        return stem
+    for suffix in MASK_SUFFIXES:
+        if stem.lower().endswith(suffix) and stem[: -len(suffix)] in case_ids:
+            return stem[: -len(suffix)]
+    return stem
+
+
 def _folder2d(root: Path) -> DatasetSpec:
     warnings: list[str] = []
     images = _image_files(root / "images", warnings)
-    masks = _image_files(root / "masks", warnings)
+    masks = {}
+    for stem, path in _image_files(root / "masks", warnings).items():
+        case_id = mask_case_id(stem, images)
+        if case_id in masks:
+            warnings.append(f"{path}: a second mask for image {case_id} (besides {masks[case_id].name}), skipped")
+            continue
+        masks[case_id] = path
+    jpeg = [p for p in masks.values() if p.suffix.lower() in (".jpg", ".jpeg")]
+    if jpeg:
+        warnings.append(
+            f"{jpeg[0]}{f' and {len(jpeg) - 1} more' if len(jpeg) > 1 else ''}: JPEG masks are lossy; "
+            "read as foreground where the grey value is >= 128"
+        )
     problems = [f"{masks[s]}: mask without an image in images/" for s in masks if s not in images]
     problems += [f"{images[s]}: image without a mask in masks/" for s in images if s not in masks]
     cases = [Case(s, [images[s]], masks[s]) for s in masks if s in images]

@@ -25,6 +25,7 @@ from latentseg.errors import LatentSegError, one_line
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + IMAGE2D_SUFFIXES
+JPEG_SUFFIXES = (".jpg", ".jpeg")  # label maps stored so are read as 0/255 at a threshold of 128
 FileFormat = Literal["nifti", "itk", "image2d", "dicom"]
 VOLUME_FORMATS = ("nifti", "itk", "dicom")  # formats whose maps are float images with every class
 
@@ -182,7 +183,9 @@ def _load_dicom(path: Path, max_voxels: int) -> tuple[np.ndarray, ImageMeta]:
 
 
 def read_label(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
-    """A label map as int64 (*spatial). Rejects non-integer values and colour masks."""
+    """A label map as int64 (*spatial). Rejects non-integer values and colour masks. A JPEG mask
+    (Kvasir-SEG's, say) cannot hold exact values: it is read as 0/255, foreground where its grey
+    value is at least 128."""
     path = Path(path)
     if not path.is_file():
         raise LatentSegError(f"{path}: file not found")
@@ -194,6 +197,9 @@ def read_label(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[
             raise LatentSegError(f"{path}: a label map must have one channel, got shape {data.shape}")
     else:
         data, meta = _load_2d(path, max_voxels)
+        if path.name.lower().endswith(JPEG_SUFFIXES):  # lossy: edges and colours blur, so threshold
+            grey = data.mean(axis=-1) if data.ndim == 3 else data
+            data = np.where(grey >= 128, 255, 0).astype(np.uint8)
         if data.ndim == 3:
             if not (np.all(data[..., 0] == data[..., 1]) and np.all(data[..., 0] == data[..., 2])):
                 raise LatentSegError(f"{path}: a label map must be greyscale, this one has colours")

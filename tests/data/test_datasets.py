@@ -123,3 +123,33 @@ def test_released_images_are_read_again_unchanged(tmp_path):
     for a, b in zip(kept, released, strict=True):
         reload_image(b)
         assert np.array_equal(a["image"], b["image"]) and set(a) == set(b)
+
+
+def _jpeg_mask(path: Path, mask: np.ndarray) -> None:
+    """A 0/255 mask saved as an RGB JPEG, as Kvasir-SEG ships them: edges blur into grey values."""
+    Image.fromarray(np.repeat(mask[..., None], 3, axis=-1)).save(path, quality=75)
+
+
+def test_masks_named_as_isic_busi_and_kvasir_ship_them(tmp_path):
+    """ISIC's `X_segmentation.png` and BUSI's `X_mask.png` belong to image X; a JPEG mask (Kvasir)
+    is read as 0/255 at grey 128, with one warning; a second mask of one image is skipped, named."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:30, 12:36] = 255
+    for name in ("ISIC_0001", "benign (1)", "kvasir1"):
+        Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / "images" / f"{name}.jpg")
+    Image.fromarray(mask).save(tmp_path / "masks" / "ISIC_0001_segmentation.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "benign (1)_mask.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "benign (1).png")  # a second mask for the same image
+    _jpeg_mask(tmp_path / "masks" / "kvasir1.jpg", mask)
+    spec = discover_dataset(tmp_path)
+    assert not spec.problems
+    assert sorted(c.case_id for c in spec.cases) == ["ISIC_0001", "benign (1)", "kvasir1"]
+    assert any("JPEG masks are lossy" in w and "kvasir1.jpg" in w for w in spec.warnings)
+    assert any("a second mask for image benign (1)" in w for w in spec.warnings)
+    samples, problems = load_dataset(spec)
+    assert not problems and spec.mask_values == [0, 255]
+    for s in samples:
+        assert set(np.unique(s["label"]).tolist()) == {0, 1}
+        assert np.mean(s["label"][0] == (mask > 0)) > 0.99  # the JPEG's blurred edge rounds either way
