@@ -191,6 +191,7 @@ def fit_from_validation(run: Run) -> None:
         return
     count = AUTO_SAMPLES if plan_count else sample.num_samples
     options = replace(sample, temperature=1.0, num_samples=count)
+    log.info("predicting %d validation case(s) with %d samples each, to plan predict's sampling", len(val_set), count)
     predicted = list(_predicted(run.model, val_set, config, options, run.resolved.encoder))
     if plan_count:
         plan_sample_count(run, max(float(p.uncertainty.max()) for _, p in predicted), options)
@@ -469,8 +470,10 @@ def after_step(run: Run, step: int, stats: dict, last: bool, pretraining: tuple[
     validating = config.train.val_every and (step % config.train.val_every == 0 or last)
     if run.world.is_main and val_set and validating and not pretraining:
         v0 = time.time()
+        bar.set_description(f"train (validating {len(val_set)} cases)")  # on large volumes this takes minutes
         with run.averaged():
             dice = validate(run.model, val_set, config, run.resolved.encoder)
+        bar.set_description("train", refresh=False)
         run.clock.paused += time.time() - v0
         history["val_step"].append(step)
         history["val_dice"].append(round(dice, 4))

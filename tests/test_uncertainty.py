@@ -142,6 +142,7 @@ def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, c
     assert plan["sample"]["temperature"] > 0  # fitted on the validation cases
     assert plan["sample"]["num_samples"] == 4  # several annotators: never cut to one sample
     assert "several annotators: the label encoder learns" in caplog.text
+    assert "predicting 1 validation case(s) with 4 samples each" in caplog.text  # said before the wait
     assert "(ddim, 10 steps" in capsys.readouterr().out  # validation samples as predict will
     out = tmp_path / "pred"
     args = ["predict", "--model", str(model), "--input", str(rater_data / "images"), "--output", str(out)]
