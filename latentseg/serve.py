@@ -24,7 +24,7 @@ import numpy as np
 
 from latentseg.checkpoint import FINGERPRINT_FILE, check_model_dir, load_config, read_fingerprint
 from latentseg.config import concrete_sampling
-from latentseg.data.io import read_image, read_label, split_suffix
+from latentseg.data.io import output_name, read_image, read_label, split_suffix
 from latentseg.errors import LatentSegError
 from latentseg.fusion import FUSIONS
 from latentseg.infer import PredictOptions, predict
@@ -32,7 +32,7 @@ from latentseg.overlay import colour_panels, display_slice
 from latentseg.package import model_folder
 
 log = logging.getLogger("latentseg.serve")
-ACCEPTED = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz")
+ACCEPTED = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz", ".mha", ".nrrd")  # one file each
 
 
 @dataclass
@@ -61,14 +61,14 @@ def upload_root() -> Path:
 def checked_upload(path: str | Path | None, max_bytes: int, root: Path | None = None) -> tuple[Path, str]:
     """The uploaded file and its image suffix, or a clear error."""
     if not path:
-        raise LatentSegError("upload an image (PNG, JPEG) or a NIfTI volume first")
+        raise LatentSegError("upload an image (PNG, JPEG, TIFF) or a volume (NIfTI, MetaImage, NRRD) first")
     path = Path(path).resolve()
     root = (root or upload_root()).resolve()
     if not path.is_relative_to(root) or not path.is_file():
         raise LatentSegError("only files uploaded through this page can be segmented")
     _, suffix = split_suffix(path)
     if suffix.lower() not in ACCEPTED:
-        raise LatentSegError(f"{path.name}: not a PNG, JPEG or NIfTI file ({', '.join(ACCEPTED)})")
+        raise LatentSegError(f"{path.name}: not a 2D image, NIfTI, MetaImage or NRRD file ({', '.join(ACCEPTED)})")
     size = path.stat().st_size
     if size > max_bytes:
         raise LatentSegError(
@@ -109,11 +109,15 @@ def segment_file(
         except LatentSegError as err:  # name the upload, not the server's temporary path
             raise LatentSegError(str(err).replace(str(inputs / name), source.name)) from None
         image, meta = read_image(inputs / name)
-        label, _ = read_label(outputs / name)
-        uncertainty, _ = read_image(outputs / f"case_std{suffix}")
+        written = output_name(meta, "case")  # a JPEG or TIFF's label map is a PNG, an .mha's an .mha
+        label, _ = read_label(outputs / written)
+        uncertainty, _ = read_image(outputs / output_name(meta, "case", "_std"))
         downloads.mkdir(parents=True, exist_ok=True)
-        download = Path(tempfile.mkdtemp(dir=downloads)) / f"{safe_stem(Path(source).name)}_label{suffix}"
-        shutil.copyfile(outputs / name, download)
+        download = (
+            Path(tempfile.mkdtemp(dir=downloads))
+            / f"{safe_stem(Path(source).name)}_label{split_suffix(Path(written))[1]}"
+        )
+        shutil.copyfile(outputs / written, download)
     fingerprint = read_fingerprint(model_dir / FINGERPRINT_FILE)
     names = {int(k): str(v) for k, v in (fingerprint.get("labels") or {}).items()}
     return Result(image, label, uncertainty[0], tuple(meta.spacing), download, names)
@@ -178,7 +182,9 @@ def _prompt_box(gr, m):
 
 def _inputs(gr, config) -> list:
     m, s = config.model, concrete_sampling(config.sample)
-    upload = gr.File(label="Image (PNG, JPEG) or NIfTI volume", file_types=list(ACCEPTED), elem_id="upload")
+    upload = gr.File(
+        label="Image (PNG, JPEG, TIFF) or volume (NIfTI, MHA, NRRD)", file_types=list(ACCEPTED), elem_id="upload"
+    )
     prompt = _prompt_box(gr, m)
     steps = gr.Slider(1, 50, value=s.steps, step=1, label="Sampling steps")
     samples = gr.Slider(1, 20, value=s.num_samples, step=1, label="Samples")

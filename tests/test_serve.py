@@ -69,7 +69,7 @@ def test_bad_uploads_are_refused_with_a_message(model2d, data3d, uploads, tmp_pa
         segment_file(model2d, upload(uploads, text), dl, upload_folder=uploads)
     other = tmp_path / "report.pdf"
     other.write_bytes(b"%PDF-1.4")
-    with pytest.raises(LatentSegError, match="not a PNG, JPEG or NIfTI file"):
+    with pytest.raises(LatentSegError, match="not a 2D image, NIfTI, MetaImage or NRRD file"):
         segment_file(model2d, upload(uploads, other), dl, upload_folder=uploads)
     volume = next((data3d["test"] / "imagesTr").glob("*.nii.gz"))
     with pytest.raises(LatentSegError, match="a 3D input given to a 2D model") as err:
@@ -172,3 +172,20 @@ def test_page_in_a_real_browser(model2d, data2d, data3d, tmp_path):
     assert server.returncode == 0 and "closing server" in output, output  # SIGTERM stops it cleanly
     predict(model2d, case.parent, tmp_path / "ref", seed=0, overlays=False, progress=False)
     assert np.array_equal(read_label(downloaded)[0], read_label(tmp_path / "ref" / case.name)[0])
+
+
+def test_jpeg_and_metaimage_uploads_come_back_in_the_formats_predict_writes(
+    model2d, model3d, data2d, data3d, uploads, tmp_path
+):
+    """A JPEG's label map is a PNG (JPEG would blur the labels) and an .mha's an .mha."""
+    from PIL import Image
+
+    grey = np.asarray(Image.open(data2d["test"] / "images" / "phantom_000.png"))
+    Image.fromarray(grey).save(tmp_path / "scan.jpg", quality=95)
+    result = segment_file(model2d, upload(uploads, tmp_path / "scan.jpg"), tmp_path / "dl", upload_folder=uploads)
+    assert result.download.name == "scan_label.png" and result.label.shape == grey.shape
+    sitk = pytest.importorskip("SimpleITK")
+    volume = next((data3d["test"] / "imagesTr").glob("*.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(volume)), str(tmp_path / "ct.mha"))
+    result = segment_file(model3d, upload(uploads, tmp_path / "ct.mha"), tmp_path / "dl", upload_folder=uploads)
+    assert result.download.name == "ct_label.mha" and read_label(result.download)[0].shape == result.label.shape

@@ -546,7 +546,7 @@ def load_dataset(
             if case.case_id in spec.raters:
                 sample["raters"] = load_raters(spec.raters[case.case_id], sample, declared, max_voxels)
             if not keep_images:
-                release_image(sample, case, ct_channels(spec))
+                release_image(sample, case)
             samples.append(sample)
         except LatentSegError as err:
             problems.append(str(err))
@@ -561,21 +561,16 @@ def load_dataset(
     return samples, problems
 
 
-def ct_channels(spec: DatasetSpec) -> list[int]:
-    from latentseg.data.preprocess import is_ct  # MONAI: imported when needed
-
-    return [c for c, name in spec.channel_names.items() if is_ct(name)]
-
-
-def release_image(sample: dict[str, Any], case: Case, ct_channels: list[int]) -> None:
+def release_image(sample: dict[str, Any], case: Case) -> None:
     """Drop a checked sample's image, keeping what planning needs of it: its channel count, and an
-    `intensity_sample` of each CT channel for the CT statistics."""
-    from latentseg.data.preprocess import intensity_sample
+    `intensity_sample` of each channel (for the CT statistics of channels named CT; with several
+    datasets the first one's names decide, so every channel keeps one)."""
+    from latentseg.data.preprocess import intensity_sample  # MONAI: imported when needed
 
     image = sample.pop("image")
     rng = np.random.default_rng(zlib.crc32(case.case_id.encode()))
     sample["channels"] = int(image.shape[0])
-    sample["intensities"] = {c: intensity_sample(image, sample["label"], c, rng) for c in ct_channels}
+    sample["intensities"] = {c: intensity_sample(image, sample["label"], c, rng) for c in range(image.shape[0])}
     sample["case"] = case
 
 
