@@ -76,8 +76,9 @@ def peak_rss_mb(model: Path, volume: Path, out: Path, samples: int) -> float:
 PREPARE = (
     "import resource, sys, time; from pathlib import Path; from latentseg.config import load_config; "
     "from latentseg.data.prepare import prepare_training_data; t0 = time.perf_counter(); "
-    "d = prepare_training_data([Path(sys.argv[1])], load_config(None, ['train.max_minutes=15'])); "
-    "held = sum(s['image'].nbytes + s['label'].nbytes for s in d.train + d.val); "
+    "d = prepare_training_data([Path(sys.argv[1])], load_config(None, ['train.max_minutes=15', *sys.argv[2:]])); "
+    "import numpy as np; held = sum(a.nbytes for s in d.train + d.val for a in (s['image'], s['label']) "
+    "if not isinstance(a, np.memmap)); "
     "print('RESULT', time.perf_counter() - t0, held, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 )
 
@@ -101,25 +102,31 @@ def write_ct_dataset(root: Path, cases: int, size: int = 512, depth: int = 100) 
     return root
 
 
-def training_memory(cases: int) -> list[dict]:
-    """check-dataset and train's loading on N and 2N CT cases, each in a fresh process."""
+def training_memory(cases: int, budget_gb: float) -> list[dict]:
+    """check-dataset and train's loading on N and 2N CT cases, each in a fresh process, and on 2N
+    cases with `data.memory_gb=budget_gb` (the cases past it kept in files)."""
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (cases, 2 * cases):
-            data = write_ct_dataset(Path(tmp) / f"ct{n}", n)
+        for n, overrides in ((cases, []), (2 * cases, []), (2 * cases, [f"data.memory_gb={budget_gb}"])):
+            data = Path(tmp) / f"ct{n}"
+            if not data.is_dir():
+                write_ct_dataset(data, n)
             t0 = time.perf_counter()
             check = subprocess.run(
                 [sys.executable, "-c", PEAK, "check-dataset", str(data)], capture_output=True, text=True
             )
             check_s = time.perf_counter() - t0
-            prep = subprocess.run([sys.executable, "-c", PREPARE, str(data)], capture_output=True, text=True)
+            prep = subprocess.run(
+                [sys.executable, "-c", PREPARE, str(data), *overrides], capture_output=True, text=True
+            )
             if check.returncode or prep.returncode:
                 raise SystemExit(f"failed on {data}:\n{check.stderr[-2000:]}{prep.stderr[-2000:]}")
             kb = next(int(line.split()[1]) for line in check.stdout.splitlines() if line.startswith("PEAK_KB"))
             result = next(line for line in prep.stdout.splitlines() if line.startswith("RESULT"))
             seconds, held, peak = result.split()[1:]
             runs.append({
-                "cases": n, "check_dataset_peak_gib": round(kb / 2**20, 2), "check_dataset_seconds": round(check_s, 1),
+                "cases": n, "overrides": overrides,
+                "check_dataset_peak_gib": round(kb / 2**20, 2), "check_dataset_seconds": round(check_s, 1),
                 "train_loading_peak_gib": round(int(peak) / 2**20, 2), "train_held_gib": round(int(held) / 2**30, 2),
                 "train_loading_seconds": round(float(seconds), 1),
             })  # fmt: skip
@@ -134,14 +141,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--training", action="store_true", help="measure loading a training set instead")
     parser.add_argument("--cases", type=int, default=5, help="--training: N, the smaller dataset's cases")
+    parser.add_argument("--budget-gb", type=float, default=0.2, help="--training: data.memory_gb of the last run")
     parser.add_argument("--out", default=str(ROOT / "results" / "memory.json"))
     args = parser.parse_args()
     if args.training:
         results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
         results["training"] = {
-            "runs": training_memory(args.cases),
+            "runs": training_memory(args.cases, args.budget_gb),
             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": f"python -m benchmarks.memory --training --cases {args.cases}",
+            "command": f"python -m benchmarks.memory --training --cases {args.cases} --budget-gb {args.budget_gb}",
         }
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
         return

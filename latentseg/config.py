@@ -178,6 +178,11 @@ class DataConfig:
     label_map: str = ""  # model.prompt: YAML {dataset folder: {label id: shared name}}; default: own names
     # largest image accepted, in voxels, checked from the file's header before its data is read
     max_voxels: PositiveInt = 2**29
+    # GiB of preprocessed training cases held in memory; the cases past it are kept in .npy files
+    # in `cache_dir` (default: the system's temporary folder) and read patch by patch; auto: half
+    # of the machine's memory
+    memory_gb: Literal["auto"] | PositiveFloat = "auto"
+    cache_dir: str = ""
     # dataset.json paths (`../`) and symlinks that lead out of the dataset folder are refused unless set
     allow_outside_paths: bool = False
 

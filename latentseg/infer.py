@@ -127,6 +127,7 @@ def predict_array(
     text: TextEmbedding | torch.Tensor | None = None,
 ) -> Prediction:
     """Segment one already preprocessed (C, *S) array on its own grid."""
+    image = image if image.flags.writeable else np.array(image)  # a case kept on disk (training's validation)
     mean, std, entropy, _ = sample_volume(model, torch.from_numpy(image), roi_size, options, seed, text)
     probabilities = mean.numpy()
     label = postprocessed(probabilities.argmax(0).astype(np.uint8), options)

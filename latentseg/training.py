@@ -97,6 +97,8 @@ def _batch_stream(
             entry["target"] = s["target"]
         if "raters" in s and config.data.raters in ("auto", "random"):
             entry["raters"] = s["raters"]  # one annotator's mask per draw, see RandRaterd
+        if "foreground" in s and config.data.patch_sampling == "uniform":
+            entry["foreground"] = s["foreground"]  # a case kept on disk: where its foreground is
     per_dataset = Counter(s.get("dataset", "") for s in samples)
     weights = [1.0 / per_dataset[s.get("dataset", "")] for s in samples]
     draws = WeightedRandomSampler(
@@ -165,8 +167,11 @@ def validate(model: Segmenter, samples: list[dict[str, Any]], config: Config, en
     `validation_options`' number of samples)."""
     scores = []  # compute_dice, not DiceMetric: its aggregate() gathers from every rank, and only rank 0 validates
     c = config.model.num_classes
+
+    def onehot(labels) -> torch.Tensor:  # a copy: the label may be a read-only memmap (data.memory_gb)
+        return torch.nn.functional.one_hot(torch.tensor(labels, dtype=torch.long), c).movedim(-1, 0)[None]
+
     for s, pred in _predicted(model, samples, config, validation_options(model, config), encoder):
-        onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a).long(), c).movedim(-1, 0)[None]  # noqa: E731
         scores.append(
             compute_dice(onehot(pred.label), onehot(s["label"][0]), include_background=False, ignore_empty=False)
         )
@@ -255,6 +260,8 @@ def train(
         raise
     finally:
         teardown(world)
+        if resolved.data.cache is not None:  # the files of the cases past data.memory_gb
+            resolved.data.cache.folder.cleanup()
 
 
 def check_same_plan(out_dir: Path, plan: Plan) -> None:

@@ -4,7 +4,9 @@ validation settings, the learning-rate schedule and the saved plan."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +126,30 @@ def test_one_training_step_through_the_objective(data2d):
     stats = train_step(losses_fn, optimizer, batch, torch.device("cpu"))
     assert stats["loss"] > 0 and stats["seg"] > 0 and stats["diff"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cases_past_the_memory_budget_train_from_files_that_are_then_removed(data3d, tmp_path, caplog):
+    """With `data.memory_gb` below one case, every case is kept in .npy files and memory-mapped;
+    batches are read patch by patch from them, and the folder is gone when training ends."""
+    from latentseg.cli import main
+    from latentseg.config import load_config
+    from latentseg.data.prepare import prepare_training_data
+    from tests.conftest import TINY_3D
+
+    config = load_config(None, ["data.memory_gb=0.000001", f"data.cache_dir={tmp_path}"])
+    data = prepare_training_data([data3d["train"]], config)
+    cases = data.train + data.val
+    assert all(isinstance(s["image"], np.memmap) and isinstance(s["label"], np.memmap) for s in cases)
+    assert all(len(s["foreground"]) and s["label"][0][tuple(s["foreground"][0])] > 0 for s in cases)
+    in_memory = prepare_training_data([data3d["train"]], load_config(None, []))
+    for a, b in zip(in_memory.train, data.train, strict=True):
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
+    folder = Path(data.cache.folder.name)
+    assert folder.parent == tmp_path and len(list(folder.glob("*_image.npy"))) == len(cases)
+    del data
+    caplog.set_level("INFO", logger="latentseg")
+    out = tmp_path / "model"
+    argv = ["train", "--data", str(data3d["train"]), "--out", str(out), *TINY_3D]
+    assert main([*argv, "data.memory_gb=0.000001", f"data.cache_dir={tmp_path}"]) == 0
+    assert "kept in" in caplog.text and "read patch by patch" in caplog.text
+    assert not list(tmp_path.glob("latentseg-cache-*"))  # removed with the run

@@ -126,7 +126,7 @@ def label_ceiling(labels: Sequence[np.ndarray], num_classes: int, total: Sequenc
         window = foreground_window(label, total)
         if window is None:  # no foreground: no class to score
             continue
-        y = torch.as_tensor(label[window]).long()
+        y = torch.from_numpy(np.array(label[window], dtype=np.int64))  # a copy: the label may be a read-only memmap
         onehot = F.one_hot(y, num_classes).movedim(-1, 0)[None].float()  # (1, C, *S)
         pool = (F.avg_pool2d, F.avg_pool3d)[len(total) - 2]
         coarse = pool(onehot, kernel_size=list(total), stride=list(total), ceil_mode=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from latentseg.data.planning import (
 )
 from latentseg.data.preprocess import Preprocessing, ct_statistics_of, intensity_sample, is_ct, preprocess_sample
 from latentseg.data.splits import make_split
-from latentseg.errors import LatentSegError
+from latentseg.errors import LatentSegError, one_line
 from latentseg.postprocess import single_component_classes
 
 log = logging.getLogger("latentseg.data")
@@ -48,6 +50,7 @@ class TrainingData:
     fingerprint: dict[str, Any]
     labels_by_dataset: dict[str, dict[int, str]]  # each dataset's own label names (background included)
     latent: dict | None = None  # the latent planned from the labels: choice and ceilings (plans.json)
+    cache: Cache | None = None  # the files of the cases past `data.memory_gb`; removed with this object
 
 
 def load_datasets(data_dirs: list[Path], data: DataConfig) -> tuple[list[DatasetSpec], list[dict[str, Any]]]:
@@ -276,10 +279,13 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
 
     prep = plan_preprocessing(config, specs, samples)
     spacings = [list(s["meta"].spacing) for s in samples]
+    cache = Cache(config.data)
     for s in samples:  # one raw image in memory at a time
         reload_image(s, config.data.max_voxels)
         s.update(preprocess_sample(s, prep))
         del s["meta"]
+        cache.hold(s)
+    cache.report(len(samples))
     raters = use_raters(samples, config.data.raters)
     multi_rater = raters.get("mode") == "random"
     plan_sampling(config.sample, multi_rater, config.model.prediction_type)
@@ -313,7 +319,75 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     train = [s for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
     val = [s for s in samples if (s["dataset"], s["case_id"]) in set(val_ids)]
     names_by_dataset = {spec.name: _label_names(spec, samples) for spec in specs}
-    return TrainingData(train, val, fingerprint, names_by_dataset, latent)
+    return TrainingData(train, val, fingerprint, names_by_dataset, latent, cache if cache.folder else None)
+
+
+FOREGROUND_VOXELS = 10_000  # foreground voxels kept per case on disk for centred patches (nnU-Net's count)
+SPILLED = ("image", "label", "raters")
+
+
+def memory_budget(data: DataConfig) -> float:
+    """Bytes of preprocessed cases to hold in memory: `data.memory_gb`, or half the machine's memory."""
+    if data.memory_gb != "auto":
+        return data.memory_gb * 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): hold everything
+        return math.inf
+
+
+class Cache:
+    """Preprocessed cases in memory up to the budget; past it, each case's arrays go to .npy files
+    in a temporary folder and come back memory-mapped, so a training set larger than memory still
+    trains (`RandForegroundCropd` reads only the patch). The folder goes with this object."""
+
+    def __init__(self, data: DataConfig):
+        self.budget, self.held, self.spilled = memory_budget(data), 0, 0
+        self.parent = data.cache_dir or None
+        self.folder: tempfile.TemporaryDirectory | None = None
+
+    def hold(self, sample: dict[str, Any]) -> None:
+        size = sum(sample[k].nbytes for k in SPILLED if k in sample)
+        if self.held + size <= self.budget:
+            self.held += size
+            return
+        if self.folder is None:
+            try:
+                self.folder = tempfile.TemporaryDirectory(prefix="latentseg-cache-", dir=self.parent)
+            except OSError as err:
+                raise LatentSegError(
+                    f"{self.parent or tempfile.gettempdir()}: cannot keep training cases there "
+                    f"({one_line(err)}); set data.cache_dir"
+                ) from err
+        spill(sample, Path(self.folder.name) / f"{self.spilled:05d}")
+        self.spilled += 1
+
+    def report(self, cases: int) -> None:
+        if self.spilled:
+            log.info(
+                "memory: %d of %d preprocessed cases held (%.1f GiB, data.memory_gb), %d kept in %s, read patch "
+                "by patch",
+                cases - self.spilled, cases, self.held / 2**30, self.spilled, self.folder.name,
+            )  # fmt: skip
+
+
+def spill(sample: dict[str, Any], stem: Path) -> None:
+    """A case's arrays written to `stem`_KEY.npy and replaced by read-only memory maps of them, with a
+    sample of its foreground voxels for the patches centred on foreground."""
+    voxels = np.argwhere(np.asarray(sample["label"][0]) > 0)
+    if len(voxels) > FOREGROUND_VOXELS:  # a random sample, still in C order
+        voxels = voxels[np.sort(np.random.default_rng(0).choice(len(voxels), FOREGROUND_VOXELS, replace=False))]
+    sample["foreground"] = voxels.astype(np.int32)
+    for key in SPILLED:
+        if key in sample:
+            path = stem.parent / f"{stem.name}_{key}.npy"
+            try:
+                np.save(path, sample[key])
+            except OSError as err:
+                raise LatentSegError(
+                    f"{path}: cannot write a training case there ({one_line(err)}); set data.cache_dir"
+                ) from err
+            sample[key] = np.load(path, mmap_mode="r")
 
 
 def _label_names(spec: DatasetSpec, samples: list[dict[str, Any]]) -> dict[int, str]:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import (
     Compose,
@@ -136,30 +137,63 @@ class RandRangeNoised(RandomizableTransform):
 
 
 class RandForegroundCropd(RandomizableTransform, MapTransform):
-    """A `patch_size` crop of `keys` (padded first where the image is smaller): with probability
-    `foreground`, centred on a random foreground voxel of the label (kept inside the image),
-    otherwise anywhere, uniformly (nnU-Net's patch placement)."""
+    """A `patch_size` patch of `keys`, zero-padded (centred, as MONAI's SpatialPadd pads) where the
+    image is smaller: with probability `foreground`, centred on a random foreground voxel of the
+    label (kept inside the image), otherwise anywhere, uniformly (nnU-Net's patch placement).
 
-    def __init__(self, keys: Sequence[str], patch_size: Sequence[int], foreground: float, label_key: str = "label"):
+    Only the patch is read, so an image kept in a file (`np.memmap`, see
+    `latentseg.data.prepare.spill`) is sliced rather than loaded; such a sample carries a sample of
+    its foreground voxels under `coordinates_key`, as nnU-Net stores class locations, instead of
+    the label being searched at every draw."""
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        patch_size: Sequence[int],
+        foreground: float,
+        label_key: str = "label",
+        coordinates_key: str = "foreground",
+    ):
         RandomizableTransform.__init__(self, 1.0)
         MapTransform.__init__(self, keys)
         self.patch, self.foreground, self.label_key = [int(p) for p in patch_size], foreground, label_key
+        self.coordinates_key = coordinates_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
         d = dict(data)
-        label = d[self.label_key]
-        shape = label.shape[1:]
-        centred = self.R.random() < self.foreground
-        if centred and bool((label[0] > 0).any()):
-            voxels = (label[0] > 0).nonzero()
-            centre = [int(v) for v in voxels[self.R.randint(len(voxels))]]
-            start = [min(max(0, c - p // 2), s - p) for c, p, s in zip(centre, self.patch, shape, strict=True)]
+        shape = d[self.label_key].shape[1:]
+        padded = [max(s, p) for s, p in zip(shape, self.patch, strict=True)]
+        before = [(q - s) // 2 for q, s in zip(padded, shape, strict=True)]
+        voxels = self._foreground(d) if self.R.random() < self.foreground else None
+        if voxels is not None and len(voxels):
+            centre = [int(v) + b for v, b in zip(voxels[self.R.randint(len(voxels))], before, strict=True)]
+            start = [min(max(0, c - p // 2), q - p) for c, p, q in zip(centre, self.patch, padded, strict=True)]
         else:
-            start = [self.R.randint(0, s - p + 1) for p, s in zip(self.patch, shape, strict=True)]
-        window = (slice(None), *(slice(a, a + p) for a, p in zip(start, self.patch, strict=True)))
+            start = [self.R.randint(0, q - p + 1) for p, q in zip(self.patch, padded, strict=True)]
         for key in self.key_iterator(d):
-            d[key] = d[key][window]
+            d[key] = patch_of(d[key], [a - b for a, b in zip(start, before, strict=True)], self.patch)
+        d.pop(self.coordinates_key, None)
         return [d]  # a list of one patch, as MONAI's cropping transforms with num_samples=1
+
+    def _foreground(self, d: Mapping[Hashable, Any]) -> np.ndarray:
+        """(N, dims) foreground voxels, in C order."""
+        if self.coordinates_key in d:
+            return d[self.coordinates_key]
+        return np.argwhere(np.asarray(d[self.label_key][0]) > 0)
+
+
+def patch_of(array, start: Sequence[int], size: Sequence[int]):
+    """array[:, start:start + size] per axis, zero where the window leaves the array; reads only
+    the window (of an np.memmap too). Tensors stay tensors, arrays become in-memory arrays."""
+    shape = array.shape[1:]
+    lo = [max(0, a) for a in start]
+    hi = [min(s, a + p) for s, a, p in zip(shape, start, size, strict=True)]
+    part = array[(slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))]
+    if list(part.shape[1:]) == list(size):
+        return part if isinstance(part, torch.Tensor) else np.array(part)
+    out = (torch.zeros if isinstance(part, torch.Tensor) else np.zeros)((array.shape[0], *size), dtype=part.dtype)
+    out[(slice(None), *(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True)))] = part
+    return out
 
 
 def train_transforms(patch_size: Sequence[int], config: DataConfig, swap_text: bool = True) -> Compose:
@@ -174,7 +208,8 @@ def train_transforms(patch_size: Sequence[int], config: DataConfig, swap_text: b
         if config.patch_sampling == "uniform"
         else RandCropByPosNegLabeld(keys, "label", patch_size, pos=fg, neg=1 - fg, num_samples=1)
     )
-    steps: list = [SpatialPadd(keys, spatial_size=patch_size), crop]
+    # the uniform crop pads its patch itself (and reads only the patch); MONAI's needs the padding first
+    steps: list = [crop] if config.patch_sampling == "uniform" else [SpatialPadd(keys, spatial_size=patch_size), crop]
     if config.augmentation == "auto":  # the plan decides it from the budget (latentseg.plan.plan_augmentation)
         raise ValueError("data.augmentation is 'auto': plan the config (latentseg.plan) before building transforms")
     augment = config.augmentation == "on"

@@ -115,3 +115,67 @@ def test_noise_augmentation_adds_noise_relative_to_each_channels_range():
     config.noise_augmentation = 0.0
     (out,) = train_transforms([32, 32], config)({"image": image, "label": label, "text": ""})
     assert np.array_equal(np.asarray(out["image"]), image)  # off by default
+
+
+class _PadThenCrop:
+    """The crop as it was until 2026-12-07 (MONAI's SpatialPadd over the whole image, then a
+    foreground-centred or uniform window of the padded arrays): the oracle of the one-step crop."""
+
+    def __init__(self, patch, foreground, seed):
+        from monai.transforms import SpatialPadd
+
+        self.pad = SpatialPadd(["image", "label"], spatial_size=patch)
+        self.patch, self.foreground = patch, foreground
+        self.R = np.random.RandomState(seed)
+
+    def __call__(self, d):
+        d = self.pad(d)
+        label, shape = d["label"], d["label"].shape[1:]
+        if self.R.random() < self.foreground and bool((label[0] > 0).any()):
+            voxels = (label[0] > 0).nonzero()
+            centre = [int(v) for v in voxels[self.R.randint(len(voxels))]]
+            start = [min(max(0, c - p // 2), s - p) for c, p, s in zip(centre, self.patch, shape, strict=True)]
+        else:
+            start = [self.R.randint(0, s - p + 1) for p, s in zip(self.patch, shape, strict=True)]
+        window = (slice(None), *(slice(a, a + p) for a, p in zip(start, self.patch, strict=True)))
+        return {k: np.asarray(d[k][window]) for k in ("image", "label")}
+
+
+@pytest.mark.parametrize("shape", [(40, 30, 12), (20, 9, 7)])  # larger than the patch, and smaller on two axes
+def test_the_one_step_crop_draws_what_pad_then_crop_drew(shape):
+    """Same seed, same patches as padding the whole image first; on a memory-mapped file as well,
+    reading only the patch."""
+    import tempfile
+
+    from latentseg.data.transforms import RandForegroundCropd
+
+    rng = np.random.default_rng(0)
+    image = rng.random((2, *shape)).astype(np.float32)
+    label = np.zeros((1, *shape), np.uint8)
+    label[0, 3:6, 2:5, 1:4] = 1
+    patch = [16, 16, 8]
+    new = RandForegroundCropd(["image", "label"], patch, 0.5)
+    new.set_random_state(seed=3)
+    old = _PadThenCrop(patch, 0.5, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/image.npy", image)
+        mapped = np.load(f"{tmp}/image.npy", mmap_mode="r")
+        for k in range(60):
+            (out,) = new({"image": mapped if k % 2 else image, "label": label})
+            expected = old({"image": image, "label": label})
+            assert not isinstance(out["image"], np.memmap) and tuple(out["image"].shape) == (2, *patch)
+            assert np.array_equal(out["image"], expected["image"]) and np.array_equal(out["label"], expected["label"])
+
+
+def test_stored_foreground_voxels_centre_the_patches():
+    """A sample kept on disk carries a sample of its foreground voxels; the centred patches use it."""
+    from latentseg.data.transforms import RandForegroundCropd
+
+    label = np.zeros((1, 64, 64), np.uint8)
+    label[0, 50:52, 10:12] = 1
+    crop = RandForegroundCropd(["image", "label"], [8, 8], 1.0)
+    crop.set_random_state(seed=0)
+    stored = np.argwhere(label[0] > 0)[:1]  # one voxel: every patch is centred on it
+    for _ in range(5):
+        (out,) = crop({"image": label.astype(np.float32), "label": label, "foreground": stored})
+        assert "foreground" not in out and out["label"][0, 4, 4] == 1
