@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.step_cost import latentseg_model
+from benchmarks.step_cost import latentseg_model, split_overrides
 from benchmarks.unet_baseline import make_unet
 from latentseg.config import SampleConfig
 from latentseg.data.prepare import plan_sampling
@@ -226,7 +226,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    overrides = [o for o in args.overrides.split(",") if o]
+    overrides = split_overrides(args.overrides)
     results = {"threads": args.threads, "torch": torch.__version__, "device": "cpu", "overrides": overrides}
     results["steps"] = args.steps or "planned"
     for name in args.settings.split(","):

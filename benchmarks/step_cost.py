@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +33,11 @@ SETTINGS = {
     "3d_acdc_128x128x8_b2": (3, [128, 128, 8], 2, [1.0, 1.0, 10.0], 4),
     "3d_96_b2": (3, [96, 96, 64], 2, [1.0, 1.0, 1.0], 2),
 }
+
+
+def split_overrides(text: str) -> list[str]:
+    """`a=1,b=[2,3]` -> ["a=1", "b=[2,3]"]: commas inside brackets belong to a list value."""
+    return [o for o in re.split(r",(?![^\[]*\])", text) if o]
 
 
 def latentseg_model(dims: int, patch: list[int], spacing: list[float], classes: int, overrides: list[str]):
@@ -123,7 +129,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = [o for o in args.overrides.split(",") if o]
+    overrides = split_overrides(args.overrides)
     out = ROOT / "results" / "step_cost.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
     for name in args.settings.split(","):
