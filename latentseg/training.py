@@ -260,8 +260,8 @@ def train(
         raise
     finally:
         teardown(world)
-        if resolved.data.cache is not None:  # the files of the cases past data.memory_gb
-            resolved.data.cache.folder.cleanup()
+        if resolved.data.store is not None:  # the files of the cases past data.memory_gb
+            resolved.data.store.folder.cleanup()
 
 
 def check_same_plan(out_dir: Path, plan: Plan) -> None:

@@ -144,7 +144,7 @@ def test_cases_past_the_memory_budget_train_from_files_that_are_then_removed(dat
     in_memory = prepare_training_data([data3d["train"]], load_config(None, []))
     for a, b in zip(in_memory.train, data.train, strict=True):
         assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
-    folder = Path(data.cache.folder.name)
+    folder = Path(data.store.folder.name)
     assert folder.parent == tmp_path and len(list(folder.glob("*_image.npy"))) == len(cases)
     del data
     caplog.set_level("INFO", logger="latentseg")

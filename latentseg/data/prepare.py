@@ -50,7 +50,7 @@ class TrainingData:
     fingerprint: dict[str, Any]
     labels_by_dataset: dict[str, dict[int, str]]  # each dataset's own label names (background included)
     latent: dict | None = None  # the latent planned from the labels: choice and ceilings (plans.json)
-    cache: Cache | None = None  # the files of the cases past `data.memory_gb`; removed with this object
+    store: CaseStore | None = None  # the files of the cases past `data.memory_gb`; removed with this object
 
 
 def load_datasets(data_dirs: list[Path], data: DataConfig) -> tuple[list[DatasetSpec], list[dict[str, Any]]]:
@@ -279,13 +279,13 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
 
     prep = plan_preprocessing(config, specs, samples)
     spacings = [list(s["meta"].spacing) for s in samples]
-    cache = Cache(config.data)
+    store = CaseStore(config.data)
     for s in samples:  # one raw image in memory at a time
         reload_image(s, config.data.max_voxels)
         s.update(preprocess_sample(s, prep))
         del s["meta"]
-        cache.hold(s)
-    cache.report(len(samples))
+        store.hold(s)
+    store.report(len(samples))
     raters = use_raters(samples, config.data.raters)
     multi_rater = raters.get("mode") == "random"
     plan_sampling(config.sample, multi_rater, config.model.prediction_type)
@@ -319,7 +319,7 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     train = [s for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
     val = [s for s in samples if (s["dataset"], s["case_id"]) in set(val_ids)]
     names_by_dataset = {spec.name: _label_names(spec, samples) for spec in specs}
-    return TrainingData(train, val, fingerprint, names_by_dataset, latent, cache if cache.folder else None)
+    return TrainingData(train, val, fingerprint, names_by_dataset, latent, store if store.folder else None)
 
 
 FOREGROUND_VOXELS = 10_000  # foreground voxels kept per case on disk for centred patches (nnU-Net's count)
@@ -336,7 +336,7 @@ def memory_budget(data: DataConfig) -> float:
         return math.inf
 
 
-class Cache:
+class CaseStore:
     """Preprocessed cases in memory up to the budget; past it, each case's arrays go to .npy files
     in a temporary folder and come back memory-mapped, so a training set larger than memory still
     trains (`RandForegroundCropd` reads only the patch). The folder goes with this object."""
