@@ -147,6 +147,9 @@ def _load_itk(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndar
     return data, meta
 
 
+VOLUME_READERS = {"nifti": _load_nifti, "itk": _load_itk}  # file formats read as (*S[, C]) with an affine
+
+
 def read_image(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
     """An image as float32 (C, *spatial) plus its metadata.
 
@@ -160,8 +163,9 @@ def read_image(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[
         return _load_dicom(path, max_voxels)
     if not path.is_file():
         raise LatentSegError(f"{path}: file not found")
-    if file_format(path) in ("nifti", "itk"):
-        data, meta = (_load_nifti if file_format(path) == "nifti" else _load_itk)(path, max_voxels)
+    reader = VOLUME_READERS.get(file_format(path))
+    if reader is not None:
+        data, meta = reader(path, max_voxels)
         if data.ndim == meta.spatial_dims + 1:
             data = np.moveaxis(data, -1, 0)
         elif data.ndim == meta.spatial_dims:
@@ -189,8 +193,9 @@ def read_label(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[
     path = Path(path)
     if not path.is_file():
         raise LatentSegError(f"{path}: file not found")
-    if file_format(path) in ("nifti", "itk"):
-        data, meta = (_load_nifti if file_format(path) == "nifti" else _load_itk)(path, max_voxels)
+    reader = VOLUME_READERS.get(file_format(path))
+    if reader is not None:
+        data, meta = reader(path, max_voxels)
         if data.ndim == meta.spatial_dims + 1 and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim != len(meta.spatial_shape):
@@ -269,7 +274,7 @@ def write_label(path: str | Path, label: np.ndarray, meta: ImageMeta, names: dic
         found = {int(v) for v in np.unique(label) if v}
         write_seg(path, label, meta.source, {k: v for k, v in (names or {}).items()} or {k: str(k) for k in found})
     elif meta.format == "itk":
-        _write_itk(path, label.astype(np.uint8 if label.max(initial=0) < 256 else np.uint16), meta)
+        _write_itk(path, compact_label(label), meta)
     elif meta.format in ("nifti", "dicom"):
         _write_nifti(path, label, meta, np.uint8 if label.max(initial=0) < 256 else np.uint16)
     else:

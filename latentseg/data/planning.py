@@ -122,7 +122,8 @@ def label_ceiling(labels: Sequence[np.ndarray], num_classes: int, total: Sequenc
     per_class: list[list[float]] = [[] for _ in range(1, num_classes)]
     picks = np.linspace(0, len(labels) - 1, min(len(labels), MAX_CEILING_CASES)).round().astype(int)
     for label in (labels[i] for i in sorted(set(picks.tolist()))):
-        label = np.asarray(label).reshape(np.asarray(label).shape[-len(total) :])
+        label = np.asarray(label)
+        label = label.reshape(label.shape[-len(total) :])
         window = foreground_window(label, total)
         if window is None:  # no foreground: no class to score
             continue

@@ -35,7 +35,7 @@ from latentseg.data.planning import (
     round_up,
     total_stride,
 )
-from latentseg.data.preprocess import Preprocessing, ct_statistics_of, intensity_sample, is_ct, preprocess_sample
+from latentseg.data.preprocess import Preprocessing, ct_statistics_of, is_ct, preprocess_sample
 from latentseg.data.splits import make_split
 from latentseg.errors import LatentSegError, one_line
 from latentseg.postprocess import single_component_classes
@@ -95,17 +95,12 @@ def plan_preprocessing(config: Config, specs: list[DatasetSpec], samples: list[d
     elif dims == 2 and config.data.spacing:  # 2D images keep their grid unless a spacing is asked for
         spacing = config.data.spacing
     names = specs[0].channel_names
-    ct = {str(c): ct_statistics_of([intensities(s, c) for s in samples]) for c, name in names.items() if is_ct(name)}
+    ct = {  # from each case's `intensity_sample`, kept when its image was released (`load_dataset`)
+        str(c): ct_statistics_of([s["intensities"][c] for s in samples]) for c, name in names.items() if is_ct(name)
+    }
     return Preprocessing(
         dims, spacing, "RAS" if dims == 3 and config.data.resample else None, config.data.crop_foreground, ct
     )
-
-
-def intensities(sample: dict[str, Any], channel: int) -> dict[str, np.ndarray]:
-    """A sample's `intensity_sample` of `channel`: kept when its image was released, else drawn."""
-    if "intensities" in sample:
-        return sample["intensities"][channel]
-    return intensity_sample(sample["image"], sample["label"], channel, np.random.default_rng(0))
 
 
 def plan_network(
