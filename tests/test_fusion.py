@@ -115,6 +115,13 @@ def test_uncertainty_and_entropy_maps():
     assert torch.allclose(entropy_map(split), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("shape", [(4, 1, 2, 9, 7), (3, 2, 4, 5, 6, 7)])
+def test_uncertainty_map_is_numpy_std_over_samples(shape):
+    probs = torch.softmax(torch.randn(*shape, generator=torch.Generator().manual_seed(0)), dim=2)
+    expected = probs.numpy().astype(np.float64).std(axis=0).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(uncertainty_map(probs).numpy(), expected, atol=1e-6)
+
+
 def test_staple_needs_two_masks():
     with pytest.raises(ValueError, match="at least 2 masks"):
         staple(torch.ones(1, 4, 4))
