@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
 
-from latentseg.data.datasets import mask_case_id
+from latentseg.data.datasets import extra_mask_of, mask_case_id, masks_beside_images
 from latentseg.data.io import is_image_file, read_label, split_suffix
 from latentseg.errors import LatentSegError
 from latentseg.fusion import majority
@@ -63,28 +63,48 @@ def _predictions(pred_dir: Path) -> dict[str, Path]:
     return {split_suffix(p)[0]: p for p in sorted(pred_dir.iterdir()) if is_image_file(p)}
 
 
-def _references(ref_dirs: list[Path], predictions: dict[str, Path]) -> dict[str, list[Path]]:
-    """{case id: its reference in each --ref folder that has it}; a case may lack some raters. A
-    reference pairs with the prediction of its case, whatever either's file type (`a.jpg` with
-    `a.png`) and with a mask suffix (`a_segmentation.png`) where no prediction has its full name."""
-    found: dict[str, list[Path]] = {}
+def _references(ref_dirs: list[Path], predictions: dict[str, Path]) -> dict[str, list[list[Path]]]:
+    """{case id: its reference in each --ref folder that has it, as [mask, *further masks]}; a case
+    may lack some raters. A reference pairs with the prediction of its case, whatever either's file
+    type (`a.jpg` with `a.png`) and with a mask suffix (`a_segmentation.png`) where no prediction
+    has its full name. In a folder of images beside their masks (BUSI) only the masks count, and a
+    numbered further mask (`a_mask_1.png`) is merged into its case's."""
+    found: dict[str, list[list[Path]]] = {}
     for d in ref_dirs:
         if not d.is_dir():
             raise LatentSegError(f"{d}: folder not found")
         files = sorted(p for p in _reference_folder(d).iterdir() if is_image_file(p))
         if not files:
             raise LatentSegError(f"{d}: no reference label files")
-        for p in files:
-            found.setdefault(mask_case_id(split_suffix(p)[0], predictions), []).append(p)
+        in_folder: dict[str, list[Path]] = {}
+        further: dict[str, list[Path]] = {}
+        for p in masks_beside_images(files) or files:
+            stem = split_suffix(p)[0]
+            case = mask_case_id(stem, predictions)
+            owner = extra_mask_of(stem, predictions) if case not in predictions else None
+            (further.setdefault(owner, []) if owner else in_folder.setdefault(case, [])).append(p)
+        for case, paths in in_folder.items():
+            found.setdefault(case, []).extend([p, *further.get(case, [])] for p in paths)
     return found
 
 
-def _read_case(pred_path: Path, refs: list[Path]) -> tuple[np.ndarray, list[np.ndarray], tuple]:
+def _read_reference(paths: list[Path]) -> tuple[np.ndarray, Any]:
+    """A reference mask with its further masks merged in where they are non-zero."""
+    ref, meta = read_label(paths[0])
+    for path in paths[1:]:
+        extra, _ = read_label(path)
+        if extra.shape != ref.shape:
+            raise LatentSegError(f"{path}: shape {extra.shape} differs from {paths[0].name} {ref.shape}")
+        ref = np.where(extra != 0, extra, ref)
+    return ref, meta
+
+
+def _read_case(pred_path: Path, refs: list[list[Path]]) -> tuple[np.ndarray, list[np.ndarray], tuple]:
     masks, spacing = [], None
-    for ref_path in refs:
-        ref, meta = read_label(ref_path)
+    for paths in refs:
+        ref, meta = _read_reference(paths)
         if masks and ref.shape != masks[0].shape:
-            raise LatentSegError(f"{ref_path}: shape {ref.shape} differs from {refs[0]} {masks[0].shape}")
+            raise LatentSegError(f"{paths[0]}: shape {ref.shape} differs from {refs[0][0]} {masks[0].shape}")
         masks.append(ref)
         spacing = spacing or meta.spacing
     pred, _ = read_label(pred_path)
@@ -117,7 +137,7 @@ def evaluate(
         raise LatentSegError(f"{pred_dir}: folder not found")
     predictions = _predictions(pred_dir)
     by_case = _references(ref_dirs, predictions)
-    missing = [refs[0].name for case, refs in by_case.items() if case not in predictions]
+    missing = [refs[0][0].name for case, refs in by_case.items() if case not in predictions]
     if missing:
         raise LatentSegError(
             f"{pred_dir}: no prediction for {len(missing)} reference file(s): {', '.join(missing[:5])}"
@@ -130,7 +150,7 @@ def evaluate(
     for name, (pred, masks, spacing) in cases.items():
         ref = majority(masks)
         scores = {str(lab): label_metrics(pred == lab, ref == lab, spacing, nsd_tolerance) for lab in labels}
-        per_case.append({"prediction_file": str(pred_dir / name), "reference_file": str(references[name][0]),
+        per_case.append({"prediction_file": str(pred_dir / name), "reference_file": str(references[name][0][0]),
                          "raters": len(masks), "metrics": scores})  # fmt: skip
     mean = {str(lab): {m: _mean([c["metrics"][str(lab)][m] for c in per_case]) for m in METRICS} for lab in labels}
     foreground = {m: _mean([mean[str(lab)][m] for lab in labels]) for m in METRICS}

@@ -95,3 +95,25 @@ def test_evaluate_pairs_a_case_across_file_types_and_mask_suffixes(tmp_path):
     summary = evaluate(pred, ref)
     dice = {Path(c["reference_file"]).name: c["metrics"]["255"]["Dice"] for c in summary["metric_per_case"]}
     assert dice["a.jpg"] > 0.98 and dice["b_segmentation.png"] == pytest.approx(2 * 128 / (256 + 128))
+
+
+def test_evaluate_against_images_beside_their_masks_merges_further_masks(tmp_path):
+    """A BUSI folder as the reference: `x.png` (the image) is not a reference, `x_mask.png` is, and
+    `x_mask_1.png` (a second lesion) is merged into it."""
+    from PIL import Image
+
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir()
+    ref.mkdir()
+    first, second = np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8)
+    first[2:10, 2:10], second[20:30, 20:30] = 255, 255
+    Image.fromarray(np.full((32, 32), 80, np.uint8)).save(ref / "x.png")
+    Image.fromarray(first).save(ref / "x_mask.png")
+    Image.fromarray(second).save(ref / "x_mask_1.png")
+    Image.fromarray(np.maximum(first, second)).save(pred / "x.png")
+    summary = evaluate(pred, ref)
+    (case,) = summary["metric_per_case"]
+    assert case["raters"] == 1 and Path(case["reference_file"]).name == "x_mask.png"
+    assert case["metrics"]["255"]["Dice"] == pytest.approx(1.0)
+    Image.fromarray(first).save(pred / "x.png")  # the first lesion only: Dice 2*64 / (64 + 164)
+    assert evaluate(pred, ref)["foreground_mean"]["Dice"] == pytest.approx(2 * 64 / (64 + 164))

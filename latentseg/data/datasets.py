@@ -4,6 +4,10 @@
   `imagesTr/CASE_XXXX<ending>`, `labelsTr/CASE<ending>`.
 - MSD: `dataset.json` with a `training` list of {"image", "label"} paths and `labels` id -> name.
 - 2D folders: `images/` and `masks/` with matching stems.
+- Paired 2D folders: images and their masks side by side (`X.png` and `X_mask.png`, as BUSI and
+  GlaS ship), in one folder or in its sub-folders one level down (BUSI's `benign/`, `malignant/`).
+Numbered further masks of one image (BUSI's `X_mask_1.png`, a second lesion) are merged into its
+mask.
 Any of them may carry a `text.csv` (`filename,text`; also `text_annotations.csv`) with one
 sentence per case.
 """
@@ -42,12 +46,15 @@ class Case:
     image_paths: list[Path]  # one file per channel (nnU-Net), or one file holding all channels
     label_path: Path | None = None
     text: str | None = None
+    # further masks of the same image (BUSI's `X_mask_1.png`: a second lesion), merged into the
+    # label where they are non-zero
+    extra_label_paths: list[Path] = field(default_factory=list)
 
 
 @dataclass
 class DatasetSpec:
     root: Path
-    layout: str  # "nnunet" | "msd" | "folder2d"
+    layout: str  # "nnunet" | "msd" | "folder2d" | "paired2d"
     cases: list[Case]
     labels: dict[int, str] = field(default_factory=dict)  # id -> name; empty: inferred from the data
     num_channels: int | None = None
@@ -184,7 +191,7 @@ def outside_paths(root: Path, cases: list[Case]) -> list[str]:
     base = root.resolve()
     problems = []
     for case in cases:
-        for p in [*case.image_paths, *([case.label_path] if case.label_path else [])]:
+        for p in [*case.image_paths, *([case.label_path] if case.label_path else []), *case.extra_label_paths]:
             target = p.resolve()
             if not target.is_relative_to(base):
                 how = "a symlink" if p.is_symlink() or any(q.is_symlink() for q in p.parents) else "a path"
@@ -220,26 +227,106 @@ def mask_case_id(stem: str, case_ids: set[str] | dict) -> str:
     return stem
 
 
-def _folder2d(root: Path) -> DatasetSpec:
-    warnings: list[str] = []
-    images = _image_files(root / "images", warnings)
-    masks = {}
-    for stem, path in _image_files(root / "masks", warnings).items():
+_NUMBERED = re.compile(r"^(.*?)_(\d+)$")
+
+
+def extra_mask_of(stem: str, case_ids: set[str] | dict) -> str | None:
+    """The case whose further, numbered mask this stem names (BUSI's `X_mask_1` for image `X`), or
+    None."""
+    numbered = _NUMBERED.match(stem)
+    if numbered is None:
+        return None
+    base = numbered.group(1)
+    if not any(base.lower().endswith(suffix) for suffix in MASK_SUFFIXES):
+        return None
+    case_id = mask_case_id(base, case_ids)
+    return case_id if case_id in case_ids else None
+
+
+def _pair_masks(images: dict[str, Path], mask_files: dict[str, Path], warnings: list[str]):
+    """{case: mask}, {case: [further numbered masks]} and the masks that name no image."""
+    masks: dict[str, Path] = {}
+    extra: dict[str, list[Path]] = {}
+    orphans: list[Path] = []
+    for stem, path in mask_files.items():
         case_id = mask_case_id(stem, images)
-        if case_id in masks:
+        if case_id not in images and (owner := extra_mask_of(stem, images)) is not None:
+            extra.setdefault(owner, []).append(path)
+        elif case_id not in images:
+            orphans.append(path)
+        elif case_id in masks:
             warnings.append(f"{path}: a second mask for image {case_id} (besides {masks[case_id].name}), skipped")
-            continue
-        masks[case_id] = path
+        else:
+            masks[case_id] = path
+    merged = [paths[0] for case_id, paths in extra.items() if case_id in masks]
+    if merged:
+        count = sum(len(paths) for case_id, paths in extra.items() if case_id in masks)
+        warnings.append(
+            f"{merged[0]}{f' and {count - 1} more' if count > 1 else ''}: a further numbered mask of an image, "
+            "merged into its mask where non-zero"
+        )
+    orphans += [p for case_id, paths in extra.items() if case_id not in masks for p in paths]
+    return masks, extra, orphans
+
+
+def _jpeg_warning(masks: dict[str, Path], warnings: list[str]) -> None:
     jpeg = [p for p in masks.values() if p.suffix.lower() in (".jpg", ".jpeg")]
     if jpeg:
         warnings.append(
             f"{jpeg[0]}{f' and {len(jpeg) - 1} more' if len(jpeg) > 1 else ''}: JPEG masks are lossy; "
             "read as foreground where the grey value is >= 128"
         )
-    problems = [f"{masks[s]}: mask without an image in images/" for s in masks if s not in images]
+
+
+def _folder2d(root: Path) -> DatasetSpec:
+    warnings: list[str] = []
+    images = _image_files(root / "images", warnings)
+    masks, extra, orphans = _pair_masks(images, _image_files(root / "masks", warnings), warnings)
+    _jpeg_warning(masks, warnings)
+    problems = [f"{p}: mask without an image in images/" for p in orphans]
     problems += [f"{images[s]}: image without a mask in masks/" for s in images if s not in masks]
-    cases = [Case(s, [images[s]], masks[s]) for s in masks if s in images]
+    cases = [Case(s, [images[s]], masks[s], extra_label_paths=extra.get(s, [])) for s in masks]
     return DatasetSpec(root, "folder2d", cases, {}, None, problems, warnings)
+
+
+def _is_mask_name(stem: str) -> bool:
+    """`X_mask`, `X_anno`, ... and their numbered further masks (`X_mask_1`)."""
+    numbered = _NUMBERED.match(stem)
+    names = (stem, numbered.group(1)) if numbered else (stem,)
+    return any(name.lower().endswith(suffix) for name in names for suffix in MASK_SUFFIXES)
+
+
+def _paired_folder(folder: Path, warnings: list[str]):
+    """One folder of images beside their masks: ({case: image}, {case: mask}, {case: extras}, orphans)."""
+    files = _image_files(folder, warnings)
+    images = {stem: p for stem, p in files.items() if not _is_mask_name(stem)}
+    mask_files = {stem: p for stem, p in files.items() if _is_mask_name(stem)}
+    masks, extra, orphans = _pair_masks(images, mask_files, warnings)
+    return images, masks, extra, orphans
+
+
+def _paired2d(root: Path) -> DatasetSpec | None:
+    """Images beside their masks in `root` or in its sub-folders one level down; None where no
+    image there has a mask named after it."""
+    warnings: list[str] = []
+    folders = [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    found = [_paired_folder(folder, warnings) for folder in folders]
+    if not any(masks for _, masks, _, _ in found):
+        return None
+    cases: list[Case] = []
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
+    for images, masks, extra, orphans in found:
+        problems += [f"{p}: mask without an image beside it" for p in orphans]
+        problems += [f"{images[s]}: image without a mask beside it ({s}_mask.png)" for s in images if s not in masks]
+        for s in masks:
+            if s in seen:
+                problems.append(f"{images[s]}: a second image named {s} (besides {seen[s]}); case names must be unique")
+                continue
+            seen[s] = images[s]
+            cases.append(Case(s, [images[s]], masks[s], extra_label_paths=extra.get(s, [])))
+        _jpeg_warning(masks, warnings)
+    return DatasetSpec(root, "paired2d", cases, {}, None, problems, warnings)
 
 
 def discover_dataset(root: str | Path, allow_outside_paths: bool = False) -> DatasetSpec:
@@ -253,9 +340,12 @@ def discover_dataset(root: str | Path, allow_outside_paths: bool = False) -> Dat
         spec = _msd(root, meta) if isinstance(meta.get("training"), list) else _nnunet(root, meta)
     elif (root / "images").is_dir() and (root / "masks").is_dir():
         spec = _folder2d(root)
+    elif (paired := _paired2d(root)) is not None:
+        spec = paired
     else:
         raise LatentSegError(
-            f"{root}: not a dataset folder; expected dataset.json (nnU-Net or MSD) or images/ and masks/"
+            f"{root}: not a dataset folder; expected dataset.json (nnU-Net or MSD), images/ and masks/, "
+            "or images beside masks named after them (X.png and X_mask.png)"
         )
     if not spec.cases:
         raise LatentSegError(f"{root}: no labelled cases found ({spec.layout} layout)")
@@ -303,13 +393,30 @@ def discover_inputs(path: str | Path, num_channels: int | None = None) -> list[C
     if series:  # DICOM: one series per folder, the folder's name the case's
         return [Case(folder.name, [folder]) for folder in series]
     folder = next((path / sub for sub in ("imagesTs", "images") if (path / sub).is_dir()), path)
-    files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    files = _without_masks(sorted(p for p in folder.iterdir() if is_image_file(p)))
     if not files:
         raise LatentSegError(f"{folder}: no NIfTI or image files to predict")
     groups = _channel_groups(files, num_channels)
     cases = [Case(case_id, paths) for case_id, paths in groups.items()] if groups else _single_file_cases(files)
     _attach_text(path, cases)
     return cases
+
+
+def masks_beside_images(files: list[Path]) -> list[Path]:
+    """The files that are the mask of another file beside them (BUSI's `X_mask.png` and
+    `X_mask_1.png` beside `X.png`)."""
+    stems = {split_suffix(p)[0] for p in files}
+
+    def is_mask(stem: str) -> bool:
+        others = stems - {stem}
+        return _is_mask_name(stem) and (mask_case_id(stem, others) in others or extra_mask_of(stem, others) is not None)
+
+    return [p for p in files if is_mask(split_suffix(p)[0])]
+
+
+def _without_masks(files: list[Path]) -> list[Path]:
+    masks = set(masks_beside_images(files))
+    return [p for p in files if p not in masks]
 
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -392,6 +499,8 @@ def load_case(
             f"{case.label_path}: label shape {lmeta.spatial_shape} differs from image shape {meta.spatial_shape}"
         )
     _check_same_grid(case.label_path, meta, lmeta)
+    for path in case.extra_label_paths:
+        label = _merged(label, path, lmeta, max_voxels)
     if num_classes is not None and label.max(initial=0) >= num_classes:
         bad = sorted(int(v) for v in np.unique(label) if v >= num_classes)
         raise LatentSegError(
@@ -399,6 +508,14 @@ def load_case(
         )
     label = compact_label(label)[None]
     return {"image": image, "label": label, "text": case.text, "case_id": case.case_id, "meta": meta}
+
+
+def _merged(label: np.ndarray, path: Path, lmeta: ImageMeta, max_voxels: int) -> np.ndarray:
+    """`label` with a further mask of the same image written over it where that mask is non-zero."""
+    extra, emeta = read_label(path, max_voxels)
+    if emeta.spatial_shape != lmeta.spatial_shape:
+        raise LatentSegError(f"{path}: mask shape {emeta.spatial_shape} differs from its case's {lmeta.spatial_shape}")
+    return np.where(extra != 0, extra, label)
 
 
 def _check_same_grid(label_path: Path, meta: ImageMeta, lmeta: ImageMeta) -> None:

@@ -125,6 +125,82 @@ def test_released_images_are_read_again_unchanged(tmp_path):
         assert np.array_equal(a["image"], b["image"]) and set(a) == set(b)
 
 
+def _busi_like(root: Path) -> np.ndarray:
+    """BUSI's layout: class folders, each image beside `X_mask.png`, a second lesion of one image in
+    `X_mask_1.png`, and the normal images' empty masks. Returns the merged mask of `benign (1)`."""
+    for folder in ("benign", "normal"):
+        (root / folder).mkdir(parents=True)
+    first, second = np.zeros((40, 48), np.uint8), np.zeros((40, 48), np.uint8)
+    first[5:15, 5:15] = 255
+    second[25:35, 30:44] = 255
+    image = np.full((40, 48), 90, np.uint8)
+    for name in ("benign (1)", "benign (2)"):
+        Image.fromarray(image).save(root / "benign" / f"{name}.png")
+        Image.fromarray(first).save(root / "benign" / f"{name}_mask.png")
+    Image.fromarray(second).save(root / "benign" / "benign (1)_mask_1.png")
+    Image.fromarray(image).save(root / "normal" / "normal (1).png")
+    Image.fromarray(np.zeros_like(first)).save(root / "normal" / "normal (1)_mask.png")
+    return (first > 0) | (second > 0)
+
+
+def test_images_beside_their_masks_in_class_folders_as_busi_ships_them(tmp_path):
+    merged = _busi_like(tmp_path)
+    spec = discover_dataset(tmp_path)
+    assert spec.layout == "paired2d" and not spec.problems
+    assert sorted(c.case_id for c in spec.cases) == ["benign (1)", "benign (2)", "normal (1)"]
+    assert any("benign (1)_mask_1.png" in w and "merged into its mask" in w for w in spec.warnings)
+    samples, problems = load_dataset(spec)
+    assert not problems and spec.mask_values == [0, 255]
+    labels = {s["case_id"]: s["label"][0] for s in samples}
+    assert np.array_equal(labels["benign (1)"], merged)  # both lesions
+    assert labels["benign (2)"].sum() == 100 and labels["normal (1)"].sum() == 0
+
+
+def test_numbered_further_masks_merge_in_images_and_masks_folders_too(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    a, b = np.zeros((20, 20), np.uint8), np.zeros((20, 20), np.uint8)
+    a[2:6, 2:6], b[12:18, 12:18] = 255, 255
+    Image.fromarray(np.full((20, 20), 50, np.uint8)).save(tmp_path / "images" / "x.png")
+    Image.fromarray(a).save(tmp_path / "masks" / "x_mask.png")
+    Image.fromarray(b).save(tmp_path / "masks" / "x_mask_2.png")
+    spec = discover_dataset(tmp_path)
+    assert not spec.problems and spec.cases[0].extra_label_paths == [tmp_path / "masks" / "x_mask_2.png"]
+    samples, _ = load_dataset(spec)
+    assert samples[0]["label"].sum() == 16 + 36
+
+
+def test_paired_folder_problems_name_the_file(tmp_path):
+    _busi_like(tmp_path)
+    (tmp_path / "benign" / "benign (2)_mask.png").unlink()  # an image without its mask
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(tmp_path / "normal" / "benign (1).png")  # a name twice
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(tmp_path / "normal" / "benign (1)_mask.png")
+    spec = discover_dataset(tmp_path)
+    assert any(
+        p.startswith(str(tmp_path / "benign" / "benign (2).png")) and "without a mask" in p for p in spec.problems
+    )
+    assert any("a second image named benign (1)" in p for p in spec.problems)
+    small = np.zeros((10, 10), np.uint8)
+    Image.fromarray(small).save(tmp_path / "benign" / "benign (1)_mask_1.png")  # a further mask of another shape
+    spec = discover_dataset(tmp_path)
+    case = next(c for c in spec.cases if c.case_id == "benign (1)")
+    with pytest.raises(LatentSegError, match=r"benign \(1\)_mask_1.png: mask shape"):
+        load_case(case)
+
+
+def test_predicting_a_folder_of_images_beside_their_masks_skips_the_masks(tmp_path):
+    _busi_like(tmp_path)
+    assert [c.case_id for c in discover_inputs(tmp_path / "benign")] == ["benign (1)", "benign (2)"]
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "lone_mask.png")  # no image "lone": an input
+    assert [c.case_id for c in discover_inputs(tmp_path)] == ["lone_mask"]
+
+
+def test_a_folder_of_images_without_masks_is_not_a_dataset(tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(LatentSegError, match="not a dataset folder.*X_mask.png"):
+        discover_dataset(tmp_path)
+
+
 def _jpeg_mask(path: Path, mask: np.ndarray) -> None:
     """A 0/255 mask saved as an RGB JPEG, as Kvasir-SEG ships them: edges blur into grey values."""
     Image.fromarray(np.repeat(mask[..., None], 3, axis=-1)).save(path, quality=75)
