@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
 
-from latentseg.data.datasets import extra_mask_of, mask_case_id, masks_beside_images
+from latentseg.data.datasets import extra_mask_of, mask_case_id, masks_beside_images, read_merged_mask
 from latentseg.data.io import is_image_file, read_label, split_suffix
 from latentseg.errors import LatentSegError
 from latentseg.fusion import majority
@@ -88,21 +88,10 @@ def _references(ref_dirs: list[Path], predictions: dict[str, Path]) -> dict[str,
     return found
 
 
-def _read_reference(paths: list[Path]) -> tuple[np.ndarray, Any]:
-    """A reference mask with its further masks merged in where they are non-zero."""
-    ref, meta = read_label(paths[0])
-    for path in paths[1:]:
-        extra, _ = read_label(path)
-        if extra.shape != ref.shape:
-            raise LatentSegError(f"{path}: shape {extra.shape} differs from {paths[0].name} {ref.shape}")
-        ref = np.where(extra != 0, extra, ref)
-    return ref, meta
-
-
 def _read_case(pred_path: Path, refs: list[list[Path]]) -> tuple[np.ndarray, list[np.ndarray], tuple]:
     masks, spacing = [], None
     for paths in refs:
-        ref, meta = _read_reference(paths)
+        ref, meta = read_merged_mask(paths)
         if masks and ref.shape != masks[0].shape:
             raise LatentSegError(f"{paths[0]}: shape {ref.shape} differs from {refs[0][0]} {masks[0].shape}")
         masks.append(ref)

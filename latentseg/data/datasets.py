@@ -493,14 +493,12 @@ def load_case(
     _check_channels(case, image, meta, num_channels)
     if case.label_path is None:
         raise LatentSegError(f"case {case.case_id}: no label file")
-    label, lmeta = read_label(case.label_path, max_voxels)
+    label, lmeta = read_merged_mask([case.label_path, *case.extra_label_paths], max_voxels)
     if lmeta.spatial_shape != meta.spatial_shape:
         raise LatentSegError(
             f"{case.label_path}: label shape {lmeta.spatial_shape} differs from image shape {meta.spatial_shape}"
         )
     _check_same_grid(case.label_path, meta, lmeta)
-    for path in case.extra_label_paths:
-        label = _merged(label, path, lmeta, max_voxels)
     if num_classes is not None and label.max(initial=0) >= num_classes:
         bad = sorted(int(v) for v in np.unique(label) if v >= num_classes)
         raise LatentSegError(
@@ -510,12 +508,18 @@ def load_case(
     return {"image": image, "label": label, "text": case.text, "case_id": case.case_id, "meta": meta}
 
 
-def _merged(label: np.ndarray, path: Path, lmeta: ImageMeta, max_voxels: int) -> np.ndarray:
-    """`label` with a further mask of the same image written over it where that mask is non-zero."""
-    extra, emeta = read_label(path, max_voxels)
-    if emeta.spatial_shape != lmeta.spatial_shape:
-        raise LatentSegError(f"{path}: mask shape {emeta.spatial_shape} differs from its case's {lmeta.spatial_shape}")
-    return np.where(extra != 0, extra, label)
+def read_merged_mask(paths: list[Path], max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, ImageMeta]:
+    """The mask in `paths[0]` with each further mask of the same image (BUSI's `X_mask_1.png`)
+    written over it where that mask is non-zero."""
+    label, meta = read_label(paths[0], max_voxels)
+    for path in paths[1:]:
+        extra, extra_meta = read_label(path, max_voxels)
+        if extra_meta.spatial_shape != meta.spatial_shape:
+            raise LatentSegError(
+                f"{path}: mask shape {extra_meta.spatial_shape} differs from {paths[0].name}'s {meta.spatial_shape}"
+            )
+        label = np.where(extra != 0, extra, label)
+    return label, meta
 
 
 def _check_same_grid(label_path: Path, meta: ImageMeta, lmeta: ImageMeta) -> None:
