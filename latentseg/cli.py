@@ -288,7 +288,10 @@ def _add_train(sub) -> None:
         "--data",
         required=True,
         action="append",
-        help="dataset folder (nnU-Net, MSD, or images/ + masks/); repeat to train on several, sampled equally",
+        help=(
+            "dataset folder (nnU-Net, MSD, images/ + masks/, or images beside X_mask files); "
+            "repeat to train on several, sampled equally"
+        ),
     )
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--config", help="YAML file of settings, or a preset: ldseg, textdiffseg3d, universal, unisegdiff")
