@@ -81,8 +81,11 @@ def _references(ref_dirs: list[Path], predictions: dict[str, Path]) -> dict[str,
         for p in masks_beside_images(files) or files:
             stem = split_suffix(p)[0]
             case = mask_case_id(stem, predictions)
-            owner = extra_mask_of(stem, predictions) if case not in predictions else None
-            (further.setdefault(owner, []) if owner else in_folder.setdefault(case, [])).append(p)
+            owner = None if case in predictions else extra_mask_of(stem, predictions)
+            if owner is not None:
+                further.setdefault(owner, []).append(p)
+            else:
+                in_folder.setdefault(case, []).append(p)
         for case, paths in in_folder.items():
             found.setdefault(case, []).extend([p, *further.get(case, [])] for p in paths)
     return found

@@ -221,10 +221,19 @@ def mask_case_id(stem: str, case_ids: set[str] | dict) -> str:
     `X_mask.png`, GlaS's `X_anno.bmp`)."""
     if stem in case_ids:
         return stem
+    return _unsuffixed_case(stem, case_ids) or stem
+
+
+def _has_mask_suffix(name: str) -> bool:
+    return any(name.lower().endswith(suffix) for suffix in MASK_SUFFIXES)
+
+
+def _unsuffixed_case(stem: str, case_ids: set[str] | dict) -> str | None:
+    """The case that `stem` without a mask suffix names, or None."""
     for suffix in MASK_SUFFIXES:
         if stem.lower().endswith(suffix) and stem[: -len(suffix)] in case_ids:
             return stem[: -len(suffix)]
-    return stem
+    return None
 
 
 _NUMBERED = re.compile(r"^(.*?)_(\d+)$")
@@ -237,7 +246,7 @@ def extra_mask_of(stem: str, case_ids: set[str] | dict) -> str | None:
     if numbered is None:
         return None
     base = numbered.group(1)
-    if not any(base.lower().endswith(suffix) for suffix in MASK_SUFFIXES):
+    if not _has_mask_suffix(base):
         return None
     case_id = mask_case_id(base, case_ids)
     return case_id if case_id in case_ids else None
@@ -258,12 +267,11 @@ def _pair_masks(images: dict[str, Path], mask_files: dict[str, Path], warnings: 
             warnings.append(f"{path}: a second mask for image {case_id} (besides {masks[case_id].name}), skipped")
         else:
             masks[case_id] = path
-    merged = [paths[0] for case_id, paths in extra.items() if case_id in masks]
+    merged = [p for case_id, paths in extra.items() if case_id in masks for p in paths]
     if merged:
-        count = sum(len(paths) for case_id, paths in extra.items() if case_id in masks)
         warnings.append(
-            f"{merged[0]}{f' and {count - 1} more' if count > 1 else ''}: a further numbered mask of an image, "
-            "merged into its mask where non-zero"
+            f"{merged[0]}{f' and {len(merged) - 1} more' if len(merged) > 1 else ''}: a further numbered mask of "
+            "an image, merged into its mask where non-zero"
         )
     orphans += [p for case_id, paths in extra.items() if case_id not in masks for p in paths]
     return masks, extra, orphans
@@ -292,8 +300,7 @@ def _folder2d(root: Path) -> DatasetSpec:
 def _is_mask_name(stem: str) -> bool:
     """`X_mask`, `X_anno`, ... and their numbered further masks (`X_mask_1`)."""
     numbered = _NUMBERED.match(stem)
-    names = (stem, numbered.group(1)) if numbered else (stem,)
-    return any(name.lower().endswith(suffix) for name in names for suffix in MASK_SUFFIXES)
+    return _has_mask_suffix(stem) or (numbered is not None and _has_mask_suffix(numbered.group(1)))
 
 
 def _paired_folder(folder: Path, warnings: list[str]):
@@ -407,9 +414,10 @@ def masks_beside_images(files: list[Path]) -> list[Path]:
     `X_mask_1.png` beside `X.png`)."""
     stems = {split_suffix(p)[0] for p in files}
 
-    def is_mask(stem: str) -> bool:
-        others = stems - {stem}
-        return _is_mask_name(stem) and (mask_case_id(stem, others) in others or extra_mask_of(stem, others) is not None)
+    def is_mask(stem: str) -> bool:  # a stripped or numbered name is never the stem itself
+        return _is_mask_name(stem) and (
+            _unsuffixed_case(stem, stems) is not None or extra_mask_of(stem, stems) is not None
+        )
 
     return [p for p in files if is_mask(split_suffix(p)[0])]
 
