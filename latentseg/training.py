@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ from latentseg.models.objective import Objective, Phase
 from latentseg.plan import PLAN_FILE, Plan, Resolved, resolve
 from latentseg.progress import progress_bar
 from latentseg.prompts import encode
+from latentseg.sampler_fit import describe as describe_sampler_fit
+from latentseg.sampler_fit import fit_sampler
 from latentseg.uncertainty import fit_temperature
 
 log = logging.getLogger("latentseg.training")
@@ -191,6 +193,8 @@ def fit_from_validation(run: Run) -> None:
     validation cases both stay "auto", read as 1 and AUTO_SAMPLES."""
     config, sample = run.config, run.config.sample
     val_set = run.resolved.data.val[: config.train.val_cases]
+    if val_set and run.resolved.data.fit_sampler:
+        fit_multi_rater_sampler(run, val_set)
     fit_t, plan_count = sample.temperature == "auto", sample.num_samples == "auto"
     if not val_set or not (fit_t or plan_count):
         return
@@ -205,6 +209,22 @@ def fit_from_validation(run: Run) -> None:
         sample.temperature = run.resolved.plan.sample["temperature"] = temperature
         run.history["temperature"] = temperature
         log.info("calibration: temperature %.2f, fitted on %d validation cases", temperature, len(val_set))
+
+
+def fit_multi_rater_sampler(run: Run, val_set: list[dict[str, Any]]) -> None:
+    """DDIM steps and eta planned for several annotators, fitted on the validation cases
+    (`latentseg.sampler_fit`)."""
+    sample = run.config.sample
+    log.info("fitting the sampler to the annotators' spread on %d validation case(s)", len(val_set))
+    fitted = fit_sampler(run.model, val_set, run.config.data.patch_size, sample, run.resolved.encoder)
+    if fitted is None:
+        return
+    chosen, scores = fitted
+    for key, value in (("steps", chosen.steps), ("eta", chosen.eta)):
+        setattr(sample, key, value)
+        run.resolved.plan.sample[key] = value
+    run.history["sampler_fit"] = [asdict(s) for s in scores]
+    log.info("%s", describe_sampler_fit(chosen, scores))
 
 
 def plan_sample_count(run: Run, spread: float, options: SampleConfig) -> None:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from latentseg.cli import main
 from latentseg.data.phantoms import write_phantom_dataset
+from latentseg.sampler_fit import SAMPLER_CANDIDATES, SamplerScore, choose_sampler
 from latentseg.uncertainty import (
     binary_calibration,
     boundary_band,
@@ -138,7 +139,11 @@ def test_training_on_random_raters_and_multirater_evaluation(tmp_path, capsys, c
     fingerprint = json.loads((model / "fingerprint.json").read_text())
     assert fingerprint["raters"]["mode"] == "random" and fingerprint["raters"]["annotators_per_case"] == [4]
     plan = json.loads((model / "plans.json").read_text())
-    assert {k: plan["sample"][k] for k in ("steps", "eta")} == {"steps": 10, "eta": 1.0}  # spread as the raters do
+    fit = json.loads((model / "training_log.json").read_text())["sampler_fit"]  # every candidate, measured
+    assert [(c["steps"], c["eta"]) for c in fit] == list(SAMPLER_CANDIDATES)
+    chosen = choose_sampler([SamplerScore(**c) for c in fit])
+    assert (plan["sample"]["steps"], plan["sample"]["eta"]) == (chosen.steps, chosen.eta)  # as the raters spread
+    assert f"sampling: DDIM-{chosen.steps}, eta {chosen.eta:g}" in caplog.text
     assert plan["sample"]["temperature"] > 0  # fitted on the validation cases
     assert plan["sample"]["num_samples"] == 4  # several annotators: never cut to one sample
     assert "several annotators: the label encoder learns" in caplog.text

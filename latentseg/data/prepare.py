@@ -51,6 +51,7 @@ class TrainingData:
     labels_by_dataset: dict[str, dict[int, str]]  # each dataset's own label names (background included)
     latent: dict | None = None  # the latent planned from the labels: choice and ceilings (plans.json)
     store: CaseStore | None = None  # the files of the cases past `data.memory_gb`; removed with this object
+    fit_sampler: bool = False  # DDIM steps and eta planned for several annotators: `train` fits them at its end
 
 
 def load_datasets(data_dirs: list[Path], data: DataConfig) -> tuple[list[DatasetSpec], list[dict[str, Any]]]:
@@ -172,7 +173,10 @@ def plan_label_encoder_training(m: ModelConfig, multi_rater: bool) -> None:
 # 2026-12-06 this copied UNPLANNED_SAMPLING's temperature 1, so one-annotator data never got a fit)
 SINGLE_RATER_SAMPLING = {k: UNPLANNED_SAMPLING[k] for k in ("steps", "eta")}
 # several annotators: their samples are the point, so the count is never cut to one (`fit_from_validation`
-# plans it for one-annotator data, where samples that agree would only repeat the mask)
+# plans it for one-annotator data, where samples that agree would only repeat the mask); steps and
+# eta are where training starts: with validation cases `train` fits them at its end
+# (`latentseg.sampler_fit`: the same DDIM-10 spread BU-BIL's samples to pairwise IoU 0.363 in a model
+# trained at full resolution)
 MULTI_RATER_SAMPLING = {"steps": 10, "eta": 1.0, "num_samples": AUTO_SAMPLES}
 # An x0-predicting denoiser on one-annotator data: its first step already gives the clean latent,
 # and a second changed nothing measured (saved 15-minute models, 2026-12-06: ACDC Dice 0.7834 at
@@ -182,15 +186,16 @@ MULTI_RATER_SAMPLING = {"steps": 10, "eta": 1.0, "num_samples": AUTO_SAMPLES}
 SINGLE_RATER_X0_STEPS = 1
 
 
-def plan_sampling(sample: SampleConfig, multi_rater: bool, prediction_type: str = "x0") -> None:
+def plan_sampling(sample: SampleConfig, multi_rater: bool, prediction_type: str = "x0") -> set[str]:
     """Fill `sample.steps` and `sample.eta` left to "auto" (see MULTI_RATER_SAMPLING and
-    SINGLE_RATER_X0_STEPS)."""
+    SINGLE_RATER_X0_STEPS); returns the names it filled."""
     planned = MULTI_RATER_SAMPLING if multi_rater else SINGLE_RATER_SAMPLING
     if not multi_rater and prediction_type == "x0":
         planned = planned | {"steps": SINGLE_RATER_X0_STEPS}
-    for key, value in planned.items():
-        if getattr(sample, key) == "auto":
-            setattr(sample, key, value)
+    filled = {key for key in planned if getattr(sample, key) == "auto"}
+    for key in filled:
+        setattr(sample, key, planned[key])
+    return filled
 
 
 def plan_postprocessing(sample: SampleConfig, labels: list[np.ndarray], num_classes: int) -> None:
@@ -283,7 +288,8 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     store.report(len(samples))
     raters = use_raters(samples, config.data.raters)
     multi_rater = raters.get("mode") == "random"
-    plan_sampling(config.sample, multi_rater, config.model.prediction_type)
+    filled = plan_sampling(config.sample, multi_rater, config.model.prediction_type)
+    fit_sampler = multi_rater and {"steps", "eta"} <= filled and config.sample.sampler == "ddim"
     shapes = [s["image"].shape[1:] for s in samples]
     train_labels = [s["label"][0] for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
     spacing = prep.spacing or [float(v) for v in np.median(spacings, axis=0)]
@@ -294,7 +300,10 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     if multi_rater:
         m, smp = config.model, config.sample
         encoder = "end to end" if m.diffusion_trains_label_encoder else "from its own latent (latent_reconstruction)"
-        log.info("several annotators: the label encoder learns %s; DDIM-%s, eta %s", encoder, smp.steps, smp.eta)
+        fitted = ", fitted to the annotators on the validation cases after training" if fit_sampler else ""
+        log.info(
+            "several annotators: the label encoder learns %s; DDIM-%s, eta %s%s", encoder, smp.steps, smp.eta, fitted
+        )
 
     names = labels or {i: str(i) for i in range(config.model.num_classes)}
     fingerprint = {
@@ -314,7 +323,8 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     train = [s for s in samples if (s["dataset"], s["case_id"]) in set(train_ids)]
     val = [s for s in samples if (s["dataset"], s["case_id"]) in set(val_ids)]
     names_by_dataset = {spec.name: _label_names(spec, samples) for spec in specs}
-    return TrainingData(train, val, fingerprint, names_by_dataset, latent, store if store.folder else None)
+    store = store if store.folder else None
+    return TrainingData(train, val, fingerprint, names_by_dataset, latent, store, fit_sampler)
 
 
 FOREGROUND_VOXELS = 10_000  # foreground voxels kept per case on disk for centred patches (nnU-Net's count)
