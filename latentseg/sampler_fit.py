@@ -30,8 +30,8 @@ log = logging.getLogger("latentseg.sampler_fit")
 # (steps, eta), cheapest first: x0's one step (its samples differ by the starting noise alone), then
 # DDIM with eta 1 at more steps, whose fresh noise per step spreads the samples further
 SAMPLER_CANDIDATES: tuple[tuple[int, float], ...] = ((1, 0.0), (3, 1.0), (5, 1.0), (10, 1.0))
-WINDOWS_PER_CASE = 2  # patch-sized windows centred on the annotators' foreground: a whole image costs
-# hundreds of windows at full resolution (BU-BIL at 1300 x 1030 with 128^2 patches)
+WINDOWS_PER_CASE = 2  # patch-sized windows on the annotators' foreground (and as many anywhere): a
+# whole image costs hundreds of windows at full resolution (BU-BIL at 1300 x 1030 with 128^2 patches)
 
 
 @dataclass
@@ -56,9 +56,11 @@ class SamplerScore:
 
 
 def fit_windows(samples: Sequence[dict[str, Any]], roi: Sequence[int], seed: int = 0) -> list[Window]:
-    """Up to WINDOWS_PER_CASE windows of `roi` voxels (less where the image is smaller) per case
-    with several annotators, centred on random voxels of their foreground (the image centre where
-    none drew any)."""
+    """Windows of `roi` voxels (less where the image is smaller) of each case with several
+    annotators: up to WINDOWS_PER_CASE centred on random voxels of their foreground (the image
+    centre where none drew any), where the samples' spread is measured, and as many at random
+    places, where a sampler's false positives far from the cells show (BU-BIL: Dice 0.85-0.88 on
+    foreground windows against 0.67-0.70 on the whole validation images)."""
     rng = np.random.default_rng(seed)
     windows = []
     for s in samples:
@@ -67,7 +69,8 @@ def fit_windows(samples: Sequence[dict[str, Any]], roi: Sequence[int], seed: int
             continue
         shape = raters.shape[1:]
         size = [min(r, n) for r, n in zip(roi, shape, strict=True)]
-        for centre in _centres(np.argwhere(np.any(raters > 0, axis=0)), shape, rng):
+        centres = _centres(np.argwhere(np.any(raters > 0, axis=0)), shape, rng)
+        for centre in centres + [rng.integers(0, shape) for _ in centres]:
             lo = [int(np.clip(c - z // 2, 0, n - z)) for c, z, n in zip(centre, size, shape, strict=True)]
             box = tuple(slice(a, a + z) for a, z in zip(lo, size, strict=True))
             windows.append(Window(np.array(s["image"][(slice(None), *box)]), np.array(s["label"][0][box]),
