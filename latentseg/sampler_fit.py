@@ -23,7 +23,6 @@ from latentseg.config import SampleConfig
 from latentseg.infer import postprocessed, sample_volume
 from latentseg.models import Segmenter
 from latentseg.prompts import encode
-from latentseg.uncertainty import mean_pairwise_iou
 
 log = logging.getLogger("latentseg.sampler_fit")
 
@@ -46,8 +45,8 @@ class Window:
 class SamplerScore:
     steps: int
     eta: float
-    dice: float  # mean foreground Dice of the fused label against the case's label
-    sample_iou: float  # mean pairwise IoU of the samples (per class present, mean over windows)
+    dice: float  # foreground Dice of the fused label against the case's label, pooled over windows
+    sample_iou: float  # pairwise IoU of the samples, pooled over pairs and windows
     rater_iou: float  # the same for the annotators
 
     @property
@@ -84,40 +83,43 @@ def _centres(voxels: np.ndarray, shape: Sequence[int], rng: np.random.Generator)
     return list(voxels[rng.choice(len(voxels), min(WINDOWS_PER_CASE, len(voxels)), replace=False)])
 
 
-def agreement(masks: Sequence[np.ndarray], classes: Sequence[int]) -> float:
-    """Mean pairwise IoU of label maps, per class, averaged over `classes`."""
-    return float(np.mean([mean_pairwise_iou([m == c for m in masks]) for c in classes]))
+def pair_overlap(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """(intersection, union) voxel counts summed over the distinct pairs of binary masks."""
+    flat = np.stack([np.asarray(m, bool).ravel() for m in masks]).astype(np.int64)
+    inter = flat @ flat.T  # |A and B| for every pair; |A or B| = |A| + |B| - |A and B|
+    sizes = np.diag(inter)
+    upper = np.triu_indices(len(masks), 1)
+    return np.array([inter[upper].sum(), (sizes[:, None] + sizes[None, :] - inter)[upper].sum()])
 
 
-def dice(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int]) -> float:
-    """Mean Dice over `classes` (both empty: 1, as validation's `ignore_empty=False`)."""
-    scores = []
-    for c in classes:
-        p, r = pred == c, ref == c
-        total = p.sum() + r.sum()
-        scores.append(1.0 if total == 0 else 2.0 * np.logical_and(p, r).sum() / total)
-    return float(np.mean(scores))
+def pooled_ratio(counts: dict[int, np.ndarray], scale: float = 1.0) -> float:
+    """Mean over classes of scale * numerator / denominator (an empty class: 1)."""
+    return float(np.mean([scale * n / d if d else 1.0 for n, d in counts.values()]))
 
 
 @torch.no_grad()
 def score_sampler(
     model: Segmenter, windows: Sequence[Window], options: SampleConfig, encoder: Any = None, seed: int = 0
 ) -> SamplerScore:
-    """Dice and the samples' and annotators' agreement of `options` on `windows`."""
+    """Dice and the samples' and annotators' pairwise IoU of `options` on `windows`, each pooled
+    over the windows (voxel counts summed, so a window nobody drew in counts by what the samples
+    put there, as on the whole image) and averaged over the foreground classes."""
     device = next(model.parameters()).device
-    dices, sample_ious, rater_ious = [], [], []
+    classes = range(1, model.config.num_classes)
+    dice_counts, sample_counts, rater_counts = ({c: np.zeros(2, np.int64) for c in classes} for _ in range(3))
     for w in windows:
         text = encode(encoder, [w.text], device)
         roi = list(w.label.shape)
         mean, _, _, probs = sample_volume(model, torch.from_numpy(w.image), roi, options, seed, text, keep_samples=True)
         fused = postprocessed(mean.numpy().argmax(0).astype(np.uint8), options)
         labels = [p.argmax(0).numpy() for p in probs]
-        present = sorted({int(c) for c in np.unique(w.raters)} | {int(c) for m in labels for c in np.unique(m)} - {0})
-        classes = present or [1]
-        dices.append(dice(fused, w.label, classes))
-        sample_ious.append(agreement(labels, classes))
-        rater_ious.append(agreement(list(w.raters), classes))
-    return SamplerScore(options.steps, options.eta, *(float(np.mean(v)) for v in (dices, sample_ious, rater_ious)))
+        for c in classes:
+            p, r = fused == c, w.label == c
+            dice_counts[c] += (np.logical_and(p, r).sum(), p.sum() + r.sum())
+            sample_counts[c] += pair_overlap([m == c for m in labels])
+            rater_counts[c] += pair_overlap([m == c for m in w.raters])
+    dice = pooled_ratio(dice_counts, 2.0)
+    return SamplerScore(options.steps, options.eta, dice, pooled_ratio(sample_counts), pooled_ratio(rater_counts))
 
 
 def choose_sampler(scores: Sequence[SamplerScore]) -> SamplerScore:

@@ -14,11 +14,11 @@ from latentseg.sampler_fit import (
     SAMPLER_CANDIDATES,
     WINDOWS_PER_CASE,
     SamplerScore,
-    agreement,
     choose_sampler,
-    dice,
     fit_sampler,
     fit_windows,
+    pair_overlap,
+    pooled_ratio,
 )
 
 
@@ -49,14 +49,27 @@ def test_windows_cover_the_annotators_foreground_and_skip_single_annotator_cases
     assert len(fit_windows([empty], [16, 16])) == 2  # nobody drew anything: the image centre, and one anywhere
 
 
-def test_agreement_and_dice_by_hand_and_against_monai():
+def test_pair_overlaps_by_hand_and_against_the_mean_pairwise_iou():
     a, b = _square((20, 20), 0, 0, 4), _square((20, 20), 0, 2, 4)  # 16 voxels each, 8 shared
-    assert agreement([a, b], [1]) == pytest.approx(8 / 24)
-    assert agreement([a, a, b], [1]) == pytest.approx((1 + 2 * 8 / 24) / 3)
-    pred, ref = a + 2 * _square((20, 20), 10, 10, 3), b
+    assert pair_overlap([a, b]).tolist() == [8, 24]
+    assert pair_overlap([a, a, b]).tolist() == [16 + 8 + 8, 16 + 24 + 24]
+    rng = np.random.default_rng(0)
+    masks = [rng.random((30, 30)) < 0.3 for _ in range(5)]
+    inter, union = pair_overlap(masks)
+    pairs = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    assert inter == sum(np.logical_and(masks[i], masks[j]).sum() for i, j in pairs)
+    assert union == sum(np.logical_or(masks[i], masks[j]).sum() for i, j in pairs)
+    assert pooled_ratio({1: np.array([8, 24]), 2: np.array([0, 0])}) == pytest.approx((8 / 24 + 1) / 2)
+
+
+def test_the_pooled_dice_is_monais_on_one_window():
+    pred = _square((20, 20), 0, 0, 4) + 2 * _square((20, 20), 10, 10, 3)
+    ref = _square((20, 20), 0, 2, 4) + 2 * _square((20, 20), 11, 10, 3)
     onehot = lambda m: torch.nn.functional.one_hot(torch.tensor(m, dtype=torch.long), 3).movedim(-1, 0)[None]  # noqa: E731
-    oracle = compute_dice(onehot(pred), onehot(ref), include_background=False, ignore_empty=False)
-    assert dice(pred, ref, [1, 2]) == pytest.approx(float(oracle.mean()))
+    oracle = compute_dice(onehot(pred), onehot(ref), include_background=False)
+    overlap = lambda p, r: np.array([np.logical_and(p, r).sum(), p.sum() + r.sum()])  # noqa: E731
+    counts = {c: overlap(pred == c, ref == c) for c in (1, 2)}
+    assert pooled_ratio(counts, 2.0) == pytest.approx(float(oracle.mean()))
 
 
 def test_the_choice_weighs_the_spread_gap_against_lost_dice():
