@@ -233,8 +233,10 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     # DDIM steps K (003 section V-B: 2 suffice) and eta; "auto": planned by `train` from the data
-    # (latentseg.data.prepare.plan_sampling): DDIM-2, eta 0, or DDIM-10, eta 1 where the training
-    # data has several annotators (the samples then spread as the annotators disagree)
+    # (latentseg.data.prepare.plan_sampling): DDIM-1 (x0; eps: 2), eta 0, or where the training
+    # data has several annotators the candidate whose samples spread as the annotators disagree,
+    # fitted on the validation cases at the end of training (latentseg.sampler_fit; DDIM-10, eta 1
+    # without validation cases)
     steps: Literal["auto"] | PositiveInt = "auto"
     # samples per image; "auto": planned by `train` from the validation cases: 1 where their samples
     # agree (one annotator and a deterministic sampler: more would repeat the same mask at N times
