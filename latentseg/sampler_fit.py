@@ -11,7 +11,6 @@ samples agree with each other as the annotators agree with each other, without l
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,8 +22,6 @@ from latentseg.config import SampleConfig
 from latentseg.infer import postprocessed, sample_volume
 from latentseg.models import Segmenter
 from latentseg.prompts import encode
-
-log = logging.getLogger("latentseg.sampler_fit")
 
 # (steps, eta), cheapest first: x0's one step (its samples differ by the starting noise alone), then
 # DDIM with eta 1 at more steps, whose fresh noise per step spreads the samples further
