@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent.parent / "shared" / "data"
 WORK = ROOT / "work" / "realdata"
 
-# settings shared by both methods (patch, batch, split) plus latentseg's own
+# the UNets' settings (the plain script's patch, batch and depth); latentseg runs on its defaults plus the split
 DATASETS = {
     "acdc": {"settings": ["data.patch_size=[128,128,8]", "train.batch_size=2"], "minutes": 15},
     "la2018": {"settings": ["data.patch_size=[96,96,64]", "train.batch_size=2"], "minutes": 15},
