@@ -73,6 +73,8 @@ VARIANTS = {
     "latentseg_noskips": ["model.decoder_skips=false"],
     # the label encoder trained by decoding its own latent, not by the diffusion loss (issue 17)
     "latentseg_detached": ["model.latent_reconstruction=true", "model.diffusion_trains_label_encoder=false"],
+    # several annotators: the label encoder trained end to end (003) instead of detached (BU-BIL's gap)
+    "latentseg_e2e": ["model.latent_reconstruction=false", "model.diffusion_trains_label_encoder=true"],
     "latentseg_wide": ["model.image_encoder_channels=[16,32,64,128,256]", "model.decoder_channels=[16,32,64,128,256]"],
     "latentseg_labds": ["model.label_encoder=downsample"],
     "latentseg_p128": ["data.patch_size=[128,128,8]"],  # ACDC: the plain script's patch
