@@ -94,18 +94,30 @@ def pooled_ratio(counts: dict[int, np.ndarray], scale: float = 1.0) -> float:
     return float(np.mean([scale * n / d if d else 1.0 for n, d in counts.values()]))
 
 
+def _counts(classes: Sequence[int]) -> dict[int, np.ndarray]:
+    return {c: np.zeros(2, np.int64) for c in classes}
+
+
+def annotator_agreement(windows: Sequence[Window], classes: Sequence[int]) -> float:
+    """The annotators' pairwise IoU over `windows`, pooled as `score_sampler` pools the samples'."""
+    counts = _counts(classes)
+    for w in windows:
+        for c in classes:
+            counts[c] += pair_overlap([m == c for m in w.raters])
+    return pooled_ratio(counts)
+
+
 @torch.no_grad()
 def score_sampler(
-    model: Segmenter, windows: Sequence[Window], options: SampleConfig, encoder: Any = None, seed: int = 0
-) -> SamplerScore:
-    """Dice and the samples' and annotators' pairwise IoU of `options` on `windows`, each pooled
-    over the windows (voxel counts summed, so a window nobody drew in counts by what the samples
-    put there, as on the whole image) and averaged over the foreground classes."""
-    device = next(model.parameters()).device
+    model: Segmenter, windows: Sequence[Window], texts: Sequence[Any], options: SampleConfig, seed: int = 0
+) -> tuple[float, float]:
+    """(Dice, the samples' pairwise IoU) of `options` on `windows` (with `texts`, their encoded
+    sentences), each pooled over the windows (voxel counts summed, so a window nobody drew in
+    counts by what the samples put there, as on the whole image) and averaged over the foreground
+    classes."""
     classes = range(1, model.config.num_classes)
-    dice_counts, sample_counts, rater_counts = ({c: np.zeros(2, np.int64) for c in classes} for _ in range(3))
-    for w in windows:
-        text = encode(encoder, [w.text], device)
+    dice_counts, sample_counts = _counts(classes), _counts(classes)
+    for w, text in zip(windows, texts, strict=True):
         roi = list(w.label.shape)
         mean, _, _, probs = sample_volume(model, torch.from_numpy(w.image), roi, options, seed, text, keep_samples=True)
         fused = postprocessed(mean.numpy().argmax(0).astype(np.uint8), options)
@@ -114,9 +126,7 @@ def score_sampler(
             p, r = fused == c, w.label == c
             dice_counts[c] += (np.logical_and(p, r).sum(), p.sum() + r.sum())
             sample_counts[c] += pair_overlap([m == c for m in labels])
-            rater_counts[c] += pair_overlap([m == c for m in w.raters])
-    dice = pooled_ratio(dice_counts, 2.0)
-    return SamplerScore(options.steps, options.eta, dice, pooled_ratio(sample_counts), pooled_ratio(rater_counts))
+    return pooled_ratio(dice_counts, 2.0), pooled_ratio(sample_counts)
 
 
 def choose_sampler(scores: Sequence[SamplerScore]) -> SamplerScore:
@@ -134,10 +144,13 @@ def fit_sampler(
     windows = fit_windows(samples, roi)
     if not windows:
         return None
-    scores = [
-        score_sampler(model, windows, replace(options, steps=steps, eta=eta, temperature=1.0), encoder)
-        for steps, eta in SAMPLER_CANDIDATES
-    ]
+    device = next(model.parameters()).device
+    texts = [encode(encoder, [w.text], device) for w in windows]  # once, not per candidate
+    raters = annotator_agreement(windows, range(1, model.config.num_classes))
+    scores = []
+    for steps, eta in SAMPLER_CANDIDATES:
+        candidate = replace(options, steps=steps, eta=eta, temperature=1.0)
+        scores.append(SamplerScore(steps, eta, *score_sampler(model, windows, texts, candidate), raters))
     return choose_sampler(scores), scores
 
 
