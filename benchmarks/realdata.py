@@ -95,13 +95,17 @@ VARIANTS = {
     "latentseg_aug": ["data.augmentation=on"],
     "latentseg_noise": NOISE,
     "latentseg_noise_p02": NOISE_P02,
+    # BU-BIL: its cells span 300-780 pixels, the planned 128-pixel patch a sixth of that; resampled
+    # coarser, the patch sees a whole cell (the uncertainty benchmark's BU-BIL runs at spacing 4)
+    "latentseg_s2": ["data.spacing=[2.0,2.0]"],
+    "latentseg_s4": ["data.spacing=[4.0,4.0]"],
     "latentseg_zlate": ["model.strides=[[2,2,1],[2,2,1],[2,2,2],[2,2,1]]"],  # ACDC: the slice axis halved late
 }
 
 
 # the UNet through the pipeline, and with the same noise in training as latentseg_noise(_p02) (issue
 # 17: the fair comparison for a noise-augmented latentseg)
-UNET_VARIANTS = {"unet": [], "unet_noise": NOISE, "unet_noise_p02": NOISE_P02}
+UNET_VARIANTS = {"unet": [], "unet_noise": NOISE, "unet_noise_p02": NOISE_P02, "unet_s4": ["data.spacing=[4.0,4.0]"]}
 
 
 def test_cases(name: str) -> list[str]:
