@@ -91,6 +91,7 @@ class FingerprintSchema:
     val_cases: list[str] = field(default_factory=list)
     targets: dict = field(default_factory=dict)
     raters: dict = field(default_factory=dict)
+    grid: dict = field(default_factory=dict)  # how much coarser than the images' grid, and why
     plan: dict = field(default_factory=dict)
 
 

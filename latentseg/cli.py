@@ -272,7 +272,8 @@ def cmd_check_dataset(args: argparse.Namespace) -> None:
     from latentseg.data.prepare import check_plan
 
     classes = max(num_classes_of(spec) or 0, max(int(s["label"].max()) for s in samples) + 1, 2)
-    print(check_plan(samples, classes, load_config(None, [])))
+    budget = [f"train.max_minutes={args.minutes}"] if args.minutes else []
+    print(check_plan(samples, classes, load_config(None, budget)))
 
 
 class Parser(argparse.ArgumentParser):
@@ -469,6 +470,7 @@ def _add_check_dataset(sub) -> None:
     p.add_argument(
         "--allow-outside-paths", action="store_true", help="accept files that lead out of the dataset folder"
     )
+    p.add_argument("--minutes", type=_positive_float, default=None, help="plan as `train train.max_minutes=M` would")
     p.set_defaults(func=cmd_check_dataset)
 
 

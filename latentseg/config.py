@@ -146,6 +146,10 @@ class DataConfig:
     val_fraction: OpenFraction = 0.1
     spacing: list[PositiveFloat] = field(default_factory=list)  # target spacing for 3D; empty: the training median
     resample: bool = True  # 3D: reorient to RAS and resample to `spacing`
+    # how much coarser than the images' own grid (2D) or the training median spacing (3D) to train
+    # and predict, unless `spacing` is set; auto: 1, or 2 or 4 where the structures span more than
+    # two patches and the labels survive it (latentseg.data.planning.plan_grid_factor)
+    grid_factor: Literal["auto"] | Annotated[int, Range(1, 16)] = "auto"
     crop_foreground: bool = True  # crop to the image's non-zero region (nnU-Net)
     mask_values: list[NonNegativeInt] = field(
         default_factory=list

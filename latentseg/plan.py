@@ -50,7 +50,7 @@ PLANNED = {
         "prompt_names",
         "backbone_config",
     ),
-    "data": ("patch_size", "augmentation"),
+    "data": ("patch_size", "augmentation", "grid_factor"),
     "train": ("batch_size",),
     "sample": ("steps", "eta", "temperature", "num_samples", "largest_component"),
 }

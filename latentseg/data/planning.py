@@ -5,7 +5,7 @@ until the other axes catch up, and no axis is downsampled below `MIN_FEATURE` vo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -48,6 +48,86 @@ def plan_patch(
         short = dims == 2 and 0 < budget_minutes <= SHORT_RUN_MINUTES
         patch = [SHORT_RUN_PATCH_2D if short else DEFAULT_PATCH[dims]] * dims
     return [min(p, m) for p, m in zip(patch, median, strict=True)]
+
+
+# A grid coarser than the images' own when their structures are much larger than the patch, so that
+# a patch sees one whole (nnU-Net's 3d_lowres does this for volumes larger than its patch). BU-BIL
+# (one cell per image, its bounding box 448x454 pixels at the median; patch 128), 10 minutes side by
+# side, 2026-12-07: latentseg scored Dice 0.702 at 1/2 (the UNet on the images' own grid beside it
+# 0.659) and 0.680 at 1/4, against 0.526-0.556 on the images' own grid in three earlier windows
+# (benchmarks/results/realdata.json). MoNuSeg (34 pixels), ISBI 2012 EM (194), ACDC (70x64x9 voxels,
+# patch 128x128x10) and LA2018 (162x96x62, patch 96x96x88) stay on their grids.
+CONTEXT_PATCHES = 2.0  # a structure may span this many patch widths before the grid is coarsened
+CONTEXT_FACTORS = (2, 4)  # the coarser grids tried, in order
+
+
+def structure_extent(labels: Sequence[np.ndarray], dims: int) -> list[float]:
+    """Per axis, the median over cases of the bounding box of each case's largest foreground
+    component, in voxels: how large the structures to segment are (0 without foreground)."""
+    from scipy import ndimage
+
+    boxes = []
+    for label in evenly_spaced(labels, MAX_CEILING_CASES):
+        label = np.asarray(label)
+        foreground = label.reshape(label.shape[-dims:]) > 0
+        components, count = ndimage.label(foreground)
+        if count == 0:
+            continue
+        sizes = ndimage.sum_labels(foreground, components, range(1, count + 1))
+        box = ndimage.find_objects(components)[int(np.argmax(sizes))]
+        boxes.append([s.stop - s.start for s in box])
+    return [float(v) for v in np.median(boxes, axis=0)] if boxes else [0.0] * dims
+
+
+def grid_ceiling(labels: Sequence[np.ndarray], num_classes: int, factor: int, dims: int) -> list[float]:
+    """`label_ceiling` at `factor` along every axis, the background first (a thin background, as EM
+    membranes between cells, is lost too)."""
+    background = [(np.asarray(label) == 0).astype(np.uint8) for label in labels]
+    total = [factor] * dims
+    return label_ceiling(background, 2, total) + label_ceiling(labels, num_classes, total)
+
+
+def plan_grid_factor(
+    labels: Sequence[np.ndarray],
+    num_classes: int,
+    patch_at: Callable[[int], Sequence[int]],
+    threshold: float = 0.98,
+) -> dict:
+    """How much coarser than the images' own grid to train and predict: 1 while the typical
+    structure (`structure_extent`) spans at most CONTEXT_PATCHES patches along every axis;
+    otherwise the first of CONTEXT_FACTORS where it does, as far as the labels survive it (their
+    `grid_ceiling` at that factor at least `threshold` for every class; thin structures stop it).
+    `patch_at(f)` is the patch planned on images shrunk by f. Returns the factor, the extent and
+    the ceilings measured."""
+    dims = len(patch_at(1))
+    extent = structure_extent(labels, dims)
+    report: dict = {"factor": 1, "extent": extent, "ceilings": {}}
+
+    def fits(f: int) -> bool:
+        return all(e / f <= CONTEXT_PATCHES * p for e, p in zip(extent, patch_at(f), strict=True))
+
+    if fits(1):
+        return report
+    for f in CONTEXT_FACTORS:
+        ceiling = [round(v, 4) for v in grid_ceiling(labels, num_classes, f, dims)]
+        report["ceilings"][f] = ceiling
+        if min(ceiling) < threshold:
+            break
+        report["factor"] = f
+        if fits(f):
+            break
+    return report
+
+
+def describe_grid(report: dict) -> str:
+    """One line for check-dataset and train: the grid chosen and why (`report` as `plan_grid_factor`
+    returns it, with the "patch" it assumed)."""
+    patch = report["patch"]
+    extent = "x".join(f"{v:.0f}" for v in report["extent"])
+    ceilings = "; ".join(f"1/{f}: {min(c):.3f}" for f, c in report["ceilings"].items())
+    tried = f"; worst label ceiling {ceilings}" if ceilings else ""
+    grid = "the images' own" if report["factor"] == 1 else f"1/{report['factor']} of the images'"
+    return f"grid: {grid} (the largest structures span {extent} voxels, the patch {list(patch)}{tried})"
 
 
 def short_axes(shape: Sequence[int]) -> list[int]:
@@ -112,6 +192,14 @@ def plan_denoiser_strides(latent: Sequence[int], levels: int) -> list[list[int]]
 MAX_CEILING_CASES = 16  # label ceilings are measured on at most this many training cases
 
 
+def evenly_spaced(items: Sequence, count: int) -> list:
+    """At most `count` of `items`, spread evenly over them, in order."""
+    if not items:
+        return []
+    picks = np.linspace(0, len(items) - 1, min(len(items), count)).round().astype(int)
+    return [items[i] for i in sorted(set(picks.tolist()))]
+
+
 def label_ceiling(labels: Sequence[np.ndarray], num_classes: int, total: Sequence[int]) -> list[float]:
     """How well a latent downsampled by `total` per axis can hold the labels: per foreground class,
     the mean Dice over cases of argmax(upsample(average-pool(one-hot))) against the label (a cheap
@@ -120,8 +208,7 @@ def label_ceiling(labels: Sequence[np.ndarray], num_classes: int, total: Sequenc
     import torch.nn.functional as F
 
     per_class: list[list[float]] = [[] for _ in range(1, num_classes)]
-    picks = np.linspace(0, len(labels) - 1, min(len(labels), MAX_CEILING_CASES)).round().astype(int)
-    for label in (labels[i] for i in sorted(set(picks.tolist()))):
+    for label in evenly_spaced(labels, MAX_CEILING_CASES):
         label = np.asarray(label)
         label = label.reshape(label.shape[-len(total) :])
         window = foreground_window(label, total)

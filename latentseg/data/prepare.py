@@ -25,10 +25,12 @@ from latentseg.data.datasets import (
 )
 from latentseg.data.planning import (
     MIN_FEATURE,
+    describe_grid,
     describe_latent,
     label_ceiling,
     median_shape,
     plan_denoiser_strides,
+    plan_grid_factor,
     plan_latent,
     plan_patch,
     plan_strides,
@@ -88,20 +90,49 @@ def _check_compatible(specs: list[DatasetSpec], samples: list[dict[str, Any]], s
         raise LatentSegError(f"the datasets declare different labels ({names}); train them separately")
 
 
-def plan_preprocessing(config: Config, specs: list[DatasetSpec], samples: list[dict[str, Any]]) -> Preprocessing:
+def plan_preprocessing(
+    config: Config, specs: list[DatasetSpec], samples: list[dict[str, Any]]
+) -> tuple[Preprocessing, dict]:
+    """How the cases are preprocessed, and the grid's plan (`plan_grid`; {} where a spacing is set)."""
     dims = samples[0]["meta"].spatial_dims
-    spacing = None
-    if dims == 3 and config.data.resample:
-        spacing = config.data.spacing or [float(v) for v in np.median([s["meta"].spacing for s in samples], axis=0)]
-    elif dims == 2 and config.data.spacing:  # 2D images keep their grid unless a spacing is asked for
-        spacing = config.data.spacing
+    spacing, grid = None, {}
+    resampled = dims == 2 or config.data.resample  # 2D images keep their grid unless a coarser one is planned
+    if config.data.spacing and resampled:
+        spacing = list(config.data.spacing)
+    elif resampled:
+        median = [float(v) for v in np.median([s["meta"].spacing for s in samples], axis=0)]
+        grid = plan_grid(config, samples)
+        if "extent" in grid:
+            log.info("%s", describe_grid(grid))
+        if dims == 3 or grid["factor"] > 1:
+            spacing = [v * grid["factor"] for v in median]
     names = specs[0].channel_names
     ct = {  # from each case's `intensity_sample`, kept when its image was released (`load_dataset`)
         str(c): ct_statistics_of([s["intensities"][c] for s in samples]) for c, name in names.items() if is_ct(name)
     }
-    return Preprocessing(
+    prep = Preprocessing(
         dims, spacing, "RAS" if dims == 3 and config.data.resample else None, config.data.crop_foreground, ct
     )
+    return prep, grid
+
+
+def plan_grid(config: Config, samples: list[dict[str, Any]]) -> dict:
+    """Fill `data.grid_factor` left to "auto" from the cases' labels as read (`plan_grid_factor`);
+    returns the plan and the patch it assumed ({"factor": F} alone where the user set it)."""
+    data = config.data
+    if data.grid_factor != "auto":
+        return {"factor": data.grid_factor}
+    labels = [s["label"][0] for s in samples]
+    dims = samples[0]["meta"].spatial_dims
+    shapes = [label.shape[-dims:] for label in labels]
+
+    def patch_at(factor: int) -> list[int]:
+        shrunk = [[max(1, n // factor) for n in shape] for shape in shapes]
+        return plan_patch(data.patch_size, shrunk, dims, config.train.max_minutes)
+
+    grid = plan_grid_factor(labels, config.model.num_classes, patch_at, config.model.latent_ceiling)
+    data.grid_factor = grid["factor"]
+    return grid | {"patch": patch_at(grid["factor"])}
 
 
 def plan_network(
@@ -277,7 +308,7 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
     keep = set(train_ids) | set(val_ids)
     samples = [s for s in samples if (s["dataset"], s["case_id"]) in keep]
 
-    prep = plan_preprocessing(config, specs, samples)
+    prep, grid = plan_preprocessing(config, specs, samples)
     spacings = [list(s["meta"].spacing) for s in samples]
     store = CaseStore(config.data)
     for s in samples:  # one raw image in memory at a time
@@ -316,6 +347,7 @@ def prepare_training_data(data_dirs: list[Path], config: Config) -> TrainingData
         "median_spacing": [float(v) for v in np.median(spacings, axis=0)],
         "median_shape": median_shape(shapes),
         "preprocessing": prep.to_dict(),
+        "grid": grid,
         "train_cases": [f"{d}/{c}" for d, c in train_ids],
         "val_cases": [f"{d}/{c}" for d, c in val_ids],
         "raters": raters,
@@ -422,15 +454,18 @@ def use_raters(samples: list[dict[str, Any]], mode: str) -> dict[str, Any]:
 
 
 def check_plan(samples: list[dict[str, Any]], num_classes: int, config: Config) -> str:
-    """What `train` would plan for the latent and the post-processing, from the labels as stored
-    (check-dataset's lines)."""
+    """What `train` would plan for the grid, the latent and the post-processing, from the labels as
+    stored (check-dataset's lines); on a coarser grid the latent is planned on every f-th voxel."""
     dims = samples[0]["meta"].spatial_dims
-    shapes = [s["label"].shape[1:] for s in samples]
-    spacing = [float(v) for v in np.median([s["meta"].spacing for s in samples], axis=0)]
-    patch = plan_patch(config.data.patch_size, shapes, dims)
-    m, labels = config.model, [s["label"][0] for s in samples]
+    config.model.num_classes = num_classes
+    grid = plan_grid(config, samples)
+    f = grid["factor"]
+    spacing = [float(v) * f for v in np.median([s["meta"].spacing for s in samples], axis=0)]
+    m, labels = config.model, [s["label"][0][(slice(None, None, f),) * dims] for s in samples]
+    patch = plan_patch(config.data.patch_size, [label.shape for label in labels], dims, config.train.max_minutes)
     latent = plan_latent(labels, num_classes, patch, spacing, m.latent_ceiling, m.min_latent_downsamplings)
     late = latent.get("thin_axes", [])
     strides = plan_strides(patch, spacing, latent["num_downsamplings"], latent["frozen_axes"], late)
     postprocessing = describe_postprocessing(*single_component_classes(labels, num_classes))
-    return describe_latent(latent, strides, dims) + "\n" + postprocessing
+    lines = [describe_grid(grid)] if "extent" in grid else []
+    return "\n".join([*lines, describe_latent(latent, strides, dims), postprocessing])
