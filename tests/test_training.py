@@ -153,3 +153,59 @@ def test_cases_past_the_memory_budget_train_from_files_that_are_then_removed(dat
     assert main([*argv, "data.memory_gb=0.000001", f"data.cache_dir={tmp_path}"]) == 0
     assert "kept in" in caplog.text and "read patch by patch" in caplog.text
     assert not list(tmp_path.glob("latentseg-cache-*"))  # removed with the run
+
+
+def _large_discs(root: Path, cases: int = 6, size: int = 96, radius: int = 35) -> Path:
+    """A PNG folder with one structure per image, a bright disc (by default 71 pixels across: more
+    than two 32-pixel patches)."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(cases):
+        cy, cx = size / 2 + rng.integers(-4, 5, 2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        image = (60 + 120 * disc + rng.normal(0, 10, disc.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"c{i}.png")
+        Image.fromarray(disc.astype(np.uint8) * 255).save(root / "masks" / f"c{i}.png")
+    return root
+
+
+def test_structures_larger_than_two_patches_train_and_predict_on_a_coarser_grid(tmp_path):
+    from PIL import Image
+
+    from latentseg.infer import predict
+
+    data = _large_discs(tmp_path / "discs")
+    small = [*TINY_2D, "train.steps=4", "train.val_every=0", "data.patch_size=[32,32]"]
+    model = tmp_path / "model"
+    train(data, model, load_config(None, small), progress=False)
+    fingerprint = json.loads((model / "fingerprint.json").read_text())
+    assert fingerprint["grid"]["factor"] == 2 and fingerprint["preprocessing"]["spacing"] == [2.0, 2.0]
+    assert json.loads((model / "plans.json").read_text())["data"]["grid_factor"] == 2
+    predict(model, data / "images", tmp_path / "out", {"num_samples": 1}, overlays=False, progress=False)
+    assert np.asarray(Image.open(tmp_path / "out" / "c0.png")).shape == (96, 96)  # back on the image's grid
+
+    own = tmp_path / "own"  # the user's grid factor wins; so does a spacing
+    train(data, own, load_config(None, [*small, "data.grid_factor=1"]), progress=False)
+    assert json.loads((own / "fingerprint.json").read_text())["preprocessing"]["spacing"] is None
+    spaced = tmp_path / "spaced"
+    train(data, spaced, load_config(None, [*small, "data.spacing=[3.0,3.0]"]), progress=False)
+    fingerprint = json.loads((spaced / "fingerprint.json").read_text())
+    assert fingerprint["grid"] == {} and fingerprint["preprocessing"]["spacing"] == [3.0, 3.0]
+
+
+def test_check_dataset_prints_the_planned_grid_for_a_budget(tmp_path, capsys):
+    from latentseg.cli import main
+
+    data = _large_discs(tmp_path / "discs", cases=3, size=320, radius=140)  # 281 pixels across
+    assert main(["check-dataset", str(data)]) == 0  # no budget: 256^2 patches
+    assert "grid: the images' own (the largest structures span 281x281 voxels, the patch [256, 256])" in (
+        capsys.readouterr().out
+    )
+    assert main(["check-dataset", str(data), "--minutes", "10"]) == 0  # a short run: 128^2 patches
+    out = capsys.readouterr().out
+    assert "grid: 1/2 of the images' (the largest structures span 281x281 voxels, the patch [128, 128]" in out
+    assert "latent: " in out

@@ -221,3 +221,64 @@ def test_the_decoder_fuses_skips_pointwise_unless_told():
 
     assert planned() == 1
     assert planned("model.decoder_fuse_kernel=3") == 3
+
+
+# --- the grid: coarser than the images' own where the structures outgrow the patch -----------
+
+from latentseg.data.planning import grid_ceiling, plan_grid_factor, structure_extent  # noqa: E402
+
+
+def _disc(size: int, radius: float, centre: tuple[float, float] | None = None) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = centre or (size / 2, size / 2)
+    return ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2).astype(np.int64)
+
+
+def test_structure_extent_takes_each_case_largest_component_and_the_median_over_cases():
+    a = np.zeros((64, 64), np.int64)
+    a[2:12, 3:33] = 1  # 10 x 30, the largest
+    a[40:45, 40:45] = 1  # 5 x 5
+    b = np.zeros((64, 64), np.int64)
+    b[5:25, 5:15] = 2  # 20 x 10, any foreground class
+    c = np.zeros((64, 64), np.int64)
+    c[0:40, 0:50] = 1  # 40 x 50
+    assert structure_extent([a, b, c], 2) == [20.0, 30.0]
+    assert structure_extent([np.zeros((8, 8), np.int64)], 2) == [0.0, 0.0]
+
+
+def test_grid_ceiling_scores_the_background_too():
+    # thin background lines between large foreground blocks (EM membranes): the foreground survives
+    # halving, the background lines do not
+    label = np.ones((64, 64), np.int64)
+    label[::16, :] = 0
+    label[:, ::16] = 0
+    background, foreground = grid_ceiling([label], 2, 2, 2)
+    assert foreground > 0.95 and background < 0.8
+    assert grid_ceiling([label], 2, 2, 2)[1:] == label_ceiling([label], 2, [2, 2])
+
+
+def _patch_of(size: int, patch: int):
+    return lambda f: [min(patch, size // f)] * 2
+
+
+def test_grid_stays_where_structures_fit_in_two_patches():
+    labels = [_disc(128, 30)] * 3  # 61 pixels across, patch 32: 1.9 patches
+    grid = plan_grid_factor(labels, 2, _patch_of(128, 32))
+    assert grid["factor"] == 1 and grid["ceilings"] == {}
+
+
+def test_grid_coarsens_until_a_large_structure_fits():
+    labels = [_disc(256, 100, (128 + d, 128 - d)) for d in (-3, 0, 3)]  # 201 across, patch 32: 6.3 patches
+    grid = plan_grid_factor(labels, 2, _patch_of(256, 32))
+    assert grid["factor"] == 4 and set(grid["ceilings"]) == {2, 4}  # 1/2: 3.1 patches; 1/4: 1.6
+    assert min(grid["ceilings"][4]) >= 0.98
+    assert plan_grid_factor(labels, 2, _patch_of(256, 64))["factor"] == 2  # 1/2: 1.6 patches of 64
+
+
+def test_grid_keeps_thin_structures_whole():
+    # a large structure of thin lines (a vessel tree's span): coarser grids would lose the lines
+    label = np.zeros((256, 256), np.int64)
+    label[20:230:12, 20:230] = 1
+    label[20:230, 20] = 1
+    grid = plan_grid_factor([label] * 2, 2, _patch_of(256, 32))
+    assert grid["factor"] == 1 and min(grid["ceilings"][2]) < 0.98 and 4 not in grid["ceilings"]
