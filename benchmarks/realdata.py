@@ -102,6 +102,7 @@ VARIANTS = {
     # coarser, the patch sees a whole cell (the uncertainty benchmark's BU-BIL runs at spacing 4)
     "latentseg_s2": ["data.spacing=[2.0,2.0]"],
     "latentseg_s4": ["data.spacing=[4.0,4.0]"],
+    "latentseg_g2": ["data.grid_factor=2"],  # any data: half the planned grid's resolution
     "latentseg_zlate": ["model.strides=[[2,2,1],[2,2,1],[2,2,2],[2,2,1]]"],  # ACDC: the slice axis halved late
 }
 
