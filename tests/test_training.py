@@ -209,3 +209,17 @@ def test_check_dataset_prints_the_planned_grid_for_a_budget(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "grid: 1/2 of the images' (the largest structures span 281x281 voxels, the patch [128, 128]" in out
     assert "latent: " in out
+
+
+def test_the_grid_is_planned_for_ldseg_only():
+    from types import SimpleNamespace
+
+    from latentseg.data.prepare import plan_grid
+
+    yy, xx = np.mgrid[:96, :96]
+    disc = ((yy - 48) ** 2 + (xx - 48) ** 2 <= 35**2).astype(np.uint8)
+    samples = [{"label": disc[None], "meta": SimpleNamespace(spatial_dims=2)}] * 3
+    for mode, factor in (("ldseg", 2), ("textdiff", 1)):  # TextDiff's backbone learned the images' scale
+        config = load_config(None, [f"model.mode={mode}", "data.patch_size=[32,32]"])
+        config.model.num_classes = 2
+        assert plan_grid(config, samples)["factor"] == factor == config.data.grid_factor

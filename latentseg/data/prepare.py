@@ -118,8 +118,11 @@ def plan_preprocessing(
 
 def plan_grid(config: Config, samples: list[dict[str, Any]]) -> dict:
     """Fill `data.grid_factor` left to "auto" from the cases' labels as read (`plan_grid_factor`);
-    returns the plan and the patch it assumed ({"factor": F} alone where the user set it)."""
+    returns the plan and the patch it assumed ({"factor": F} alone where the user set it). TextDiff
+    (001) keeps the grid: its frozen DDPM backbone learned the images' scale in `pretrain-ddpm`."""
     data = config.data
+    if data.grid_factor == "auto" and config.model.mode != "ldseg":
+        data.grid_factor = 1
     if data.grid_factor != "auto":
         return {"factor": data.grid_factor}
     labels = [s["label"][0] for s in samples]
