@@ -223,3 +223,34 @@ def test_the_grid_is_planned_for_ldseg_only():
         config = load_config(None, [f"model.mode={mode}", "data.patch_size=[32,32]"])
         config.model.num_classes = 2
         assert plan_grid(config, samples)["factor"] == factor == config.data.grid_factor
+
+
+def test_a_volume_trains_and_predicts_on_a_coarser_grid_and_comes_back_on_its_own(tmp_path):
+    import nibabel as nib
+
+    from latentseg.infer import predict
+    from tests.conftest import TINY_3D
+
+    root = tmp_path / "balls"
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:48, :48, :40]
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    for i in range(4):  # a ball 37 voxels across, in patches of 16: 2.3 patches
+        ball = (zz - 24) ** 2 + (yy - 24 - i) ** 2 + (xx - 20) ** 2 <= 18**2
+        image = (ball + rng.normal(0, 0.2, ball.shape)).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"ball_{i:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(ball.astype(np.uint8), affine), root / "labelsTr" / f"ball_{i:03d}.nii.gz")
+    dataset = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "ball": 1}, "numTraining": 4,
+               "file_ending": ".nii.gz"}  # fmt: skip
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    model = tmp_path / "model"
+    settings = [*TINY_3D, "train.steps=2", "train.val_every=0", "data.patch_size=[16,16,16]"]
+    train(root, model, load_config(None, settings), progress=False)
+    fingerprint = json.loads((model / "fingerprint.json").read_text())
+    assert fingerprint["grid"]["factor"] == 2
+    assert fingerprint["preprocessing"]["spacing"] == [3.0, 3.0, 4.0]  # twice the median spacing
+    predict(model, root / "imagesTr", tmp_path / "out", {"num_samples": 1}, overlays=False, progress=False)
+    out = nib.load(tmp_path / "out" / "ball_000.nii.gz")
+    assert out.shape == (48, 48, 40) and np.allclose(out.affine, affine)
