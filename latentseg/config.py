@@ -144,7 +144,9 @@ class DataConfig:
     patch_size: list[PositiveInt] = field(default_factory=list)  # empty: 256^2 in 2D, 96^3 in 3D, shrunk to the images
     split: str = "random"  # random | dataset | fold:I/K | path/to/split.csv (see latentseg.data.splits)
     val_fraction: OpenFraction = 0.1
-    spacing: list[PositiveFloat] = field(default_factory=list)  # target spacing for 3D; empty: the training median
+    # target spacing; empty: 2D images keep their grid and 3D volumes take the training median, both
+    # coarsened by `grid_factor`
+    spacing: list[PositiveFloat] = field(default_factory=list)
     resample: bool = True  # 3D: reorient to RAS and resample to `spacing`
     # how much coarser than the images' own grid (2D) or the training median spacing (3D) to train
     # and predict, unless `spacing` is set; auto: 1, or 2 or 4 where the structures span more than

@@ -52,11 +52,12 @@ def plan_patch(
 
 # A grid coarser than the images' own when their structures are much larger than the patch, so that
 # a patch sees one whole (nnU-Net's 3d_lowres does this for volumes larger than its patch). BU-BIL
-# (one cell per image, its bounding box 448x454 pixels at the median; patch 128), 10 minutes side by
-# side, 2026-12-07: latentseg scored Dice 0.702 at 1/2 (the UNet on the images' own grid beside it
-# 0.659) and 0.680 at 1/4, against 0.526-0.556 on the images' own grid in three earlier windows
-# (benchmarks/results/realdata.json). MoNuSeg (34 pixels), ISBI 2012 EM (194), ACDC (70x64x9 voxels,
-# patch 128x128x10) and LA2018 (162x96x62, patch 96x96x88) stay on their grids.
+# (one cell per image, its bounding box 366x450 pixels at the median of the training cases; patch
+# 128), 10 minutes side by side, 2026-12-07/08: latentseg scored Dice 0.697-0.702 at 1/2 (the UNet
+# on the images' own grid beside it 0.636-0.659) and 0.680 at 1/4, against 0.526-0.556 on the
+# images' own grid in three earlier windows (benchmarks/results/realdata.json). MoNuSeg (34 pixels),
+# ISBI 2012 EM (194), ACDC (70x64x9 voxels, patch 128x128x10) and LA2018 (162x96x62, patch 96x96x88)
+# stay on their grids; LA2018 at 1/2 by hand gained no Dice (0.815 against 0.813) and lost NSD.
 CONTEXT_PATCHES = 2.0  # a structure may span this many patch widths before the grid is coarsened
 CONTEXT_FACTORS = (2, 4)  # the coarser grids tried, in order
 
@@ -81,10 +82,18 @@ def structure_extent(labels: Sequence[np.ndarray], dims: int) -> list[float]:
 
 def grid_ceiling(labels: Sequence[np.ndarray], num_classes: int, factor: int, dims: int) -> list[float]:
     """`label_ceiling` at `factor` along every axis, the background first (a thin background, as EM
-    membranes between cells, is lost too)."""
-    background = [(np.asarray(label) == 0).astype(np.uint8) for label in labels]
+    membranes between cells, is lost too), each on the foreground's window (`foreground_window`:
+    beyond it the background is whole, and a CT's full volume would cost gigabytes)."""
     total = [factor] * dims
-    return label_ceiling(background, 2, total) + label_ceiling(labels, num_classes, total)
+    windows = []
+    for label in evenly_spaced(labels, MAX_CEILING_CASES):
+        label = np.asarray(label)
+        label = label.reshape(label.shape[-dims:])
+        window = foreground_window(label > 0, total)
+        if window is not None:
+            windows.append(label[window])
+    background = [(label == 0).astype(np.uint8) for label in windows]
+    return label_ceiling(background, 2, total) + label_ceiling(windows, num_classes, total)
 
 
 def plan_grid_factor(
