@@ -53,7 +53,7 @@ def plan_patch(
 # A grid coarser than the images' own when their structures are much larger than the patch, so that
 # a patch sees one whole (nnU-Net's 3d_lowres does this for volumes larger than its patch). BU-BIL
 # (one cell per image, its bounding box 366x450 pixels at the median of the training cases; patch
-# 128), 10 minutes side by side, 2026-12-07/08: latentseg scored Dice 0.697-0.702 at 1/2 (the UNet
+# 128), 10 minutes side by side, 2026-12-07/08: latentseg scored Dice 0.697-0.737 at 1/2 (the UNet
 # on the images' own grid beside it 0.636-0.659) and 0.680 at 1/4, against 0.526-0.556 on the
 # images' own grid in three earlier windows (benchmarks/results/realdata.json). MoNuSeg (34 pixels),
 # ISBI 2012 EM (194), ACDC (70x64x9 voxels, patch 128x128x10) and LA2018 (162x96x62, patch 96x96x88)
