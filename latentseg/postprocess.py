@@ -16,7 +16,9 @@ from scipy import ndimage
 SINGLE_COMPONENT_FRACTION = 0.9
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The components of a binary mask (numbered from 1) and their count, connected through faces,
+    edges and corners."""
     return ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
 
 
@@ -25,7 +27,7 @@ def keep_largest_component(label: np.ndarray, classes: Sequence[int]) -> np.ndar
     component set to background (0); a new array, the input is not changed."""
     out = label.copy()
     for c in classes:
-        components, count = _components(label == c)
+        components, count = connected_components(label == c)
         if count > 1:
             sizes = np.bincount(components.ravel())
             sizes[0] = 0
@@ -44,6 +46,6 @@ def single_component_classes(
         for c in single:
             mask = label == c
             if mask.any():
-                single[c].append(_components(mask)[1] == 1)
+                single[c].append(connected_components(mask)[1] == 1)
     shares = {c: float(np.mean(v)) for c, v in single.items() if v}
     return [c for c, share in shares.items() if share >= fraction], shares

@@ -70,7 +70,7 @@ def test_predict_keeps_the_named_classes_largest_component(model2d, data2d, tmp_
     from PIL import Image
 
     from latentseg.cli import main
-    from latentseg.postprocess import _components
+    from latentseg.postprocess import connected_components
 
     plan = json.loads((model2d / "plans.json").read_text())
     assert isinstance(plan["sample"]["largest_component"], list)  # planned by train
@@ -82,7 +82,8 @@ def test_predict_keeps_the_named_classes_largest_component(model2d, data2d, tmp_
         assert main([*args, "--largest-component", flag, "--samples", "1"]) == 0
         outputs[flag] = np.asarray(Image.open(out / image.name))
     one, raw = outputs["1"], outputs["none"]
-    assert _components(one == 1)[1] <= 1 < _components(raw == 1)[1]  # the untrained tiny model: many pieces
+    # the untrained tiny model: many pieces
+    assert connected_components(one == 1)[1] <= 1 < connected_components(raw == 1)[1]
     assert ((one == raw) | (one == 0)).all()  # it only sets voxels of class 1 to background
     assert np.array_equal(one == 2, raw == 2)  # class 2 not named
     with pytest.raises(SystemExit):

@@ -65,18 +65,20 @@ CONTEXT_FACTORS = (2, 4)  # the coarser grids tried, in order
 
 def structure_extent(labels: Sequence[np.ndarray], dims: int) -> list[float]:
     """Per axis, the median over cases of the bounding box of each case's largest foreground
-    component, in voxels: how large the structures to segment are (0 without foreground)."""
+    component (as post-processing connects them), in voxels: how large the structures to segment
+    are (0 without foreground)."""
     from scipy import ndimage
+
+    from latentseg.postprocess import connected_components
 
     boxes = []
     for label in evenly_spaced(labels, MAX_CEILING_CASES):
         label = np.asarray(label)
-        foreground = label.reshape(label.shape[-dims:]) > 0
-        components, count = ndimage.label(foreground)
+        components, count = connected_components(label.reshape(label.shape[-dims:]) > 0)
         if count == 0:
             continue
-        sizes = ndimage.sum_labels(foreground, components, range(1, count + 1))
-        box = ndimage.find_objects(components)[int(np.argmax(sizes))]
+        largest = int(np.bincount(components.ravel())[1:].argmax()) + 1
+        box = ndimage.find_objects(components)[largest - 1]
         boxes.append([s.stop - s.start for s in box])
     return [float(v) for v in np.median(boxes, axis=0)] if boxes else [0.0] * dims
 
@@ -107,8 +109,8 @@ def plan_grid_factor(
     structure (`structure_extent`) spans at most CONTEXT_PATCHES patches along every axis;
     otherwise the first of CONTEXT_FACTORS where it does, as far as the labels survive it (their
     `grid_ceiling` at that factor at least `threshold` for every class; thin structures stop it).
-    `patch_at(f)` is the patch planned on images shrunk by f. Returns the factor, the extent and
-    the ceilings measured."""
+    `patch_at(f)` is the patch planned on images shrunk by f. Returns the factor, the extent, the
+    ceilings measured and the patch at that factor."""
     dims = len(patch_at(1))
     extent = structure_extent(labels, dims)
     report: dict = {"factor": 1, "extent": extent, "ceilings": {}}
@@ -116,9 +118,7 @@ def plan_grid_factor(
     def fits(f: int) -> bool:
         return all(e / f <= CONTEXT_PATCHES * p for e, p in zip(extent, patch_at(f), strict=True))
 
-    if fits(1):
-        return report
-    for f in CONTEXT_FACTORS:
+    for f in () if fits(1) else CONTEXT_FACTORS:
         ceiling = [round(v, 4) for v in grid_ceiling(labels, num_classes, f, dims)]
         report["ceilings"][f] = ceiling
         if min(ceiling) < threshold:
@@ -126,12 +126,12 @@ def plan_grid_factor(
         report["factor"] = f
         if fits(f):
             break
-    return report
+    return report | {"patch": list(patch_at(report["factor"]))}
 
 
 def describe_grid(report: dict) -> str:
     """One line for check-dataset and train: the grid chosen and why (`report` as `plan_grid_factor`
-    returns it, with the "patch" it assumed)."""
+    returns it)."""
     patch = report["patch"]
     extent = "x".join(f"{v:.0f}" for v in report["extent"])
     ceilings = "; ".join(f"1/{f}: {min(c):.3f}" for f, c in report["ceilings"].items())

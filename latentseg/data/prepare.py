@@ -118,7 +118,7 @@ def plan_preprocessing(
 
 def plan_grid(config: Config, samples: list[dict[str, Any]]) -> dict:
     """Fill `data.grid_factor` left to "auto" from the cases' labels as read (`plan_grid_factor`);
-    returns the plan and the patch it assumed ({"factor": F} alone where the user set it). TextDiff
+    returns the plan ({"factor": F} alone where the user set it). TextDiff
     (001) keeps the grid: its frozen DDPM backbone learned the images' scale in `pretrain-ddpm`."""
     data = config.data
     if data.grid_factor == "auto" and config.model.mode != "ldseg":
@@ -135,7 +135,7 @@ def plan_grid(config: Config, samples: list[dict[str, Any]]) -> dict:
 
     grid = plan_grid_factor(labels, config.model.num_classes, patch_at, config.model.latent_ceiling)
     data.grid_factor = grid["factor"]
-    return grid | {"patch": patch_at(grid["factor"])}
+    return grid
 
 
 def plan_network(
