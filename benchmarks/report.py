@@ -1,8 +1,8 @@
-"""Markdown tables from benchmarks/results/*.json, for the README.
+"""Markdown tables from benchmarks/results/*.json, for benchmarks/README.md.
 
 Run: python -m benchmarks.report            (print every table)
-     python -m benchmarks.report --readme   (rewrite the README's blocks between
-                                             <!-- table:NAME --> and <!-- /table -->)
+     python -m benchmarks.report --readme   (rewrite the blocks between <!-- table:NAME -->
+                                             and <!-- /table --> in benchmarks/README.md)
 """
 
 from __future__ import annotations
@@ -256,8 +256,9 @@ def update_readme(path: Path) -> list[str]:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--readme"]:
-        print("updated:", ", ".join(update_readme(RESULTS.parent.parent / "README.md")))
+    if sys.argv[1:] == ["--readme"]:  # the tables live in benchmarks/README.md, any in the README too
+        for readme in (RESULTS.parent / "README.md", RESULTS.parent.parent / "README.md"):
+            print(f"{readme}: updated", ", ".join(update_readme(readme)) or "nothing")
         return
     for name, table in rendered().items():
         print(f"### {name}\n\n{table}\n")

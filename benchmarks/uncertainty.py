@@ -20,7 +20,10 @@ error detection only, latentseg with its own sampling). Methods (each one proces
   the annotators' majority), latentseg_eps_eta1 (eps prediction, DDIM-2 with eta = 1),
   latentseg_aug and unet_aug (augmentation on whatever the budget), latentseg_dice1 (the Dice term
   weighted 1, as DiceCELoss; on ACDC 2026-12-07 ECE 0.0046 and Dice 0.728 beside the default's
-  0.0042 and 0.753: the weight is not what separates its calibration from the UNet's).
+  0.0042 and 0.753: the weight is not what separates its calibration from the UNet's),
+  latentseg_planned (BU-BIL's pinned spacing and patch dropped: the grid and patch `train`
+  plans), and unet_g1, mc_dropout_g1, ensemble_g1 (the baselines on the images' own grid, as
+  benchmarks.realdata trains its UNets).
 Every other sampling method draws 8 samples (the ensemble: its 4 members), whatever `train` planned.
 
     python -m benchmarks.uncertainty [--datasets bubil,phantoms] [--methods ...] [--minutes bubil=8,phantoms=5]
@@ -60,11 +63,21 @@ LATENTSEG = {
     # the Dice term weighted as the baselines' DiceCELoss weights it (003 Eq. 16 has gamma = 2):
     # is the weight what makes latentseg's probabilities less calibrated than the UNet's?
     "latentseg_dice1": ["train.gamma_dice=1.0"],
+    # the dataset's pinned grid and patch dropped: latentseg as a new user trains it (BU-BIL: the
+    # grid planned from the cells' size, 1/2, and the patch planned from the minutes)
+    "latentseg_planned": ["data.spacing=[]", "data.patch_size=[]"],
 }
 # methods too slow for every test case: the first N test cases only
 CASE_LIMIT = {"pixel_diffusion": 5}
 # baselines with changed settings: name -> (the baseline it changes, settings)
-BASELINE_VARIANTS = {"unet_aug": ("unet", ["data.augmentation=on"])}
+# `_g1`: on the images' own grid (BU-BIL's pinned spacing dropped), as benchmarks.realdata trains its UNets
+OWN_GRID = ["data.spacing=[]", "data.grid_factor=1"]
+BASELINE_VARIANTS = {
+    "unet_aug": ("unet", ["data.augmentation=on"]),
+    "unet_g1": ("unet", OWN_GRID),
+    "mc_dropout_g1": ("mc_dropout", OWN_GRID),
+    "ensemble_g1": ("ensemble", OWN_GRID),
+}
 PATCH_2D = "data.patch_size=[128,128]"
 DATASETS = {
     "bubil": {"minutes": 8.0, "settings": ["data.spacing=[4.0,4.0]", PATCH_2D]},
@@ -138,8 +151,10 @@ def prepare(name: str, limit: int | None = None) -> dict:
 def _links(folder: Path, files: list[Path]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for f in files:
-        if not (folder / f.name).exists():
+        try:
             (folder / f.name).symlink_to(f)
+        except FileExistsError:  # this run's, or a lane beside it made it first
+            pass
     return folder
 
 
