@@ -184,3 +184,24 @@ def test_the_benchmarks_extra_average_with_the_default_decay_is_the_saved_one(da
     assert sorted(names) == sorted(saved) and names != sorted(names)  # the model's order, not the file's
     for name, mine in zip(names, extra.averages[TrainConfig().ema_decay], strict=True):
         torch.testing.assert_close(mine, saved[name], msg=name)
+
+
+def test_uncertainty_variants_on_their_own_grid_drop_the_pinned_spacing() -> None:
+    from benchmarks.uncertainty import BASELINE_VARIANTS, COMMON, DATASETS, LATENTSEG
+
+    pinned = COMMON + DATASETS["bubil"]["settings"]
+    assert load_config(None, pinned).data.spacing == [4.0, 4.0]
+    unet = load_config(None, pinned + BASELINE_VARIANTS["mc_dropout_g1"][1]).data
+    assert unet.spacing == [] and unet.grid_factor == 1 and unet.patch_size == [128, 128]
+    planned = load_config(None, pinned + LATENTSEG["latentseg_planned"]).data
+    assert planned.spacing == [] and planned.grid_factor == "auto" and planned.patch_size == []
+
+
+def test_uncertainty_lanes_linking_the_same_test_files_do_not_clash(tmp_path) -> None:
+    from benchmarks.uncertainty import _links
+
+    source = tmp_path / "a.png"
+    source.write_bytes(b"x")
+    _links(tmp_path / "links", [source])
+    _links(tmp_path / "links", [source])  # a second lane, after the first made the link
+    assert (tmp_path / "links" / "a.png").resolve() == source
