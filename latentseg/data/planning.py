@@ -72,9 +72,8 @@ def structure_extent(labels: Sequence[np.ndarray], dims: int) -> list[float]:
     from latentseg.postprocess import connected_components
 
     boxes = []
-    for label in evenly_spaced(labels, MAX_CEILING_CASES):
-        label = np.asarray(label)
-        components, count = connected_components(label.reshape(label.shape[-dims:]) > 0)
+    for label in case_labels(labels, dims):
+        components, count = connected_components(label > 0)
         if count == 0:
             continue
         largest = int(np.bincount(components.ravel())[1:].argmax()) + 1
@@ -88,13 +87,9 @@ def grid_ceiling(labels: Sequence[np.ndarray], num_classes: int, factor: int, di
     membranes between cells, is lost too), each on the foreground's window (`foreground_window`:
     beyond it the background is whole, and a CT's full volume would cost gigabytes)."""
     total = [factor] * dims
-    windows = []
-    for label in evenly_spaced(labels, MAX_CEILING_CASES):
-        label = np.asarray(label)
-        label = label.reshape(label.shape[-dims:])
-        window = foreground_window(label > 0, total)
-        if window is not None:
-            windows.append(label[window])
+    windows = [
+        label[w] for label in case_labels(labels, dims) if (w := foreground_window(label > 0, total)) is not None
+    ]
     background = [(label == 0).astype(np.uint8) for label in windows]
     return label_ceiling(background, 2, total) + label_ceiling(windows, num_classes, total)
 
@@ -210,6 +205,12 @@ def evenly_spaced(items: Sequence, count: int) -> list:
     return [items[i] for i in sorted(set(picks.tolist()))]
 
 
+def case_labels(labels: Sequence[np.ndarray], dims: int) -> list[np.ndarray]:
+    """The labels that planning measures: at most MAX_CEILING_CASES of them, evenly spread, each
+    as an array of its `dims` spatial axes (a leading channel axis dropped)."""
+    return [np.asarray(label).reshape(np.shape(label)[-dims:]) for label in evenly_spaced(labels, MAX_CEILING_CASES)]
+
+
 def label_ceiling(labels: Sequence[np.ndarray], num_classes: int, total: Sequence[int]) -> list[float]:
     """How well a latent downsampled by `total` per axis can hold the labels: per foreground class,
     the mean Dice over cases of argmax(upsample(average-pool(one-hot))) against the label (a cheap
@@ -218,9 +219,7 @@ def label_ceiling(labels: Sequence[np.ndarray], num_classes: int, total: Sequenc
     import torch.nn.functional as F
 
     per_class: list[list[float]] = [[] for _ in range(1, num_classes)]
-    for label in evenly_spaced(labels, MAX_CEILING_CASES):
-        label = np.asarray(label)
-        label = label.reshape(label.shape[-len(total) :])
+    for label in case_labels(labels, len(total)):
         window = foreground_window(label, total)
         if window is None:  # no foreground: no class to score
             continue
